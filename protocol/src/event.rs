@@ -1,0 +1,106 @@
+//! Events on the events stream: progress, results and failures.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{JobId, JobRecord, RunId, Stage};
+
+/// One event. Subject: [`crate::subjects::event`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// Always [`crate::SCHEMA_VERSION`] when written by this build.
+    pub schema_version: u16,
+    /// The run it concerns.
+    pub run_id: RunId,
+    /// Milliseconds since the Unix epoch.
+    pub at_ms: i64,
+    /// What happened.
+    pub kind: EventKind,
+}
+
+/// What happened.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum EventKind {
+    /// A run was submitted; the coordinator should look at it.
+    RunSubmitted,
+    /// A stage's jobs were published.
+    StageDispatched {
+        /// The stage.
+        stage: Stage,
+        /// Number of jobs.
+        jobs: u32,
+    },
+    /// A worker reports progress within a job.
+    JobProgress {
+        /// The job.
+        job_id: JobId,
+        /// Its stage.
+        stage: Stage,
+        /// Units done.
+        done: u64,
+        /// Units in all, 0 when unknown.
+        total: u64,
+        /// Short free-text note.
+        message: String,
+    },
+    /// A job finished; its outputs are in the store.
+    JobDone(JobRecord),
+    /// A job failed and will be retried.
+    JobRetrying {
+        /// The job.
+        job_id: JobId,
+        /// Its stage.
+        stage: Stage,
+        /// Its index.
+        index: u32,
+        /// Delivery attempt that failed.
+        attempt: u32,
+        /// Why.
+        reason: String,
+        /// Delay before redelivery.
+        delay_ms: u64,
+    },
+    /// A job was moved to the dead-letter stream and will not run again.
+    JobDeadLettered {
+        /// The job.
+        job_id: JobId,
+        /// Its stage.
+        stage: Stage,
+        /// Its index.
+        index: u32,
+        /// Why.
+        reason: String,
+    },
+    /// Every job of a stage is finished.
+    StageDone {
+        /// The stage.
+        stage: Stage,
+        /// Jobs that failed and were tolerated by `limits.max_failed_jobs`.
+        failed: u32,
+    },
+    /// The run finished; the manifest is written.
+    RunDone,
+    /// The run failed.
+    RunFailed {
+        /// Why.
+        reason: String,
+    },
+}
+
+impl EventKind {
+    /// Short name, used as the last subject token.
+    pub fn name(&self) -> &'static str {
+        match self {
+            EventKind::RunSubmitted => "run_submitted",
+            EventKind::StageDispatched { .. } => "stage_dispatched",
+            EventKind::JobProgress { .. } => "job_progress",
+            EventKind::JobDone(_) => "job_done",
+            EventKind::JobRetrying { .. } => "job_retrying",
+            EventKind::JobDeadLettered { .. } => "job_dead_lettered",
+            EventKind::StageDone { .. } => "stage_done",
+            EventKind::RunDone => "run_done",
+            EventKind::RunFailed { .. } => "run_failed",
+        }
+    }
+}

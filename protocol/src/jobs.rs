@@ -1,0 +1,224 @@
+//! Job payloads for every stage, and the record of what a job produced.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+use crate::{JobId, RunId, Stage};
+
+/// A pointer to an object in the artifact store, with the hash of its content.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArtifactRef {
+    /// Object key relative to the store root, e.g. `runs/r1/mine/<job>/dags.jsonl`.
+    pub key: String,
+    /// Lower-case hex SHA-256 of the content.
+    pub sha256: String,
+    /// Size in bytes.
+    pub bytes: u64,
+}
+
+/// Where a miner looks for DAG files.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Source {
+    /// A GitHub repository, read at version tags.
+    Github {
+        /// `owner/name`.
+        repo: String,
+        /// Tags or branches to read.
+        #[serde(default)]
+        refs: Vec<String>,
+    },
+    /// A local git repository.
+    Git {
+        /// Path to the repository.
+        path: String,
+        /// Refs to read.
+        #[serde(default)]
+        refs: Vec<String>,
+    },
+    /// A local directory.
+    Dir {
+        /// Path to the directory.
+        path: String,
+    },
+    /// Release archives of a package from a PyPI-compatible index.
+    Pypi {
+        /// Package name, e.g. `apache-airflow`.
+        package: String,
+        /// Versions to read.
+        versions: Vec<String>,
+        /// Index URL; pypi.org when absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        index_url: Option<String>,
+    },
+}
+
+/// One (source, ref) shard for the miner.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MineShard {
+    /// The source to read.
+    pub source: Source,
+    /// The ref or version of the source this shard covers; empty for a directory.
+    pub reference: String,
+    /// Path globs a file must match.
+    pub globs: Vec<String>,
+}
+
+/// Which teacher model to ask, and how.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelRef {
+    /// Provider name from the run spec (`anthropic`, `openai`, `local`, ...), or `file` for
+    /// weights in the artifact store.
+    pub provider: String,
+    /// Model name or artifact key.
+    pub model: String,
+}
+
+/// One batch chunk of instruction synthesis.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SynthChunk {
+    /// Mined-DAG JSONL artifacts to read.
+    pub inputs: Vec<ArtifactRef>,
+    /// Row range `[start, end)` across `inputs`, in order.
+    pub rows: (u64, u64),
+    /// The teacher.
+    pub teacher: ModelRef,
+    /// Instruction variants per DAG.
+    pub variants: u32,
+}
+
+/// Build train/valid/test splits from synthesized pairs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DatasetBuild {
+    /// Synthesized-pair artifacts.
+    pub inputs: Vec<ArtifactRef>,
+    /// Split seed.
+    pub seed: u64,
+    /// Train, valid and test fractions.
+    pub splits: [f32; 3],
+    /// System prompt of every ChatML row.
+    pub system_prompt: String,
+}
+
+/// LoRA fine-tuning of a base model on a dataset.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainJob {
+    /// The frozen base model.
+    pub base: ModelRef,
+    /// The dataset artifact (train, valid splits).
+    pub dataset: Vec<ArtifactRef>,
+    /// Hyper-parameters as given in the run spec (`r`, `alpha`, `lr`, ...).
+    pub params: BTreeMap<String, String>,
+}
+
+/// One batch of generation requests.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct InferBatch {
+    /// Model to generate with.
+    pub model: ModelRef,
+    /// Optional LoRA adapter artifact.
+    pub adapter: Option<ArtifactRef>,
+    /// JSONL of chat requests.
+    pub input: ArtifactRef,
+    /// Row range `[start, end)` of `input`.
+    pub rows: (u64, u64),
+    /// Token limit per request.
+    pub max_tokens: u32,
+}
+
+/// One batch of generated outputs to judge.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JudgeBatch {
+    /// Generation JSONL artifact.
+    pub input: ArtifactRef,
+    /// Row range `[start, end)` of `input`.
+    pub rows: (u64, u64),
+    /// Target Airflow version for deprecation checks.
+    pub airflow_version: Option<String>,
+}
+
+/// Assemble the run report.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ReportJob {
+    /// Artifacts the report summarises.
+    pub inputs: Vec<ArtifactRef>,
+}
+
+/// A job that exercises the job layer and nothing else.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NoopJob {
+    /// Time to spend "working", in milliseconds.
+    pub work_ms: u64,
+    /// Size of the artifact to write; 0 writes none.
+    pub output_bytes: u32,
+    /// Fail with a retryable error on the first this-many deliveries.
+    pub fail_attempts: u32,
+    /// Fail with a fatal error (the job is dead-lettered).
+    pub fatal: bool,
+}
+
+/// The stage-specific payload of an [`crate::Envelope`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Job {
+    /// See [`MineShard`].
+    Mine(MineShard),
+    /// See [`SynthChunk`].
+    Synthesize(SynthChunk),
+    /// See [`DatasetBuild`].
+    Dataset(DatasetBuild),
+    /// See [`TrainJob`].
+    Train(TrainJob),
+    /// See [`InferBatch`].
+    Infer(InferBatch),
+    /// See [`JudgeBatch`].
+    Judge(JudgeBatch),
+    /// See [`ReportJob`].
+    Report(ReportJob),
+    /// See [`NoopJob`].
+    Noop(NoopJob),
+}
+
+impl Job {
+    /// The stage this payload belongs to.
+    pub fn stage(&self) -> Stage {
+        match self {
+            Job::Mine(_) => Stage::Mine,
+            Job::Synthesize(_) => Stage::Synthesize,
+            Job::Dataset(_) => Stage::Dataset,
+            Job::Train(_) => Stage::Train,
+            Job::Infer(_) => Stage::Infer,
+            Job::Judge(_) => Stage::Judge,
+            Job::Report(_) => Stage::Report,
+            Job::Noop(_) => Stage::Noop,
+        }
+    }
+}
+
+/// What one finished job produced. Sent as the `job_done` event and stored as the job's
+/// manifest entry; its presence in the store marks the job as done.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    /// The job.
+    pub job_id: JobId,
+    /// Its run.
+    pub run_id: RunId,
+    /// Its stage.
+    pub stage: Stage,
+    /// Its index within the stage.
+    pub index: u32,
+    /// Artifacts the job read.
+    pub inputs: Vec<ArtifactRef>,
+    /// Artifacts the job wrote.
+    pub outputs: Vec<ArtifactRef>,
+    /// Numbers worth keeping (rows, tokens, cost, ...).
+    pub metrics: BTreeMap<String, f64>,
+    /// Worker that produced the outputs.
+    pub worker: String,
+    /// Delivery attempt that produced the outputs.
+    pub attempt: u32,
+    /// Wall time of the handler, milliseconds.
+    pub duration_ms: u64,
+    /// Completion time, milliseconds since the Unix epoch.
+    pub finished_at_ms: i64,
+}

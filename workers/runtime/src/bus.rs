@@ -1,0 +1,398 @@
+//! The JetStream topology and the [`Bus`] over it.
+//!
+//! # Topology
+//! - `DAGFLEET_JOBS`: work-queue retention, file storage, deduplication by `Nats-Msg-Id` (the
+//!   job id) over `queues.dedup_window`. One durable pull consumer per role
+//!   (`dagfleet-<role>`), shared by every worker of that role, with the role's ack wait and
+//!   `max_attempts + 1` deliveries: the extra delivery lets a worker dead-letter a job whose
+//!   earlier holders all died, instead of leaving it stuck in the queue.
+//! - `DAGFLEET_EVENTS`: limits retention; progress, results and failures.
+//! - `DAGFLEET_DLQ`: dead letters with the original bytes and a `Dagfleet-Reason` header.
+//! - KV `dagfleet_runs` (run state) and `dagfleet_workers` (heartbeats, short TTL).
+//!
+//! All names come from [`dagfleet_protocol::subjects`].
+
+use async_nats::jetstream::{self, consumer, kv, stream};
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use dagfleet_protocol::subjects as subj;
+use dagfleet_protocol::{encode, Envelope, Event, JobId, Role, Stage, SCHEMA_VERSION};
+use std::time::Duration;
+
+use crate::config::{NatsConfig, QueueConfig};
+use crate::error::BusError;
+
+/// A connection to NATS with the dagfleet topology in place. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Bus {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    queues: QueueConfig,
+    runs: kv::Store,
+    workers: kv::Store,
+}
+
+/// The URL with any `user:password@` removed, for messages.
+pub fn redact_url(url: &str) -> String {
+    url.split(',')
+        .map(|u| match (u.find("://"), u.rfind('@')) {
+            (Some(s), Some(at)) if at > s => format!("{}<redacted>@{}", &u[..s + 3], &u[at + 1..]),
+            _ => u.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn topo(what: &str, e: impl std::fmt::Display) -> BusError {
+    BusError::Topology(format!("{what}: {e}"))
+}
+
+impl Bus {
+    /// Connects, then creates or updates the streams, consumers and buckets.
+    pub async fn connect(
+        nats: &NatsConfig,
+        queues: QueueConfig,
+        name: &str,
+    ) -> Result<Self, BusError> {
+        let client = connect(nats, name).await?;
+        Self::with_client(client, queues).await
+    }
+
+    /// Sets up the topology over an existing client.
+    pub async fn with_client(
+        client: async_nats::Client,
+        queues: QueueConfig,
+    ) -> Result<Self, BusError> {
+        let js = jetstream::new(client.clone());
+        ensure_stream(
+            &js,
+            stream::Config {
+                name: subj::JOBS_STREAM.into(),
+                subjects: vec![subj::JOBS_SUBJECTS.into()],
+                retention: stream::RetentionPolicy::WorkQueue,
+                storage: stream::StorageType::File,
+                duplicate_window: queues.dedup_window,
+                max_message_size: (queues.max_job_bytes as i32).saturating_mul(4),
+                ..Default::default()
+            },
+        )
+        .await?;
+        ensure_stream(
+            &js,
+            stream::Config {
+                name: subj::EVENTS_STREAM.into(),
+                subjects: vec![subj::EVENTS_SUBJECTS.into()],
+                retention: stream::RetentionPolicy::Limits,
+                storage: stream::StorageType::File,
+                duplicate_window: queues.dedup_window.min(queues.events_max_age),
+                max_age: queues.events_max_age,
+                ..Default::default()
+            },
+        )
+        .await?;
+        ensure_stream(
+            &js,
+            stream::Config {
+                name: subj::DLQ_STREAM.into(),
+                subjects: vec![subj::DLQ_SUBJECTS.into()],
+                retention: stream::RetentionPolicy::Limits,
+                storage: stream::StorageType::File,
+                max_age: Duration::from_secs(30 * 24 * 3600),
+                ..Default::default()
+            },
+        )
+        .await?;
+        let runs = ensure_kv(
+            &js,
+            kv::Config {
+                bucket: subj::RUNS_BUCKET.into(),
+                history: 5,
+                storage: stream::StorageType::File,
+                ..Default::default()
+            },
+        )
+        .await?;
+        let workers = ensure_kv(
+            &js,
+            kv::Config {
+                bucket: subj::WORKERS_BUCKET.into(),
+                history: 1,
+                max_age: Duration::from_secs(30),
+                storage: stream::StorageType::Memory,
+                ..Default::default()
+            },
+        )
+        .await?;
+        Ok(Self {
+            client,
+            js,
+            queues,
+            runs,
+            workers,
+        })
+    }
+
+    /// The NATS client.
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    /// The JetStream context.
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.js
+    }
+
+    /// Queue settings.
+    pub fn queues(&self) -> &QueueConfig {
+        &self.queues
+    }
+
+    /// The run-state bucket.
+    pub fn runs(&self) -> &kv::Store {
+        &self.runs
+    }
+
+    /// The worker-heartbeat bucket.
+    pub fn workers(&self) -> &kv::Store {
+        &self.workers
+    }
+
+    /// The durable pull consumer shared by all workers of `role`, created or updated to the
+    /// current queue settings.
+    pub async fn role_consumer(&self, role: Role) -> Result<consumer::PullConsumer, BusError> {
+        let q = self.queues.role(role);
+        let stream = self
+            .js
+            .get_stream(subj::JOBS_STREAM)
+            .await
+            .map_err(|e| topo("jobs stream", e))?;
+        let name = subj::role_consumer(role);
+        stream
+            .create_consumer(consumer::pull::Config {
+                durable_name: Some(name.clone()),
+                filter_subject: subj::role_filter(role),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait: q.ack_wait,
+                max_deliver: (q.max_attempts + 1) as i64,
+                max_ack_pending: 20_000,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| topo(&format!("consumer {name}"), e))
+    }
+
+    /// The durable pull consumer on the events stream shared by all coordinators.
+    pub async fn coordinator_consumer(&self) -> Result<consumer::PullConsumer, BusError> {
+        let stream = self
+            .js
+            .get_stream(subj::EVENTS_STREAM)
+            .await
+            .map_err(|e| topo("events stream", e))?;
+        stream
+            .create_consumer(consumer::pull::Config {
+                durable_name: Some(subj::COORDINATOR_CONSUMER.into()),
+                filter_subject: subj::EVENTS_SUBJECTS.into(),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait: Duration::from_secs(30),
+                max_ack_pending: 50_000,
+                deliver_policy: consumer::DeliverPolicy::New,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| topo("coordinator consumer", e))
+    }
+
+    /// Publishes jobs with `Nats-Msg-Id` = job id, pipelining the acks. Re-publishing a job
+    /// within the dedup window is a no-op on the server.
+    pub async fn publish_jobs(&self, jobs: &[Envelope]) -> Result<usize, BusError> {
+        let mut pending = Vec::with_capacity(jobs.len());
+        let mut fresh = 0;
+        for env in jobs {
+            let subject = subj::job(env.stage);
+            let payload = Bytes::from(encode(env)?);
+            let msg = jetstream::message::PublishMessage::build()
+                .payload(payload)
+                .message_id(env.job_id.as_str())
+                .header(subj::HDR_SCHEMA, SCHEMA_VERSION.to_string().as_str())
+                .header(subj::HDR_TRACEPARENT, env.trace.traceparent.as_str());
+            let fut = self
+                .js
+                .send_publish(subject.clone(), msg)
+                .await
+                .map_err(|e| BusError::Publish {
+                    subject: subject.clone(),
+                    reason: e.to_string(),
+                })?;
+            pending.push((subject, fut));
+            if pending.len() >= 512 {
+                fresh += drain(&mut pending).await?;
+            }
+        }
+        fresh += drain(&mut pending).await?;
+        Ok(fresh)
+    }
+
+    /// Publishes an event and waits for JetStream to store it. `dedup` makes republishing the
+    /// same event (after a crash) a no-op.
+    pub async fn publish_event(&self, ev: &Event, dedup: Option<&str>) -> Result<(), BusError> {
+        let subject = subj::event(&ev.run_id, ev.kind.name());
+        let mut msg = jetstream::message::PublishMessage::build()
+            .payload(Bytes::from(encode(ev)?))
+            .header(subj::HDR_SCHEMA, SCHEMA_VERSION.to_string().as_str());
+        if let Some(id) = dedup {
+            msg = msg.message_id(id);
+        }
+        let fut = self
+            .js
+            .send_publish(subject.clone(), msg)
+            .await
+            .map_err(|e| BusError::Publish {
+                subject: subject.clone(),
+                reason: e.to_string(),
+            })?;
+        fut.await.map_err(|e| BusError::Publish {
+            subject,
+            reason: e.to_string(),
+        })?;
+        Ok(())
+    }
+
+    /// Moves a message to the dead-letter stream with `reason`, keeping its bytes.
+    pub async fn dead_letter(
+        &self,
+        role: Role,
+        stage: Option<Stage>,
+        job_id: Option<&JobId>,
+        origin: &str,
+        payload: Bytes,
+        reason: &str,
+    ) -> Result<(), BusError> {
+        let subject = subj::dead_letter(role, stage);
+        let mut headers = HeaderMap::new();
+        // Header values cannot hold newlines; keep the reason on one line.
+        let one_line: String = reason
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .take(2000)
+            .collect();
+        headers.insert(subj::HDR_REASON, one_line.as_str());
+        headers.insert(subj::HDR_ORIGIN, origin);
+        if let Some(id) = job_id {
+            headers.insert(subj::HDR_JOB_ID, id.as_str());
+        }
+        let fut = self
+            .js
+            .publish_with_headers(subject.clone(), headers, payload)
+            .await
+            .map_err(|e| BusError::Publish {
+                subject: subject.clone(),
+                reason: e.to_string(),
+            })?;
+        fut.await.map_err(|e| BusError::Publish {
+            subject,
+            reason: e.to_string(),
+        })?;
+        Ok(())
+    }
+}
+
+async fn drain(
+    pending: &mut Vec<(String, jetstream::context::PublishAckFuture)>,
+) -> Result<usize, BusError> {
+    let mut fresh = 0;
+    for (subject, fut) in pending.drain(..) {
+        let ack = fut.await.map_err(|e| BusError::Publish {
+            subject,
+            reason: e.to_string(),
+        })?;
+        if !ack.duplicate {
+            fresh += 1;
+        }
+    }
+    Ok(fresh)
+}
+
+/// Connects to NATS with unlimited reconnects, failing with a clear error when no server
+/// answers within `connect_timeout`.
+pub async fn connect(nats: &NatsConfig, name: &str) -> Result<async_nats::Client, BusError> {
+    let mut opts = async_nats::ConnectOptions::new()
+        .name(name)
+        .connection_timeout(nats.connect_timeout)
+        .max_reconnects(None)
+        .reconnect_delay_callback(|attempts| {
+            Duration::from_millis((attempts as u64 * 200).min(2_000))
+        });
+    if let (Some(u), Some(p)) = (&nats.user, &nats.password) {
+        opts = opts.user_and_password(u.clone(), p.expose().to_string());
+    }
+    if let Some(t) = &nats.token {
+        opts = opts.token(t.expose().to_string());
+    }
+    if let Some(c) = &nats.creds_file {
+        opts = opts
+            .credentials_file(c)
+            .await
+            .map_err(|e| BusError::Connect {
+                url: redact_url(&nats.url),
+                reason: format!("nats.creds_file `{c}`: {e}"),
+            })?;
+    }
+    opts.connect(nats.url.as_str())
+        .await
+        .map_err(|e| BusError::Connect {
+            url: redact_url(&nats.url),
+            reason: e.to_string(),
+        })
+}
+
+async fn ensure_stream(js: &jetstream::Context, cfg: stream::Config) -> Result<(), BusError> {
+    let name = cfg.name.clone();
+    match js.get_stream(&name).await {
+        Ok(mut s) => {
+            let info = s.info().await.map_err(|e| topo(&name, e))?;
+            let current = &info.config;
+            if current.subjects != cfg.subjects
+                || current.duplicate_window != cfg.duplicate_window
+                || current.max_age != cfg.max_age
+                || current.max_message_size != cfg.max_message_size
+            {
+                js.update_stream(&cfg).await.map_err(|e| topo(&name, e))?;
+            }
+            Ok(())
+        }
+        Err(_) => match js.create_stream(cfg.clone()).await {
+            Ok(_) => Ok(()),
+            // Another process created it between our get and create.
+            Err(_) if js.get_stream(&name).await.is_ok() => Ok(()),
+            Err(e) => Err(topo(&name, e)),
+        },
+    }
+}
+
+async fn ensure_kv(js: &jetstream::Context, cfg: kv::Config) -> Result<kv::Store, BusError> {
+    let bucket = cfg.bucket.clone();
+    if let Ok(s) = js.get_key_value(&bucket).await {
+        return Ok(s);
+    }
+    match js.create_key_value(cfg).await {
+        Ok(s) => Ok(s),
+        Err(e) => js
+            .get_key_value(&bucket)
+            .await
+            .map_err(|_| topo(&format!("KV {bucket}"), e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_lose_their_passwords() {
+        assert_eq!(
+            redact_url("nats://bob:s3cret@host:4222,nats://h2:4222"),
+            "nats://<redacted>@host:4222,nats://h2:4222"
+        );
+        assert_eq!(redact_url("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
+    }
+}

@@ -1,0 +1,272 @@
+//! Typed settings of the job layer. Every struct denies unknown fields, so a misspelt key is
+//! an error that names it instead of a silently ignored line.
+
+use dagfleet_protocol::{Role, Stage};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+/// A value that must never reach logs, events or artifacts. `Debug`, `Display` and
+/// `Serialize` all print `<redacted>`.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+    /// The secret itself; call only where it is handed to a client library.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("<redacted>")
+    }
+}
+
+/// How to reach NATS.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsConfig {
+    /// Server URL(s), comma-separated, e.g. `nats://127.0.0.1:4222`.
+    pub url: String,
+    /// User name, with `password`.
+    pub user: Option<String>,
+    /// Password, with `user`.
+    pub password: Option<Secret>,
+    /// Authentication token.
+    pub token: Option<Secret>,
+    /// Path to a `.creds` file (JWT + NKey).
+    pub creds_file: Option<String>,
+    /// How long to wait for the first connection before giving up.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self {
+            url: "nats://127.0.0.1:4222".into(),
+            user: None,
+            password: None,
+            token: None,
+            creds_file: None,
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Where artifacts go.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// `file:///abs/dir`, a plain directory path, `s3://bucket/prefix` or `memory://`.
+    pub url: String,
+    /// S3 endpoint for MinIO, Ceph, R2 and other S3-compatible servers; AWS when absent.
+    pub endpoint: Option<String>,
+    /// S3 region.
+    pub region: Option<String>,
+    /// S3 access key id; taken from `AWS_ACCESS_KEY_ID` when absent.
+    pub access_key_id: Option<Secret>,
+    /// S3 secret key; taken from `AWS_SECRET_ACCESS_KEY` when absent.
+    pub secret_access_key: Option<Secret>,
+    /// Allow plain-HTTP endpoints (local MinIO).
+    pub allow_http: bool,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            url: ".dagfleet/artifacts".into(),
+            endpoint: None,
+            region: None,
+            access_key_id: None,
+            secret_access_key: None,
+            allow_http: false,
+        }
+    }
+}
+
+/// Redelivery settings of one stage.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StageQueue {
+    /// How long a delivered job may go without an ack or an in-progress ack before JetStream
+    /// redelivers it. Workers send in-progress acks every third of this while a job runs.
+    #[serde(with = "humantime_serde")]
+    pub ack_wait: Duration,
+    /// Deliveries before a job is dead-lettered.
+    pub max_attempts: u32,
+    /// Delay before the n-th retry of a failed job; the last entry repeats.
+    #[serde(with = "duration_list")]
+    pub backoff: Vec<Duration>,
+}
+
+impl Default for StageQueue {
+    fn default() -> Self {
+        Self {
+            ack_wait: Duration::from_secs(30),
+            max_attempts: 5,
+            backoff: vec![
+                Duration::from_secs(1),
+                Duration::from_secs(5),
+                Duration::from_secs(30),
+            ],
+        }
+    }
+}
+
+impl StageQueue {
+    /// Delay before redelivering after failed delivery number `attempt` (1-based).
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let i = (attempt.max(1) - 1) as usize;
+        self.backoff
+            .get(i)
+            .or(self.backoff.last())
+            .copied()
+            .unwrap_or(Duration::from_secs(1))
+    }
+}
+
+mod duration_list {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(v: &[Duration], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(v.iter().map(|d| humantime_serde::Serde::from(*d)))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
+        let v: Vec<humantime_serde::Serde<Duration>> = Deserialize::deserialize(d)?;
+        Ok(v.into_iter().map(|x| x.into_inner()).collect())
+    }
+}
+
+/// Queue settings for every stage.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    /// Per-stage overrides; stages not listed use [`StageQueue::default`], except `train`
+    /// whose default ack wait is 5 minutes.
+    pub stages: BTreeMap<Stage, StageQueue>,
+    /// JetStream deduplication window of the jobs and events streams.
+    #[serde(with = "humantime_serde")]
+    pub dedup_window: Duration,
+    /// Largest job message a worker accepts; larger ones are dead-lettered.
+    pub max_job_bytes: usize,
+    /// How long events are kept.
+    #[serde(with = "humantime_serde")]
+    pub events_max_age: Duration,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        Self {
+            stages: BTreeMap::new(),
+            dedup_window: Duration::from_secs(3600),
+            max_job_bytes: 512 * 1024,
+            events_max_age: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
+
+impl QueueConfig {
+    /// Settings of `stage`.
+    pub fn stage(&self, stage: Stage) -> StageQueue {
+        self.stages.get(&stage).cloned().unwrap_or_else(|| {
+            let mut q = StageQueue::default();
+            if stage == Stage::Train {
+                q.ack_wait = Duration::from_secs(300);
+                q.max_attempts = 10;
+            }
+            q
+        })
+    }
+
+    /// Settings of `role`'s consumer: the longest ack wait and the most attempts of its stages.
+    pub fn role(&self, role: Role) -> StageQueue {
+        let mut out = StageQueue {
+            ack_wait: Duration::ZERO,
+            max_attempts: 0,
+            backoff: Vec::new(),
+        };
+        for st in role.stages() {
+            let q = self.stage(st);
+            out.ack_wait = out.ack_wait.max(q.ack_wait);
+            out.max_attempts = out.max_attempts.max(q.max_attempts);
+            if q.backoff.len() > out.backoff.len() {
+                out.backoff = q.backoff;
+            }
+        }
+        out
+    }
+
+    /// Checks values serde cannot; errors name the key.
+    pub fn validate(&self) -> Result<(), String> {
+        for (stage, q) in &self.stages {
+            if q.max_attempts == 0 {
+                return Err(format!(
+                    "queues.stages.{stage}.max_attempts must be at least 1"
+                ));
+            }
+            if q.ack_wait < Duration::from_secs(1) {
+                return Err(format!(
+                    "queues.stages.{stage}.ack_wait must be at least 1s"
+                ));
+            }
+        }
+        if self.max_job_bytes == 0 {
+            return Err("queues.max_job_bytes must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_do_not_print() {
+        let c = NatsConfig {
+            password: Some(Secret::new("hunter2")),
+            ..Default::default()
+        };
+        assert!(!format!("{c:?}").contains("hunter2"));
+        assert!(!serde_json::to_string(&c).unwrap().contains("hunter2"));
+    }
+
+    #[test]
+    fn role_takes_the_longest_wait() {
+        let mut q = QueueConfig::default();
+        q.stages.insert(
+            Stage::Dataset,
+            StageQueue {
+                ack_wait: Duration::from_secs(90),
+                ..Default::default()
+            },
+        );
+        assert_eq!(q.role(Role::Synthesizer).ack_wait, Duration::from_secs(90));
+        assert_eq!(q.role(Role::Trainer).ack_wait, Duration::from_secs(300));
+        assert_eq!(q.stage(Stage::Noop).delay(1), Duration::from_secs(1));
+        assert_eq!(q.stage(Stage::Noop).delay(9), Duration::from_secs(30));
+    }
+}

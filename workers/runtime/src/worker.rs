@@ -1,0 +1,659 @@
+//! The worker runtime: one [`Handler`] per role, one [`Worker`] loop for all of them.
+//!
+//! # What the runtime owns
+//! - **Pull loop** with bounded concurrency: it asks JetStream for as many jobs as it has free
+//!   slots, so no job waits in a local buffer while its ack wait runs out.
+//! - **In-progress acks** every third of the stage's ack wait while a handler runs, so a live
+//!   job (training can take hours) is never redelivered.
+//! - **Heartbeats** in the `dagfleet_workers` KV bucket (role, in-flight jobs, capacity).
+//! - **Retries and dead letters**: [`JobError::Retry`] naks with the stage's backoff until
+//!   `max_attempts`, then dead-letters; [`JobError::Fatal`], undecodable bytes, unknown schema
+//!   versions and oversized messages are dead-lettered at once with the reason.
+//! - **Effectively-once artifacts**: artifacts are written put-if-absent under keys derived from
+//!   the job id, and a job record marks the job done; a redelivered job whose record exists is
+//!   acked without running again.
+//! - **Graceful shutdown**: on cancel, stop pulling, let in-flight jobs finish within the grace
+//!   period, then hand the rest back to the queue with a nak.
+
+use async_nats::jetstream::{self, AckKind};
+use bytes::Bytes;
+use dagfleet_protocol::{
+    decode_envelope, ArtifactRef, Envelope, Event, EventKind, Job, JobRecord, Role, SCHEMA_VERSION,
+};
+use futures::StreamExt;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::error::{BusError, JobError};
+use crate::store::{artifact_key, ArtifactStore};
+use crate::{now_ms, Bus};
+
+/// What a role implements.
+pub trait Handler: Send + Sync + 'static {
+    /// The role this handler serves.
+    fn role(&self) -> Role;
+
+    /// Whether this job writes artifacts. When it does, the runtime checks for an existing
+    /// job record before running it and writes one after; a job without outputs has nothing
+    /// to deduplicate, so both store round trips are skipped.
+    fn writes_artifacts(&self, _job: &Job) -> bool {
+        true
+    }
+
+    /// Runs one job. Artifacts are written through `ctx`; the runtime records them.
+    fn handle(
+        &self,
+        job: &Envelope,
+        ctx: &JobContext,
+    ) -> impl Future<Output = Result<JobOutput, JobError>> + Send;
+}
+
+/// What a handler returns besides its artifacts.
+#[derive(Clone, Debug, Default)]
+pub struct JobOutput {
+    /// Numbers recorded in the job record and the run manifest.
+    pub metrics: BTreeMap<String, f64>,
+}
+
+impl JobOutput {
+    /// Adds a metric.
+    pub fn metric(mut self, name: impl Into<String>, value: f64) -> Self {
+        self.metrics.insert(name.into(), value);
+        self
+    }
+}
+
+/// The handle a [`Handler`] gets for one job: artifact I/O, progress and cancellation.
+pub struct JobContext {
+    store: ArtifactStore,
+    bus: Bus,
+    env: Envelope,
+    attempt: u32,
+    inputs: Mutex<Vec<ArtifactRef>>,
+    outputs: Mutex<Vec<ArtifactRef>>,
+    cancel: CancellationToken,
+}
+
+impl JobContext {
+    /// Writes an artifact of this job named `name`. Idempotent: if an earlier attempt (or a
+    /// racing worker) already wrote it, its content is kept and its reference returned.
+    pub async fn put(&self, name: &str, data: Bytes) -> Result<ArtifactRef, JobError> {
+        if name.is_empty() || name.contains("..") || name.starts_with('/') {
+            return Err(JobError::fatal(format!(
+                "artifact name `{name}` must be a relative path without `..`"
+            )));
+        }
+        let key = artifact_key(&self.env.run_id, self.env.stage, &self.env.job_id, name);
+        let r = self.store.put_if_absent(&key, data).await?;
+        lock(&self.outputs).push(r.clone());
+        Ok(r)
+    }
+
+    /// Reads an input artifact, checking its hash, and records it as an input of this job.
+    pub async fn read(&self, r: &ArtifactRef) -> Result<Bytes, JobError> {
+        let data = self.store.get(r).await?;
+        lock(&self.inputs).push(r.clone());
+        Ok(data)
+    }
+
+    /// The artifact store, for reads that are not job inputs.
+    pub fn store(&self) -> &ArtifactStore {
+        &self.store
+    }
+
+    /// Reports progress on the events stream (best effort: a lost progress event is harmless).
+    pub async fn progress(&self, done: u64, total: u64, message: &str) {
+        let ev = Event {
+            schema_version: SCHEMA_VERSION,
+            run_id: self.env.run_id.clone(),
+            at_ms: now_ms(),
+            kind: EventKind::JobProgress {
+                job_id: self.env.job_id.clone(),
+                stage: self.env.stage,
+                done,
+                total,
+                message: message.to_string(),
+            },
+        };
+        if let Err(e) = self.bus.publish_event(&ev, None).await {
+            debug!(error = %e, "progress event lost");
+        }
+    }
+
+    /// The delivery attempt, 1-based, from JetStream's counter.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// Cancelled when the worker must stop; long handlers should check it and return
+    /// [`JobError::Retry`] so the job goes back to the queue.
+    pub fn cancelled(&self) -> &CancellationToken {
+        &self.cancel
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Settings of one worker process.
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    /// Unique name of this worker, e.g. `host-1234-ab12`.
+    pub worker_id: String,
+    /// Jobs run at once.
+    pub concurrency: usize,
+    /// How long in-flight jobs may run after shutdown starts before they are handed back.
+    pub shutdown_grace: Duration,
+    /// Interval of heartbeats in the workers bucket.
+    pub heartbeat_every: Duration,
+    /// How long one pull request waits for jobs.
+    pub pull_expires: Duration,
+}
+
+impl WorkerConfig {
+    /// Defaults with a generated worker id.
+    pub fn new(role: Role) -> Self {
+        Self {
+            worker_id: default_worker_id(role),
+            concurrency: 4,
+            shutdown_grace: Duration::from_secs(30),
+            heartbeat_every: Duration::from_secs(5),
+            pull_expires: Duration::from_secs(2),
+        }
+    }
+}
+
+/// `<role>-<host>-<pid>-<random>`.
+pub fn default_worker_id(role: Role) -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "host".into());
+    let host: String = host
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    format!(
+        "{role}-{host}-{}-{:04x}",
+        std::process::id(),
+        rand::random::<u16>()
+    )
+}
+
+/// Counters of one worker, shared with whoever started it.
+#[derive(Debug, Default)]
+pub struct WorkerStats {
+    /// Jobs completed by this worker.
+    pub done: AtomicU64,
+    /// Redelivered jobs found already done and acked without running.
+    pub already_done: AtomicU64,
+    /// Jobs handed back for a retry.
+    pub retried: AtomicU64,
+    /// Jobs dead-lettered.
+    pub dead_lettered: AtomicU64,
+    /// Jobs running now.
+    pub in_flight: AtomicU64,
+}
+
+#[derive(Serialize)]
+struct Heartbeat<'a> {
+    role: Role,
+    worker: &'a str,
+    pid: u32,
+    concurrency: usize,
+    in_flight: u64,
+    done: u64,
+    started_at_ms: i64,
+    at_ms: i64,
+}
+
+/// Runs a [`Handler`] against its role's queue.
+pub struct Worker<H: Handler> {
+    shared: Arc<Shared<H>>,
+}
+
+struct Shared<H> {
+    bus: Bus,
+    store: ArtifactStore,
+    handler: H,
+    cfg: WorkerConfig,
+    stats: Arc<WorkerStats>,
+}
+
+impl<H: Handler> Worker<H> {
+    /// A worker for `handler` over `bus` and `store`.
+    pub fn new(bus: Bus, store: ArtifactStore, handler: H, cfg: WorkerConfig) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                bus,
+                store,
+                handler,
+                cfg,
+                stats: Arc::new(WorkerStats::default()),
+            }),
+        }
+    }
+
+    /// Counters, live while the worker runs.
+    pub fn stats(&self) -> Arc<WorkerStats> {
+        self.shared.stats.clone()
+    }
+
+    /// Pulls and runs jobs until `shutdown` is cancelled, then drains as described in the
+    /// module docs.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), BusError> {
+        let sh = self.shared;
+        let role = sh.handler.role();
+        let consumer = sh.bus.role_consumer(role).await?;
+        let sem = Arc::new(Semaphore::new(sh.cfg.concurrency.max(1)));
+        let tracker = TaskTracker::new();
+        let hard_stop = CancellationToken::new();
+        let started = now_ms();
+        info!(role = %role, worker = %sh.cfg.worker_id, concurrency = sh.cfg.concurrency, "worker started");
+
+        let hb = tokio::spawn(heartbeat_loop(sh.clone(), started, shutdown.clone()));
+
+        let mut failures = 0u32;
+        'pull: while !shutdown.is_cancelled() {
+            let first = tokio::select! {
+                p = sem.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+                _ = shutdown.cancelled() => break,
+            };
+            let mut permits = vec![first];
+            while let Ok(p) = sem.clone().try_acquire_owned() {
+                permits.push(p);
+            }
+            let batch = consumer
+                .batch()
+                .max_messages(permits.len())
+                .expires(sh.cfg.pull_expires)
+                .messages()
+                .await;
+            let mut batch = match batch {
+                Ok(b) => {
+                    failures = 0;
+                    b
+                }
+                Err(e) => {
+                    failures += 1;
+                    warn!(error = %e, "pull failed; retrying");
+                    let wait = Duration::from_millis((100 * u64::from(failures)).min(2_000));
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => continue 'pull,
+                        _ = shutdown.cancelled() => break 'pull,
+                    }
+                }
+            };
+            // Read the whole batch even after shutdown starts: messages the server already
+            // delivered are handed back at once instead of waiting out their ack wait.
+            while let Some(item) = batch.next().await {
+                let msg = match item {
+                    Ok(m) => m,
+                    Err(e) => {
+                        debug!(error = %e, "batch ended with an error");
+                        break;
+                    }
+                };
+                if shutdown.is_cancelled() {
+                    let _ = msg.ack_with(AckKind::Nak(None)).await;
+                    continue;
+                }
+                let Some(permit) = permits.pop() else {
+                    let _ = msg.ack_with(AckKind::Nak(None)).await;
+                    continue;
+                };
+                let sh = sh.clone();
+                let hard = hard_stop.clone();
+                tracker.spawn(async move {
+                    sh.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+                    process(&sh, msg, hard).await;
+                    sh.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+                    drop(permit);
+                });
+            }
+        }
+
+        tracker.close();
+        let in_flight = sh.stats.in_flight.load(Ordering::Relaxed);
+        if in_flight > 0 {
+            info!(in_flight, grace = ?sh.cfg.shutdown_grace, "draining in-flight jobs");
+        }
+        if tokio::time::timeout(sh.cfg.shutdown_grace, tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!("grace period over; handing in-flight jobs back to the queue");
+            hard_stop.cancel();
+            tracker.wait().await;
+        }
+        hb.abort();
+        let _ = sh
+            .bus
+            .workers()
+            .delete(dagfleet_protocol::subjects::worker_key(
+                role,
+                &sh.cfg.worker_id,
+            ))
+            .await;
+        info!(role = %role, worker = %sh.cfg.worker_id, "worker stopped");
+        Ok(())
+    }
+}
+
+async fn heartbeat_loop<H: Handler>(sh: Arc<Shared<H>>, started: i64, stop: CancellationToken) {
+    let key = dagfleet_protocol::subjects::worker_key(sh.handler.role(), &sh.cfg.worker_id);
+    loop {
+        let hb = Heartbeat {
+            role: sh.handler.role(),
+            worker: &sh.cfg.worker_id,
+            pid: std::process::id(),
+            concurrency: sh.cfg.concurrency,
+            in_flight: sh.stats.in_flight.load(Ordering::Relaxed),
+            done: sh.stats.done.load(Ordering::Relaxed),
+            started_at_ms: started,
+            at_ms: now_ms(),
+        };
+        if let Ok(body) = serde_json::to_vec(&hb) {
+            if let Err(e) = sh.bus.workers().put(&key, body.into()).await {
+                debug!(error = %e, "heartbeat not stored");
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(sh.cfg.heartbeat_every) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
+/// How a message was finished, for logs.
+enum Outcome {
+    Done,
+    AlreadyDone,
+    Retry(Duration),
+    DeadLetter(String),
+    HandedBack,
+}
+
+async fn process<H: Handler>(sh: &Shared<H>, msg: jetstream::Message, hard: CancellationToken) {
+    let role = sh.handler.role();
+    let delivered = msg.info().map(|i| i.delivered.max(1) as u32).unwrap_or(1);
+    let origin = msg.subject.to_string();
+    let limit = sh.bus.queues().max_job_bytes;
+
+    if msg.payload.len() > limit {
+        let reason = format!(
+            "job message is {} bytes; the limit queues.max_job_bytes is {limit}",
+            msg.payload.len()
+        );
+        dead_letter(sh, &msg, None, &origin, reason).await;
+        return;
+    }
+    let env = match decode_envelope(&msg.payload) {
+        Ok(env) => env,
+        Err(e) => {
+            dead_letter(sh, &msg, None, &origin, e.to_string()).await;
+            return;
+        }
+    };
+    if env.stage.role() != role {
+        let reason = format!(
+            "stage `{}` belongs to role `{}`, but arrived at role `{role}`",
+            env.stage,
+            env.stage.role()
+        );
+        dead_letter(sh, &msg, Some(&env), &origin, reason).await;
+        return;
+    }
+    let q = sh.bus.queues().stage(env.stage);
+    if delivered > q.max_attempts {
+        let reason = format!(
+            "delivered {delivered} times, more than queues.stages.{}.max_attempts = {}: every earlier attempt timed out or its worker died",
+            env.stage, q.max_attempts
+        );
+        dead_letter(sh, &msg, Some(&env), &origin, reason).await;
+        return;
+    }
+
+    let span = tracing::info_span!("job", run = %env.run_id, stage = %env.stage, job = %env.job_id, attempt = delivered, traceparent = %env.trace.traceparent);
+    let outcome = async {
+        // Keep the job alive while the handler runs.
+        let ticker = {
+            let msg = msg.clone();
+            let every = (q.ack_wait / 3).max(Duration::from_millis(200));
+            tokio::spawn(async move {
+                let mut t = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+                loop {
+                    t.tick().await;
+                    if msg.ack_with(AckKind::Progress).await.is_err() {
+                        debug!("in-progress ack failed");
+                    }
+                }
+            })
+        };
+        let outcome = run_job(sh, &msg, &env, delivered, &q, &origin, hard).await;
+        ticker.abort();
+        outcome
+    }
+    .instrument(span.clone())
+    .await;
+    let _g = span.enter();
+    match outcome {
+        Outcome::Done => debug!("done"),
+        Outcome::AlreadyDone => info!("already done; acked without running"),
+        Outcome::Retry(d) => info!(delay = ?d, "handed back for retry"),
+        Outcome::DeadLetter(r) => warn!(reason = %r, "dead-lettered"),
+        Outcome::HandedBack => info!("handed back at shutdown"),
+    }
+}
+
+async fn run_job<H: Handler>(
+    sh: &Shared<H>,
+    msg: &jetstream::Message,
+    env: &Envelope,
+    delivered: u32,
+    q: &crate::StageQueue,
+    origin: &str,
+    hard: CancellationToken,
+) -> Outcome {
+    let records = sh.handler.writes_artifacts(&env.job);
+    if records {
+        match sh
+            .store
+            .job_record(&env.run_id, env.stage, &env.job_id)
+            .await
+        {
+            Ok(Some(rec)) => {
+                return match finish_done(sh, msg, rec).await {
+                    Ok(()) => {
+                        sh.stats.already_done.fetch_add(1, Ordering::Relaxed);
+                        Outcome::AlreadyDone
+                    }
+                    Err(d) => d,
+                };
+            }
+            Ok(None) => {}
+            Err(e) => return nak(sh, msg, Duration::from_secs(2), &e.to_string()).await,
+        }
+    }
+
+    let ctx = JobContext {
+        store: sh.store.clone(),
+        bus: sh.bus.clone(),
+        env: env.clone(),
+        attempt: delivered,
+        inputs: Mutex::new(Vec::new()),
+        outputs: Mutex::new(Vec::new()),
+        cancel: hard.clone(),
+    };
+    let t0 = Instant::now();
+    let result = tokio::select! {
+        r = sh.handler.handle(env, &ctx) => r,
+        _ = hard.cancelled() => {
+            let _ = msg.ack_with(AckKind::Nak(None)).await;
+            return Outcome::HandedBack;
+        }
+    };
+    match result {
+        Ok(out) => {
+            let rec = JobRecord {
+                job_id: env.job_id.clone(),
+                run_id: env.run_id.clone(),
+                stage: env.stage,
+                index: env.index,
+                inputs: std::mem::take(&mut *lock(&ctx.inputs)),
+                outputs: std::mem::take(&mut *lock(&ctx.outputs)),
+                metrics: out.metrics,
+                worker: sh.cfg.worker_id.clone(),
+                attempt: delivered,
+                duration_ms: t0.elapsed().as_millis() as u64,
+                finished_at_ms: now_ms(),
+            };
+            let rec = if records {
+                match sh.store.write_job_record(&rec).await {
+                    Ok(r) => r,
+                    Err(e) => return nak(sh, msg, Duration::from_secs(2), &e.to_string()).await,
+                }
+            } else {
+                rec
+            };
+            match finish_done(sh, msg, rec).await {
+                Ok(()) => {
+                    sh.stats.done.fetch_add(1, Ordering::Relaxed);
+                    Outcome::Done
+                }
+                Err(o) => o,
+            }
+        }
+        Err(JobError::Retry { reason, after }) => {
+            if delivered >= q.max_attempts {
+                let reason = format!(
+                    "gave up after {delivered} attempts (queues.stages.{}.max_attempts): {reason}",
+                    env.stage
+                );
+                dead_letter(sh, msg, Some(env), origin, reason.clone()).await;
+                return Outcome::DeadLetter(reason);
+            }
+            let delay = after.unwrap_or_else(|| q.delay(delivered));
+            let ev = Event {
+                schema_version: SCHEMA_VERSION,
+                run_id: env.run_id.clone(),
+                at_ms: now_ms(),
+                kind: EventKind::JobRetrying {
+                    job_id: env.job_id.clone(),
+                    stage: env.stage,
+                    index: env.index,
+                    attempt: delivered,
+                    reason: reason.clone(),
+                    delay_ms: delay.as_millis() as u64,
+                },
+            };
+            let _ = sh.bus.publish_event(&ev, None).await;
+            nak(sh, msg, delay, &reason).await
+        }
+        Err(JobError::Fatal { reason }) => {
+            dead_letter(sh, msg, Some(env), origin, reason.clone()).await;
+            Outcome::DeadLetter(reason)
+        }
+    }
+}
+
+async fn finish_done<H: Handler>(
+    sh: &Shared<H>,
+    msg: &jetstream::Message,
+    rec: JobRecord,
+) -> Result<(), Outcome> {
+    let dedup = format!("done-{}", rec.job_id);
+    let ev = Event {
+        schema_version: SCHEMA_VERSION,
+        run_id: rec.run_id.clone(),
+        at_ms: now_ms(),
+        kind: EventKind::JobDone(rec),
+    };
+    // The event must be stored before the job is acked, or a crash in between would lose
+    // the completion.
+    if let Err(e) = sh.bus.publish_event(&ev, Some(&dedup)).await {
+        return Err(nak(sh, msg, Duration::from_secs(1), &e.to_string()).await);
+    }
+    if let Err(e) = msg.ack().await {
+        debug!(error = %e, "ack not sent; the job will be redelivered and found done");
+    }
+    Ok(())
+}
+
+async fn nak<H: Handler>(
+    sh: &Shared<H>,
+    msg: &jetstream::Message,
+    delay: Duration,
+    reason: &str,
+) -> Outcome {
+    sh.stats.retried.fetch_add(1, Ordering::Relaxed);
+    debug!(reason, ?delay, "nak");
+    let _ = msg.ack_with(AckKind::Nak(Some(delay))).await;
+    Outcome::Retry(delay)
+}
+
+async fn dead_letter<H: Handler>(
+    sh: &Shared<H>,
+    msg: &jetstream::Message,
+    env: Option<&Envelope>,
+    origin: &str,
+    reason: String,
+) {
+    let role = sh.handler.role();
+    let stage = env.map(|e| e.stage);
+    let job_id = env.map(|e| &e.job_id);
+    if let Err(e) = sh
+        .bus
+        .dead_letter(role, stage, job_id, origin, msg.payload.clone(), &reason)
+        .await
+    {
+        // Never drop a message we could not park: hand it back and try again later.
+        warn!(error = %e, "dead-letter publish failed; handing the message back");
+        let _ = msg
+            .ack_with(AckKind::Nak(Some(Duration::from_secs(5))))
+            .await;
+        return;
+    }
+    sh.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+    if let Some(env) = env {
+        let ev = Event {
+            schema_version: SCHEMA_VERSION,
+            run_id: env.run_id.clone(),
+            at_ms: now_ms(),
+            kind: EventKind::JobDeadLettered {
+                job_id: env.job_id.clone(),
+                stage: env.stage,
+                index: env.index,
+                reason: reason.clone(),
+            },
+        };
+        let dedup = format!("dlq-{}", env.job_id);
+        if let Err(e) = sh.bus.publish_event(&ev, Some(&dedup)).await {
+            warn!(error = %e, "dead-letter event not stored; handing the message back");
+            let _ = msg
+                .ack_with(AckKind::Nak(Some(Duration::from_secs(5))))
+                .await;
+            return;
+        }
+    } else {
+        warn!(origin, reason = %reason, "undecodable message dead-lettered");
+    }
+    let _ = msg.ack_with(AckKind::Term).await;
+}
