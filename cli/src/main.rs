@@ -1,1 +1,222 @@
-fn main() {}
+//! `dagfleet`: the one user-facing binary.
+//!
+//! # Layout
+//! - [`config`]: layered configuration.
+//! - [`roles`]: the worker roles built into this binary (one cargo feature each).
+//! - [`up`]: the one-machine stack (`dagfleet up`), including a `nats-server` child.
+//! - [`progress`]: progress bars for `run` and `status`.
+//! - [`bench`]: `dagfleet bench queue`.
+//!
+//! A job's path: `dagfleet run` → [`dagfleet_coordinator::submit`] (run state in KV) →
+//! [`dagfleet_coordinator::Coordinator`] plans and publishes jobs → a
+//! [`dagfleet_runtime::Worker`] pulls one and calls its role's
+//! [`dagfleet_runtime::Handler`] → artifacts via [`dagfleet_runtime::JobContext::put`] →
+//! job record and `job_done` event → the coordinator advances the run and writes
+//! `runs/<run>/manifest.json`.
+
+mod bench;
+mod config;
+mod progress;
+mod roles;
+mod up;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use dagfleet_protocol::{Role, RunId};
+use dagfleet_runtime::Bus;
+use std::path::PathBuf;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+
+/// dagfleet: build small, domain-specialised code models at fleet scale.
+#[derive(Parser, Debug)]
+#[command(name = "dagfleet", version, about, long_about = None)]
+struct Cli {
+    /// TOML config file.
+    #[arg(long, short = 'c', env = "DAGFLEET_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    /// NATS URL (overrides nats.url).
+    #[arg(long, global = true)]
+    nats_url: Option<String>,
+    /// Artifact store URL: a directory, file://, s3://bucket/prefix (overrides store.url).
+    #[arg(long, global = true)]
+    store_url: Option<String>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Start a one-machine stack: nats-server (if none is reachable), coordinator and one
+    /// worker of every built-in role.
+    Up {
+        /// Submit this run spec once the stack is up, follow it, and stop when it ends.
+        #[arg(long)]
+        run: Option<PathBuf>,
+    },
+    /// Submit a run spec and follow its progress.
+    Run {
+        /// The run spec (TOML).
+        spec: PathBuf,
+        /// Return after submitting instead of following the run.
+        #[arg(long)]
+        detach: bool,
+    },
+    /// Show runs; with RUN, follow that run with progress bars while it is live.
+    Status {
+        /// The run id.
+        run: Option<String>,
+        /// Print once and return, even while the run is live.
+        #[arg(long)]
+        once: bool,
+    },
+    /// Run a worker of one role.
+    Worker {
+        /// The role.
+        #[arg(long)]
+        role: Role,
+        /// Jobs run at once (overrides worker.concurrency).
+        #[arg(long)]
+        concurrency: Option<usize>,
+    },
+    /// Run a coordinator.
+    Coordinator,
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        what: bench::BenchCmd,
+    },
+    /// Print the effective configuration (secrets redacted).
+    Config,
+}
+
+fn init_tracing(cfg: &Config, quiet: bool) {
+    use tracing_subscriber::EnvFilter;
+    let default = if quiet {
+        "warn"
+    } else {
+        cfg.log.level.as_str()
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if cfg.log.format == "json" {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+/// Cancelled on SIGINT or SIGTERM.
+fn shutdown_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(_) => {
+                        let _ = ctrl_c.await;
+                        t.cancel();
+                        return;
+                    }
+                };
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("shutdown requested");
+        t.cancel();
+    });
+    token
+}
+
+pub(crate) async fn connect(cfg: &Config, name: &str) -> Result<Bus> {
+    Bus::connect(&cfg.nats, cfg.queues.clone(), name)
+        .await
+        .context("connecting to NATS (is nats-server running? `dagfleet up` starts one)")
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    match real_main().await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+async fn real_main() -> Result<std::process::ExitCode> {
+    let cli = Cli::parse();
+    let mut flags = Vec::new();
+    if let Some(u) = &cli.nats_url {
+        flags.push(("nats.url", u.clone()));
+    }
+    if let Some(u) = &cli.store_url {
+        flags.push(("store.url", u.clone()));
+    }
+    let mut cfg = Config::load(cli.config.as_deref(), &flags)?;
+    let quiet = matches!(cli.cmd, Cmd::Run { .. } | Cmd::Status { .. } | Cmd::Config);
+    init_tracing(&cfg, quiet);
+
+    match cli.cmd {
+        Cmd::Config => {
+            println!("{}", toml::to_string_pretty(&cfg)?);
+        }
+        Cmd::Up { run } => return up::up(cfg, run).await,
+        Cmd::Run { spec, detach } => {
+            let text = std::fs::read_to_string(&spec)
+                .with_context(|| format!("reading run spec {}", spec.display()))?;
+            let bus = connect(&cfg, "dagfleet-cli").await?;
+            let store = cfg.open_store()?;
+            let run = dagfleet_coordinator::submit(&bus, &store, &text).await?;
+            println!("submitted run {run}");
+            progress::warn_missing_workers(&bus, &run).await;
+            if detach {
+                return Ok(std::process::ExitCode::SUCCESS);
+            }
+            return progress::follow(&bus, &run, &shutdown_signal()).await;
+        }
+        Cmd::Status { run, once } => {
+            let bus = connect(&cfg, "dagfleet-cli").await?;
+            match run {
+                None => progress::list(&bus).await?,
+                Some(r) => {
+                    let run = RunId::new(r)?;
+                    if once {
+                        progress::print_once(&bus, &run).await?;
+                    } else {
+                        return progress::follow(&bus, &run, &shutdown_signal()).await;
+                    }
+                }
+            }
+        }
+        Cmd::Worker { role, concurrency } => {
+            if let Some(c) = concurrency {
+                cfg.worker.concurrency = c;
+            }
+            let bus = connect(&cfg, &format!("dagfleet-worker-{role}")).await?;
+            let store = cfg.open_store()?;
+            roles::run_worker(role, &cfg, bus, store, shutdown_signal()).await?;
+        }
+        Cmd::Coordinator => {
+            let bus = connect(&cfg, "dagfleet-coordinator").await?;
+            let store = cfg.open_store()?;
+            let c =
+                dagfleet_coordinator::Coordinator::new(bus, store, up::coordinator_config(&cfg));
+            c.run(shutdown_signal()).await?;
+        }
+        Cmd::Bench { what } => bench::run(what, &cfg).await?,
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}

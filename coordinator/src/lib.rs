@@ -34,7 +34,7 @@ use dagfleet_protocol::{
     StageStatus, SCHEMA_VERSION,
 };
 use dagfleet_runtime::{now_ms, ArtifactStore, Bus, BusError, StoreError};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use std::collections::BTreeMap;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -110,10 +110,12 @@ pub async fn submit(
     let spec = RunSpec::from_toml(spec_text)?;
     plan::check_supported(&spec)?;
     let suffix = uuid::Uuid::now_v7().simple().to_string();
-    let run_id = RunId::new(format!("{}-{}", spec.name, &suffix[suffix.len() - 8..]))
-        .map_err(|e| CoordinatorError::State {
-            run: spec.name.clone(),
-            reason: e.to_string(),
+    let run_id =
+        RunId::new(format!("{}-{}", spec.name, &suffix[suffix.len() - 8..])).map_err(|e| {
+            CoordinatorError::State {
+                run: spec.name.clone(),
+                reason: e.to_string(),
+            }
         })?;
     store
         .put_overwrite(
@@ -123,7 +125,10 @@ pub async fn submit(
         .await?;
     let state = RunState::new(run_id.clone(), spec, now_ms());
     bus.runs()
-        .create(run_id.as_str(), Bytes::from(encode(&state).map_err(BusError::from)?))
+        .create(
+            run_id.as_str(),
+            Bytes::from(encode(&state).map_err(BusError::from)?),
+        )
         .await
         .map_err(|e| state_err(&run_id, e))?;
     let ev = Event {
@@ -178,7 +183,11 @@ pub async fn list_runs(bus: &Bus) -> Result<Vec<RunState>, CoordinatorError> {
 
 /// Applies `f` to a run's state with compare-and-set, retrying on conflicts. `f` returns
 /// whether it changed anything; nothing is written when it did not.
-async fn update_run<F>(bus: &Bus, run: &RunId, mut f: F) -> Result<Option<RunState>, CoordinatorError>
+async fn update_run<F>(
+    bus: &Bus,
+    run: &RunId,
+    mut f: F,
+) -> Result<Option<RunState>, CoordinatorError>
 where
     F: FnMut(&mut RunState) -> bool,
 {
@@ -234,34 +243,57 @@ impl Coordinator {
         let mut tick = tokio::time::interval(self.cfg.reconcile_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut failures = 0u32;
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = tick.tick() => {
-                    if let Err(e) = self.reconcile_all().await {
-                        warn!(error = %e, "reconcile failed");
-                    }
+        'outer: while !shutdown.is_cancelled() {
+            let mut events = match consumer
+                .stream()
+                .max_messages_per_batch(self.cfg.event_batch)
+                .heartbeat(Duration::from_secs(5))
+                .messages()
+                .await
+            {
+                Ok(s) => {
+                    failures = 0;
+                    s
+                }
+                Err(e) => {
+                    failures += 1;
+                    warn!(error = %e, "event stream failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(
+                        (100 * u64::from(failures)).min(2_000),
+                    ))
+                    .await;
                     continue;
                 }
-                batch = consumer.batch().max_messages(self.cfg.event_batch).expires(Duration::from_millis(500)).messages() => {
-                    let mut batch = match batch {
-                        Ok(b) => { failures = 0; b }
-                        Err(e) => {
-                            failures += 1;
-                            warn!(error = %e, "event pull failed; retrying");
-                            tokio::time::sleep(Duration::from_millis((100 * u64::from(failures)).min(2_000))).await;
-                            continue;
+            };
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break 'outer,
+                    _ = tick.tick() => {
+                        if let Err(e) = self.reconcile_all().await {
+                            warn!(error = %e, "reconcile failed");
                         }
-                    };
-                    let mut msgs = Vec::new();
-                    while let Some(Ok(m)) = batch.next().await {
-                        msgs.push(m);
                     }
-                    if msgs.is_empty() {
-                        continue;
-                    }
-                    if let Err(e) = self.handle_events(msgs).await {
-                        warn!(error = %e, "event batch failed; it will be redelivered");
+                    first = events.next() => {
+                        let first = match first {
+                            Some(Ok(m)) => m,
+                            Some(Err(e)) => {
+                                warn!(error = %e, "event stream error; reopening");
+                                continue 'outer;
+                            }
+                            None => continue 'outer,
+                        };
+                        // Take whatever else is already here, so one state update covers
+                        // many events without waiting for more.
+                        let mut msgs = vec![first];
+                        while msgs.len() < self.cfg.event_batch {
+                            match events.next().now_or_never() {
+                                Some(Some(Ok(m))) => msgs.push(m),
+                                _ => break,
+                            }
+                        }
+                        if let Err(e) = self.handle_events(msgs).await {
+                            warn!(error = %e, "event batch failed; it will be redelivered");
+                        }
                     }
                 }
             }
@@ -285,7 +317,9 @@ impl Coordinator {
             let touched = kinds.iter().any(|k| {
                 matches!(
                     k,
-                    EventKind::JobDone(_) | EventKind::JobDeadLettered { .. } | EventKind::RunSubmitted
+                    EventKind::JobDone(_)
+                        | EventKind::JobDeadLettered { .. }
+                        | EventKind::RunSubmitted
                 )
             });
             if !touched {
@@ -329,10 +363,7 @@ impl Coordinator {
             let now = now_ms();
             if let Some(limit) = state.spec.limits.deadline {
                 if now - state.created_at_ms > limit.as_millis() as i64 {
-                    let reason = format!(
-                        "limits.deadline of {} passed",
-                        humanize(limit)
-                    );
+                    let reason = format!("limits.deadline of {} passed", humanize(limit));
                     return self.fail_run(run, reason).await;
                 }
             }
@@ -373,8 +404,12 @@ impl Coordinator {
                         );
                         return self.fail_run(run, reason).await;
                     }
-                    self.emit(run, EventKind::StageDone { stage, failed }, Some(format!("stage-done-{run}-{stage}")))
-                        .await;
+                    self.emit(
+                        run,
+                        EventKind::StageDone { stage, failed },
+                        Some(format!("stage-done-{run}-{stage}")),
+                    )
+                    .await;
                     info!(run = %run, stage = %stage, failed, "stage done");
                 }
                 StageStatus::Failed => {
@@ -395,7 +430,9 @@ impl Coordinator {
         let mut won = false;
         let state = update_run(&self.bus, run, |st| {
             won = false;
-            let Some(s) = st.stage_mut(stage) else { return false };
+            let Some(s) = st.stage_mut(stage) else {
+                return false;
+            };
             let free = s.status == StageStatus::Pending
                 || (s.status == StageStatus::Dispatching
                     && (s.lease_holder.as_deref() == Some(me.as_str()) || s.lease_until_ms <= now));
@@ -424,7 +461,10 @@ impl Coordinator {
         let fresh = self.bus.publish_jobs(&jobs).await?;
         info!(run = %run, stage = %stage, jobs = n, fresh, "stage dispatched");
         update_run(&self.bus, run, |st| match st.stage_mut(stage) {
-            Some(s) if s.status == StageStatus::Dispatching && s.lease_holder.as_deref() == Some(me.as_str()) => {
+            Some(s)
+                if s.status == StageStatus::Dispatching
+                    && s.lease_holder.as_deref() == Some(me.as_str()) =>
+            {
                 s.status = StageStatus::Dispatched;
                 s.jobs = n;
                 true
@@ -432,7 +472,8 @@ impl Coordinator {
             _ => false,
         })
         .await?;
-        self.emit(run, EventKind::StageDispatched { stage, jobs: n }, None).await;
+        self.emit(run, EventKind::StageDispatched { stage, jobs: n }, None)
+            .await;
         Ok(())
     }
 
@@ -452,7 +493,8 @@ impl Coordinator {
         })
         .await?;
         if updated.is_some_and(|s| s.status == RunStatus::Done) {
-            self.emit(run, EventKind::RunDone, Some(format!("run-done-{run}"))).await;
+            self.emit(run, EventKind::RunDone, Some(format!("run-done-{run}")))
+                .await;
             info!(run = %run, "run done");
         }
         Ok(())
@@ -473,7 +515,12 @@ impl Coordinator {
             manifest::write(&self.store, &state).await?;
         }
         warn!(run = %run, reason = %reason, "run failed");
-        self.emit(run, EventKind::RunFailed { reason }, Some(format!("run-failed-{run}"))).await;
+        self.emit(
+            run,
+            EventKind::RunFailed { reason },
+            Some(format!("run-failed-{run}")),
+        )
+        .await;
         Ok(())
     }
 
@@ -508,7 +555,8 @@ mod tests {
 
     #[test]
     fn events_apply_once() {
-        let spec = RunSpec::from_toml("name = \"n\"\nstages = [\"noop\"]\n[noop]\njobs = 2").unwrap();
+        let spec =
+            RunSpec::from_toml("name = \"n\"\nstages = [\"noop\"]\n[noop]\njobs = 2").unwrap();
         let run = RunId::new("r").unwrap();
         let mut st = RunState::new(run.clone(), spec, 0);
         let rec = JobRecord {

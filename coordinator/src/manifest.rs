@@ -38,7 +38,9 @@ pub async fn write(store: &ArtifactStore, state: &RunState) -> Result<(), StoreE
         if let Some(b) = store.get_opt(&key).await? {
             match serde_json::from_slice::<JobRecord>(&b) {
                 Ok(r) => jobs.push(r),
-                Err(e) => tracing::warn!(key, error = %e, "unreadable job record left out of the manifest"),
+                Err(e) => {
+                    tracing::warn!(key, error = %e, "unreadable job record left out of the manifest")
+                }
             }
         }
     }

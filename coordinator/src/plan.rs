@@ -4,7 +4,7 @@
 //! of the stage before), so planning the same stage twice yields the same job ids.
 
 use dagfleet_protocol::jobs::{MineShard, NoopJob, Source};
-use dagfleet_protocol::{Envelope, Job, RunState, RunSpec, Stage};
+use dagfleet_protocol::{Envelope, Job, RunSpec, RunState, Stage};
 
 /// Why a stage cannot be planned.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -99,7 +99,10 @@ fn source_key(src: &Source) -> String {
         Source::Dir { path } => format!("dir:{path}"),
         Source::Pypi {
             package, index_url, ..
-        } => format!("pypi:{}:{package}", index_url.as_deref().unwrap_or("pypi.org")),
+        } => format!(
+            "pypi:{}:{package}",
+            index_url.as_deref().unwrap_or("pypi.org")
+        ),
     }
 }
 
@@ -109,7 +112,11 @@ mod tests {
     use dagfleet_protocol::RunId;
 
     fn state(toml: &str) -> RunState {
-        RunState::new(RunId::new("r1").unwrap(), RunSpec::from_toml(toml).unwrap(), 0)
+        RunState::new(
+            RunId::new("r1").unwrap(),
+            RunSpec::from_toml(toml).unwrap(),
+            0,
+        )
     }
 
     #[test]
@@ -138,6 +145,9 @@ mod tests {
     fn job_limit_is_enforced() {
         let mut s = state("name = \"n\"\nstages = [\"noop\"]\n[noop]\njobs = 3");
         s.spec.limits.max_jobs_per_stage = 2;
-        assert!(matches!(plan(&s, Stage::Noop, 0), Err(PlanError::TooManyJobs { .. })));
+        assert!(matches!(
+            plan(&s, Stage::Noop, 0),
+            Err(PlanError::TooManyJobs { .. })
+        ));
     }
 }

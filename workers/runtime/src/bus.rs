@@ -369,18 +369,35 @@ async fn ensure_stream(js: &jetstream::Context, cfg: stream::Config) -> Result<(
     }
 }
 
+/// Creates a KV bucket's backing stream directly. `create_key_value` first asks for account
+/// info in a shape nats-server 2.9 does not send, so the stream is made here with the same
+/// settings the client would use.
 async fn ensure_kv(js: &jetstream::Context, cfg: kv::Config) -> Result<kv::Store, BusError> {
     let bucket = cfg.bucket.clone();
     if let Ok(s) = js.get_key_value(&bucket).await {
         return Ok(s);
     }
-    match js.create_key_value(cfg).await {
-        Ok(s) => Ok(s),
-        Err(e) => js
-            .get_key_value(&bucket)
-            .await
-            .map_err(|_| topo(&format!("KV {bucket}"), e)),
+    let stream = stream::Config {
+        name: format!("KV_{bucket}"),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: cfg.history.max(1),
+        max_age: cfg.max_age,
+        storage: cfg.storage,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: stream::DiscardPolicy::New,
+        num_replicas: 1,
+        ..Default::default()
+    };
+    if let Err(e) = js.create_stream(stream).await {
+        if js.get_key_value(&bucket).await.is_err() {
+            return Err(topo(&format!("KV {bucket}"), e));
+        }
     }
+    js.get_key_value(&bucket)
+        .await
+        .map_err(|e| topo(&format!("KV {bucket}"), e))
 }
 
 #[cfg(test)]

@@ -1,0 +1,352 @@
+//! `dagfleet bench queue`: job-layer throughput and latency, beside a bare async-nats loop
+//! measured in the same run on the same server.
+//!
+//! - **throughput**: a noop run of `--jobs` jobs submitted through the coordinator with 1, 2
+//!   and 4 workers; jobs/s from submit to run done (dispatch, pull, handler, `job_done` event,
+//!   ack, event applied to run state).
+//! - **latency**: jobs published at half the measured throughput; latency is from publishing a
+//!   job to receiving its `job_done` event, which a worker stores right before it acks.
+//! - **peer**: a loop that publishes with `Nats-Msg-Id`, pulls and acks the same number of
+//!   messages, and the same paced latency measurement.
+
+use anyhow::{Context, Result};
+use async_nats::jetstream::{self, consumer, stream};
+use bytes::Bytes;
+use clap::Subcommand;
+use dagfleet_coordinator::Coordinator;
+use dagfleet_protocol::jobs::NoopJob;
+use dagfleet_protocol::{Envelope, Job, RunId, Stage};
+use dagfleet_runtime::{ArtifactStore, Bus, NatsConfig, Worker};
+use futures::StreamExt;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+
+/// Benchmarks.
+#[derive(Subcommand, Debug)]
+pub enum BenchCmd {
+    /// No-op jobs through coordinator and workers, beside a bare async-nats loop.
+    Queue {
+        /// Jobs per measurement.
+        #[arg(long, default_value_t = 20_000)]
+        jobs: u32,
+        /// Worker counts to measure.
+        #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+        workers: Vec<usize>,
+        /// Concurrency of each worker.
+        #[arg(long, default_value_t = 256)]
+        concurrency: usize,
+        /// Seconds of paced load for each latency measurement.
+        #[arg(long, default_value_t = 5)]
+        latency_secs: u64,
+        /// Use the configured NATS server instead of starting a fresh one.
+        #[arg(long)]
+        external_nats: bool,
+    },
+}
+
+struct Server {
+    _child: Option<tokio::process::Child>,
+    _dir: Option<tempfile::TempDir>,
+    url: String,
+}
+
+async fn start_server(cfg: &Config, external: bool) -> Result<Server> {
+    if external {
+        return Ok(Server {
+            _child: None,
+            _dir: None,
+            url: cfg.nats.url.clone(),
+        });
+    }
+    let dir = tempfile::tempdir()?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let child = tokio::process::Command::new(&cfg.up.nats_server)
+        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+        .arg(dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting nats-server for the benchmark")?;
+    let url = format!("nats://127.0.0.1:{port}");
+    for _ in 0..50 {
+        if async_nats::connect(&url).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(Server {
+        _child: Some(child),
+        _dir: Some(dir),
+        url,
+    })
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn summarize(mut v: Vec<f64>) -> (f64, f64) {
+    v.sort_by(|a, b| a.total_cmp(b));
+    (pct(&v, 0.5), pct(&v, 0.99))
+}
+
+/// Runs a benchmark and prints a Markdown table.
+pub async fn run(cmd: BenchCmd, cfg: &Config) -> Result<()> {
+    let BenchCmd::Queue {
+        jobs,
+        workers,
+        concurrency,
+        latency_secs,
+        external_nats,
+    } = cmd;
+    let server = start_server(cfg, external_nats).await?;
+    let nats = NatsConfig {
+        url: server.url.clone(),
+        ..cfg.nats.clone()
+    };
+    println!(
+        "bench queue: {jobs} jobs, worker concurrency {concurrency}, nats-server file storage, {} cores",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    );
+    println!();
+    println!("| system | workers | jobs/s | paced rate (jobs/s) | p50 ms | p99 ms |");
+    println!("|---|---|---|---|---|---|");
+
+    let peer = peer_throughput(&nats, jobs as usize).await?;
+    let (p50, p99) = peer_latency(&nats, peer / 2.0, latency_secs).await?;
+    println!(
+        "| bare async-nats loop | 1 | {peer:.0} | {:.0} | {p50:.2} | {p99:.2} |",
+        peer / 2.0
+    );
+
+    for &w in &workers {
+        let (tput, p50, p99, rate) =
+            dagfleet_case(cfg, &nats, jobs, w, concurrency, latency_secs).await?;
+        println!(
+            "| dagfleet (1 coordinator) | {w} | {tput:.0} | {rate:.0} | {p50:.2} | {p99:.2} |"
+        );
+    }
+    Ok(())
+}
+
+async fn peer_throughput(nats: &NatsConfig, n: usize) -> Result<f64> {
+    let client = dagfleet_runtime::bus::connect(nats, "bench-peer").await?;
+    let js = jetstream::new(client);
+    let _ = js.delete_stream("BENCH_PEER").await;
+    let st = js
+        .create_stream(stream::Config {
+            name: "BENCH_PEER".into(),
+            subjects: vec!["bench.peer".into()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        })
+        .await?;
+    let cons: consumer::PullConsumer = st
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some("peer".into()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            max_ack_pending: 20_000,
+            ..Default::default()
+        })
+        .await?;
+    let t0 = Instant::now();
+    let pubjs = js.clone();
+    let publisher = tokio::spawn(async move {
+        let mut acks = Vec::with_capacity(512);
+        for i in 0..n {
+            let m = jetstream::message::PublishMessage::build()
+                .payload(Bytes::from_static(b"x"))
+                .message_id(format!("peer-{i}"));
+            acks.push(pubjs.send_publish("bench.peer", m).await?);
+            if acks.len() >= 512 {
+                for a in acks.drain(..) {
+                    a.await?;
+                }
+            }
+        }
+        for a in acks.drain(..) {
+            a.await?;
+        }
+        anyhow::Ok(())
+    });
+    let mut got = 0;
+    let mut msgs = cons
+        .stream()
+        .max_messages_per_batch(1000)
+        .messages()
+        .await?;
+    while got < n {
+        let Some(m) = msgs.next().await else { break };
+        let m = m.map_err(|e| anyhow::anyhow!("{e}"))?;
+        m.ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        got += 1;
+    }
+    publisher.await??;
+    let secs = t0.elapsed().as_secs_f64();
+    Ok(n as f64 / secs)
+}
+
+async fn peer_latency(nats: &NatsConfig, rate: f64, secs: u64) -> Result<(f64, f64)> {
+    let client = dagfleet_runtime::bus::connect(nats, "bench-peer").await?;
+    let js = jetstream::new(client);
+    let st = js.get_stream("BENCH_PEER").await?;
+    let cons: consumer::PullConsumer = st
+        .get_consumer("peer")
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let sent: Arc<Mutex<HashMap<u64, Instant>>> = Arc::default();
+    let n = (rate * secs as f64) as u64;
+    let s2 = sent.clone();
+    let pubjs = js.clone();
+    let publisher = tokio::spawn(async move {
+        let t0 = Instant::now();
+        for i in 0..n {
+            let due = t0 + Duration::from_secs_f64(i as f64 / rate);
+            tokio::time::sleep_until(due.into()).await;
+            crate::bench::lock(&s2).insert(i, Instant::now());
+            let m = jetstream::message::PublishMessage::build()
+                .payload(Bytes::from(i.to_le_bytes().to_vec()))
+                .message_id(format!("peer-lat-{i}"));
+            let ack = pubjs.send_publish("bench.peer", m).await?;
+            tokio::spawn(async move { ack.await });
+        }
+        anyhow::Ok(())
+    });
+    let mut lat = Vec::with_capacity(n as usize);
+    let mut msgs = cons
+        .stream()
+        .max_messages_per_batch(1000)
+        .messages()
+        .await?;
+    while (lat.len() as u64) < n {
+        let Some(m) = msgs.next().await else { break };
+        let m = m.map_err(|e| anyhow::anyhow!("{e}"))?;
+        m.ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        let i = u64::from_le_bytes(m.payload[..8].try_into().unwrap_or([0; 8]));
+        if let Some(t) = lock(&sent).remove(&i) {
+            lat.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    publisher.await??;
+    Ok(summarize(lat))
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+async fn dagfleet_case(
+    cfg: &Config,
+    nats: &NatsConfig,
+    jobs: u32,
+    workers: usize,
+    concurrency: usize,
+    latency_secs: u64,
+) -> Result<(f64, f64, f64, f64)> {
+    let store = ArtifactStore::open(&dagfleet_runtime::StoreConfig {
+        url: "memory://".into(),
+        ..Default::default()
+    })?;
+    let stop = CancellationToken::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    let bus = Bus::connect(nats, cfg.queues.clone(), "bench-coordinator").await?;
+    {
+        let c = Coordinator::new(
+            bus.clone(),
+            store.clone(),
+            crate::up::coordinator_config(cfg),
+        );
+        let s = stop.clone();
+        tasks.spawn(async move {
+            let _ = c.run(s).await;
+        });
+    }
+    for i in 0..workers {
+        let wbus = Bus::connect(nats, cfg.queues.clone(), &format!("bench-worker-{i}")).await?;
+        let mut wc = crate::roles::worker_config(dagfleet_protocol::Role::Noop, cfg);
+        wc.concurrency = concurrency;
+        let w = Worker::new(wbus, store.clone(), dagfleet_noop::NoopHandler, wc);
+        let s = stop.clone();
+        tasks.spawn(async move {
+            let _ = w.run(s).await;
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Throughput: a whole run through the coordinator.
+    let spec = format!("name = \"bench-w{workers}\"\nstages = [\"noop\"]\n[noop]\njobs = {jobs}\n[limits]\nmax_jobs_per_stage = {jobs}\n");
+    let t0 = Instant::now();
+    let run = dagfleet_coordinator::submit(&bus, &store, &spec).await?;
+    loop {
+        let (st, _) = dagfleet_coordinator::load_run(&bus, &run)
+            .await?
+            .context("bench run vanished")?;
+        match st.status {
+            dagfleet_protocol::RunStatus::Done => break,
+            dagfleet_protocol::RunStatus::Failed => {
+                anyhow::bail!("bench run failed: {:?}", st.error)
+            }
+            _ => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    }
+    let tput = jobs as f64 / t0.elapsed().as_secs_f64();
+
+    // Latency: paced jobs at half that rate, publish → job_done event.
+    let rate = tput / 2.0;
+    let run = RunId::new(format!("bench-lat-w{workers}-{}", std::process::id()))?;
+    let n = (rate * latency_secs as f64) as u32;
+    let sent: Arc<Mutex<HashMap<u32, Instant>>> = Arc::default();
+    let mut sub = bus
+        .client()
+        .subscribe(dagfleet_protocol::subjects::event(&run, "job_done"))
+        .await?;
+    let (pbus, prun, s2) = (bus.clone(), run.clone(), sent.clone());
+    let publisher = tokio::spawn(async move {
+        let t0 = Instant::now();
+        for i in 0..n {
+            let due = t0 + Duration::from_secs_f64(i as f64 / rate);
+            tokio::time::sleep_until(due.into()).await;
+            let env = Envelope::new(
+                prun.clone(),
+                Stage::Noop,
+                i,
+                &i.to_string(),
+                dagfleet_runtime::now_ms(),
+                Job::Noop(NoopJob::default()),
+            );
+            lock(&s2).insert(i, Instant::now());
+            let b = pbus.clone();
+            tokio::spawn(async move { b.publish_jobs(&[env]).await });
+        }
+    });
+    let mut lat = Vec::with_capacity(n as usize);
+    while (lat.len() as u32) < n {
+        let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(30), sub.next()).await else {
+            break;
+        };
+        if let Ok(ev) = dagfleet_protocol::decode_event(&m.payload) {
+            if let dagfleet_protocol::EventKind::JobDone(rec) = ev.kind {
+                if let Some(t) = lock(&sent).remove(&rec.index) {
+                    lat.push(t.elapsed().as_secs_f64() * 1e3);
+                }
+            }
+        }
+    }
+    publisher.await?;
+    stop.cancel();
+    while tasks.join_next().await.is_some() {}
+    let (p50, p99) = summarize(lat);
+    Ok((tput, p50, p99, rate))
+}

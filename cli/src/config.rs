@@ -1,0 +1,229 @@
+//! The configuration of the `dagfleet` binary, layered as
+//! defaults → TOML file (`--config`, `DAGFLEET_CONFIG`) → `DAGFLEET_*` environment (`__`
+//! nests: `DAGFLEET_NATS__URL`) → flags.
+
+use anyhow::{Context, Result};
+use dagfleet_protocol::Role;
+use dagfleet_runtime::{NatsConfig, QueueConfig, StoreConfig};
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use std::time::Duration;
+
+/// Everything the binary can be configured with.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// NATS connection.
+    pub nats: NatsConfig,
+    /// Artifact store.
+    pub store: StoreConfig,
+    /// Streams, consumers and per-stage redelivery settings.
+    pub queues: QueueConfig,
+    /// Worker processes.
+    pub worker: WorkerSettings,
+    /// Coordinator processes.
+    pub coordinator: CoordinatorSettings,
+    /// `dagfleet up`.
+    pub up: UpSettings,
+    /// Logging.
+    pub log: LogSettings,
+}
+
+/// Worker settings.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerSettings {
+    /// Jobs one worker runs at once.
+    pub concurrency: usize,
+    /// Time in-flight jobs get to finish after SIGTERM before they are handed back.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// Interval of worker heartbeats.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_every: Duration,
+    /// Worker id; generated from host, pid and a random suffix when absent.
+    pub id: Option<String>,
+}
+
+impl Default for WorkerSettings {
+    fn default() -> Self {
+        Self {
+            concurrency: 4,
+            shutdown_grace: Duration::from_secs(30),
+            heartbeat_every: Duration::from_secs(5),
+            id: None,
+        }
+    }
+}
+
+/// Coordinator settings.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CoordinatorSettings {
+    /// Interval at which every running run is looked at, besides events.
+    #[serde(with = "humantime_serde")]
+    pub reconcile_every: Duration,
+    /// How long a stage-dispatch lease lasts before another coordinator may take over.
+    #[serde(with = "humantime_serde")]
+    pub dispatch_lease: Duration,
+}
+
+impl Default for CoordinatorSettings {
+    fn default() -> Self {
+        Self {
+            reconcile_every: Duration::from_secs(2),
+            dispatch_lease: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `dagfleet up` settings.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpSettings {
+    /// Directory for the NATS store (when `up` starts its own server) and local artifacts.
+    pub data_dir: String,
+    /// The nats-server executable started when no server is reachable.
+    pub nats_server: String,
+    /// Roles to start one worker of; all roles built into this binary when empty.
+    pub roles: Vec<Role>,
+}
+
+impl Default for UpSettings {
+    fn default() -> Self {
+        Self {
+            data_dir: ".dagfleet".into(),
+            nats_server: "nats-server".into(),
+            roles: Vec::new(),
+        }
+    }
+}
+
+/// Logging settings.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    /// `tracing` filter, e.g. `info` or `dagfleet_runtime=debug`; `RUST_LOG` wins when set.
+    pub level: String,
+    /// `text` or `json`.
+    pub format: String,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self {
+            level: "info,async_nats=warn".into(),
+            format: "text".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Loads the layers. `flags` are `(dotted key, value)` pairs from the command line.
+    pub fn load(file: Option<&Path>, flags: &[(&str, String)]) -> Result<Self> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(f) = file {
+            if !f.exists() {
+                anyhow::bail!("config file {} does not exist", f.display());
+            }
+            fig = fig.merge(Toml::file(f));
+        }
+        fig = fig.merge(Env::prefixed("DAGFLEET_").split("__").ignore(&["config"]));
+        for (k, v) in flags {
+            fig = fig.merge(Serialized::default(k, v));
+        }
+        let cfg: Config = fig.extract().map_err(|e| {
+            let msgs: Vec<String> = e.into_iter().map(|e| describe(&e)).collect();
+            anyhow::anyhow!("invalid configuration:\n  {}", msgs.join("\n  "))
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks what serde cannot; errors name the key.
+    pub fn validate(&self) -> Result<()> {
+        self.queues
+            .validate()
+            .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+        if self.worker.concurrency == 0 {
+            anyhow::bail!("invalid configuration: worker.concurrency must be at least 1");
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            anyhow::bail!(
+                "invalid configuration: log.format is `{}`; expected `text` or `json`",
+                self.log.format
+            );
+        }
+        if self.nats.url.trim().is_empty() {
+            anyhow::bail!("invalid configuration: nats.url is empty");
+        }
+        Ok(())
+    }
+
+    /// Opens the artifact store.
+    pub fn open_store(&self) -> Result<dagfleet_runtime::ArtifactStore> {
+        dagfleet_runtime::ArtifactStore::open(&self.store).context("opening the artifact store")
+    }
+}
+
+fn describe(e: &figment::Error) -> String {
+    let key = if e.path.is_empty() {
+        String::new()
+    } else {
+        format!("key `{}`: ", e.path.join("."))
+    };
+    let src = e
+        .metadata
+        .as_ref()
+        .map(|m| format!(" (from {})", m.name))
+        .unwrap_or_default();
+    format!("{key}{}{src}", e.kind)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layers_apply_in_order() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "c.toml",
+                "[nats]\nurl = \"nats://file:4222\"\n[worker]\nconcurrency = 7",
+            )?;
+            jail.set_env("DAGFLEET_WORKER__CONCURRENCY", "9");
+            let cfg = Config::load(Some(Path::new("c.toml")), &[]).map_err(|e| e.to_string())?;
+            assert_eq!(cfg.nats.url, "nats://file:4222");
+            assert_eq!(cfg.worker.concurrency, 9);
+            let cfg = Config::load(
+                Some(Path::new("c.toml")),
+                &[("nats.url", "nats://flag:1".into())],
+            )
+            .map_err(|e| e.to_string())?;
+            assert_eq!(cfg.nats.url, "nats://flag:1");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn bad_keys_are_named() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("c.toml", "[nats]\nurll = \"x\"")?;
+            let e = Config::load(Some(Path::new("c.toml")), &[])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("urll"), "{e}");
+            jail.create_file("d.toml", "[worker]\nconcurrency = 0")?;
+            let e = Config::load(Some(Path::new("d.toml")), &[])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("worker.concurrency"), "{e}");
+            jail.set_env("DAGFLEET_QUEUES__STAGES__TRIAN__MAX_ATTEMPTS", "3");
+            let e = Config::load(None, &[]).unwrap_err().to_string();
+            assert!(e.contains("trian"), "{e}");
+            Ok(())
+        });
+    }
+}

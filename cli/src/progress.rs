@@ -1,0 +1,177 @@
+//! Progress display for `dagfleet run` and `dagfleet status`.
+
+use anyhow::Result;
+use dagfleet_coordinator::{list_runs, load_run};
+use dagfleet_protocol::{RunId, RunState, RunStatus, StageStatus};
+use dagfleet_runtime::Bus;
+use futures::StreamExt;
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+fn stage_line(s: &dagfleet_protocol::StageState) -> String {
+    let status = format!("{:?}", s.status).to_lowercase();
+    if s.jobs == 0 {
+        format!("{:<10} {status}", s.stage.as_str())
+    } else {
+        format!(
+            "{:<10} {status:<10} {}/{} jobs{}",
+            s.stage.as_str(),
+            s.done.len(),
+            s.jobs,
+            if s.failed.is_empty() {
+                String::new()
+            } else {
+                format!(", {} dead-lettered", s.failed.len())
+            }
+        )
+    }
+}
+
+/// Prints a run's state once.
+pub async fn print_once(bus: &Bus, run: &RunId) -> Result<()> {
+    let Some((st, _)) = load_run(bus, run).await? else {
+        anyhow::bail!("no run `{run}`; `dagfleet status` lists runs");
+    };
+    print_state(&st);
+    Ok(())
+}
+
+fn print_state(st: &RunState) {
+    println!("run {}: {:?}", st.run_id, st.status);
+    for s in &st.stages {
+        println!("  {}", stage_line(s));
+    }
+    if let Some(e) = &st.error {
+        println!("  error: {e}");
+    }
+}
+
+/// Lists runs, newest first.
+pub async fn list(bus: &Bus) -> Result<()> {
+    let runs = list_runs(bus).await?;
+    if runs.is_empty() {
+        println!("no runs yet; submit one with `dagfleet run SPEC.toml`");
+    }
+    for st in runs {
+        let cur = st
+            .current()
+            .map(|s| stage_line(s))
+            .unwrap_or_else(|| "all stages done".into());
+        println!(
+            "{:<40} {:<8} {cur}",
+            st.run_id.as_str(),
+            format!("{:?}", st.status).to_lowercase()
+        );
+    }
+    Ok(())
+}
+
+/// Warns about stages of `run` whose role has no live worker: their jobs would wait.
+pub async fn warn_missing_workers(bus: &Bus, run: &RunId) {
+    let Ok(Some((st, _))) = load_run(bus, run).await else {
+        return;
+    };
+    let mut live = Vec::new();
+    if let Ok(mut keys) = bus.workers().keys().await {
+        while let Some(Ok(k)) = keys.next().await {
+            live.push(k);
+        }
+    }
+    for s in &st.stages {
+        let role = s.stage.role();
+        if !live.iter().any(|k| k.starts_with(&format!("{role}."))) {
+            eprintln!(
+                "note: no live `{role}` worker; `{}` jobs will wait until one starts (`dagfleet worker --role {role}`)",
+                s.stage
+            );
+        }
+    }
+}
+
+/// Follows a run until it ends (or `stop`), with bars on a terminal and lines elsewhere.
+/// Exit status 0 when the run is done, 1 when it failed.
+pub async fn follow(
+    bus: &Bus,
+    run: &RunId,
+    stop: &CancellationToken,
+) -> Result<std::process::ExitCode> {
+    let tty = std::io::stderr().is_terminal();
+    let mp = MultiProgress::new();
+    let style = ProgressStyle::with_template("{prefix:>10} [{bar:40}] {pos}/{len} {msg}")
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
+    let mut bars: BTreeMap<String, ProgressBar> = BTreeMap::new();
+    let mut last_lines: BTreeMap<String, String> = BTreeMap::new();
+    let mut last_print = std::time::Instant::now() - Duration::from_secs(60);
+    loop {
+        let Some((st, _)) = load_run(bus, run).await? else {
+            anyhow::bail!("no run `{run}`; `dagfleet status` lists runs");
+        };
+        for s in &st.stages {
+            let key = s.stage.to_string();
+            if tty {
+                let bar = bars.entry(key.clone()).or_insert_with(|| {
+                    let b = mp.add(ProgressBar::new(0));
+                    b.set_style(style.clone());
+                    b.set_prefix(key.clone());
+                    b
+                });
+                bar.set_length(u64::from(s.jobs.max(1)));
+                bar.set_position(u64::from(s.settled()));
+                let mut msg = format!("{:?}", s.status).to_lowercase();
+                if !s.failed.is_empty() {
+                    msg.push_str(&format!(" ({} dead-lettered)", s.failed.len()));
+                }
+                bar.set_message(msg);
+                if matches!(s.status, StageStatus::Done | StageStatus::Failed) && !bar.is_finished()
+                {
+                    bar.finish();
+                }
+            } else {
+                let line = stage_line(s);
+                let changed = last_lines.get(&key) != Some(&line);
+                let status_changed = last_lines
+                    .get(&key)
+                    .is_none_or(|l| l.split_whitespace().nth(1) != line.split_whitespace().nth(1));
+                if changed && (status_changed || last_print.elapsed() > Duration::from_secs(2)) {
+                    eprintln!("  {line}");
+                    last_lines.insert(key, line);
+                    last_print = std::time::Instant::now();
+                }
+            }
+        }
+        match st.status {
+            RunStatus::Running => {}
+            RunStatus::Done => {
+                for b in bars.values() {
+                    b.finish();
+                }
+                println!("run {run} done");
+                for s in &st.stages {
+                    println!("  {}", stage_line(s));
+                }
+                return Ok(std::process::ExitCode::SUCCESS);
+            }
+            RunStatus::Failed => {
+                for b in bars.values() {
+                    b.abandon();
+                }
+                println!(
+                    "run {run} failed: {}",
+                    st.error.as_deref().unwrap_or("no reason recorded")
+                );
+                return Ok(std::process::ExitCode::from(1));
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(300)) => {}
+            _ = stop.cancelled() => {
+                println!("stopped following run {run}; it goes on (`dagfleet status {run}`)");
+                return Ok(std::process::ExitCode::SUCCESS);
+            }
+        }
+    }
+}

@@ -1,0 +1,60 @@
+//! The worker roles built into this binary. Each role is a cargo feature, so a CPU image
+//! never compiles the GPU roles' dependencies.
+
+use anyhow::Result;
+use dagfleet_protocol::Role;
+use dagfleet_runtime::{ArtifactStore, Bus, WorkerConfig};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+
+/// Roles this binary can run.
+pub fn built_in() -> Vec<Role> {
+    let mut v = Vec::new();
+    #[cfg(feature = "noop")]
+    v.push(Role::Noop);
+    v
+}
+
+/// The worker settings for `role` from the config.
+pub fn worker_config(role: Role, cfg: &Config) -> WorkerConfig {
+    let mut w = WorkerConfig::new(role);
+    if let Some(id) = &cfg.worker.id {
+        w.worker_id = format!("{id}-{role}");
+    }
+    w.concurrency = cfg.worker.concurrency;
+    w.shutdown_grace = cfg.worker.shutdown_grace;
+    w.heartbeat_every = cfg.worker.heartbeat_every;
+    w
+}
+
+/// Runs one worker of `role` until `shutdown`.
+pub async fn run_worker(
+    role: Role,
+    cfg: &Config,
+    bus: Bus,
+    store: ArtifactStore,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let wc = worker_config(role, cfg);
+    match role {
+        #[cfg(feature = "noop")]
+        Role::Noop => {
+            dagfleet_runtime::Worker::new(bus, store, dagfleet_noop::NoopHandler, wc)
+                .run(shutdown)
+                .await?
+        }
+        other => {
+            let _ = (bus, store, wc, shutdown);
+            anyhow::bail!(
+                "role `{other}` is not built into this binary; built-in roles: {}",
+                built_in()
+                    .iter()
+                    .map(|r| r.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        }
+    }
+    Ok(())
+}
