@@ -1,1 +1,395 @@
-//! placeholder
+//! Helpers for dagfleet's integration tests: real servers on loopback, killed on drop.
+//!
+//! - [`NatsServer`]: `nats-server -js` on a random port with its own store directory; it can
+//!   be killed and restarted on the same port and store.
+//! - [`S3Server`]: an S3-compatible server (s3s-fs) on a random loopback port, inside the
+//!   test process, with access-key authentication.
+//! - [`Stack`]: coordinators and noop workers in-process.
+//! - [`Proc`]: a `dagfleet` child process (worker or coordinator) for kill -9 tests.
+
+use dagfleet_coordinator::{Coordinator, CoordinatorConfig};
+use dagfleet_protocol::{RunId, RunState, RunStatus};
+use dagfleet_runtime::config::Secret;
+use dagfleet_runtime::{
+    ArtifactStore, Bus, NatsConfig, QueueConfig, StoreConfig, Worker, WorkerConfig,
+};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port")
+}
+
+/// A real `nats-server -js`.
+pub struct NatsServer {
+    child: Option<Child>,
+    /// Its port.
+    pub port: u16,
+    /// Its store directory.
+    pub dir: tempfile::TempDir,
+    args: Vec<String>,
+}
+
+impl NatsServer {
+    /// Starts a server on a random port.
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Starts a server with extra arguments (e.g. `--user`, `--pass`).
+    pub fn start_with(args: &[&str]) -> Self {
+        let mut s = Self {
+            child: None,
+            port: free_port(),
+            dir: tempfile::tempdir().expect("tempdir"),
+            args: args.iter().map(|a| a.to_string()).collect(),
+        };
+        s.spawn();
+        s
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("nats-server")
+            .args([
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-sd",
+            ])
+            .arg(self.dir.path())
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server must be installed (apt-get install nats-server)");
+        self.child = Some(child);
+        let t0 = Instant::now();
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(15),
+                "nats-server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `nats://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Connection settings for this server.
+    pub fn config(&self) -> NatsConfig {
+        NatsConfig {
+            url: self.url(),
+            ..Default::default()
+        }
+    }
+
+    /// Kills the server with SIGKILL.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port and store.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// An S3-compatible server (s3s-fs) in this process.
+pub struct S3Server {
+    /// `http://127.0.0.1:<port>`.
+    pub endpoint: String,
+    /// Files behind it.
+    pub dir: tempfile::TempDir,
+    /// Bucket created at start.
+    pub bucket: String,
+    /// Access key.
+    pub access_key: String,
+    /// Secret key.
+    pub secret_key: String,
+    stop: CancellationToken,
+}
+
+impl S3Server {
+    /// Starts a server with one bucket and access-key authentication.
+    pub async fn start(bucket: &str, access_key: &str, secret_key: &str) -> Self {
+        use hyper_util::rt::{TokioExecutor, TokioIo};
+        use hyper_util::server::conn::auto::Builder as ConnBuilder;
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(dir.path().join(bucket)).expect("bucket dir");
+        let fs = s3s_fs::FileSystem::new(dir.path()).expect("s3s-fs");
+        let mut b = s3s::service::S3ServiceBuilder::new(fs);
+        b.set_auth(s3s::auth::SimpleAuth::from_single(access_key, secret_key));
+        let service = b.build();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let stop = CancellationToken::new();
+        let s = stop.clone();
+        tokio::spawn(async move {
+            let http = ConnBuilder::new(TokioExecutor::new());
+            loop {
+                let (sock, _) = tokio::select! {
+                    r = listener.accept() => match r { Ok(c) => c, Err(_) => continue },
+                    _ = s.cancelled() => return,
+                };
+                let conn = http
+                    .serve_connection(TokioIo::new(sock), service.clone())
+                    .into_owned();
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+            }
+        });
+        Self {
+            endpoint: format!("http://{addr}"),
+            dir,
+            bucket: bucket.into(),
+            access_key: access_key.into(),
+            secret_key: secret_key.into(),
+            stop,
+        }
+    }
+
+    /// Store settings for `s3://<bucket>/<prefix>` on this server.
+    pub fn store_config(&self, prefix: &str) -> StoreConfig {
+        StoreConfig {
+            url: format!("s3://{}/{prefix}", self.bucket),
+            endpoint: Some(self.endpoint.clone()),
+            region: Some("us-east-1".into()),
+            access_key_id: Some(Secret::new(self.access_key.clone())),
+            secret_access_key: Some(Secret::new(self.secret_key.clone())),
+            allow_http: true,
+        }
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Queue settings that make tests fast: short ack waits and backoffs.
+pub fn fast_queues() -> QueueConfig {
+    let mut q = QueueConfig::default();
+    q.stages.insert(
+        dagfleet_protocol::Stage::Noop,
+        dagfleet_runtime::StageQueue {
+            ack_wait: Duration::from_secs(2),
+            max_attempts: 5,
+            backoff: vec![Duration::from_millis(50)],
+        },
+    );
+    q
+}
+
+/// Coordinator settings that make tests fast.
+pub fn fast_coordinator(id: &str) -> CoordinatorConfig {
+    CoordinatorConfig {
+        id: id.into(),
+        reconcile_every: Duration::from_millis(300),
+        dispatch_lease: Duration::from_secs(3),
+        event_batch: 1000,
+    }
+}
+
+/// Coordinators and noop workers running in this process.
+pub struct Stack {
+    /// A bus for the test itself.
+    pub bus: Bus,
+    /// The artifact store.
+    pub store: ArtifactStore,
+    stop: CancellationToken,
+    tasks: tokio::task::JoinSet<()>,
+}
+
+impl Stack {
+    /// Starts `coordinators` coordinators and `workers` noop workers against `nats`.
+    pub async fn start(
+        nats: &NatsConfig,
+        store: ArtifactStore,
+        coordinators: usize,
+        workers: usize,
+    ) -> Self {
+        let bus = Bus::connect(nats, fast_queues(), "test")
+            .await
+            .expect("bus");
+        let stop = CancellationToken::new();
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..coordinators {
+            let b = Bus::connect(nats, fast_queues(), "test-coord")
+                .await
+                .expect("bus");
+            let c = Coordinator::new(b, store.clone(), fast_coordinator(&format!("c{i}")));
+            let s = stop.clone();
+            tasks.spawn(async move {
+                c.run(s).await.expect("coordinator");
+            });
+        }
+        for i in 0..workers {
+            let b = Bus::connect(nats, fast_queues(), "test-worker")
+                .await
+                .expect("bus");
+            let mut wc = WorkerConfig::new(dagfleet_protocol::Role::Noop);
+            wc.worker_id = format!("w{i}");
+            wc.concurrency = 8;
+            wc.shutdown_grace = Duration::from_secs(5);
+            let w = Worker::new(b, store.clone(), dagfleet_noop::NoopHandler, wc);
+            let s = stop.clone();
+            tasks.spawn(async move {
+                w.run(s).await.expect("worker");
+            });
+        }
+        Self {
+            bus,
+            store,
+            stop,
+            tasks,
+        }
+    }
+
+    /// Submits a run spec.
+    pub async fn submit(&self, spec: &str) -> RunId {
+        dagfleet_coordinator::submit(&self.bus, &self.store, spec)
+            .await
+            .expect("submit")
+    }
+
+    /// Stops everything and waits.
+    pub async fn stop(mut self) {
+        self.stop.cancel();
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+/// Waits until `run` is done or failed; panics after `limit`.
+pub async fn wait_run(bus: &Bus, run: &RunId, limit: Duration) -> RunState {
+    let t0 = Instant::now();
+    loop {
+        if let Ok(Some((st, _))) = dagfleet_coordinator::load_run(bus, run).await {
+            if st.status != RunStatus::Running {
+                return st;
+            }
+            assert!(
+                t0.elapsed() < limit,
+                "run {run} still running after {limit:?}: {:?}",
+                st.stages
+                    .iter()
+                    .map(|s| (s.stage, s.status, s.done.len(), s.failed.len(), s.jobs))
+                    .collect::<Vec<_>>()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Path of the `dagfleet` binary built beside the test executable.
+pub fn dagfleet_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let bin = dir.join(format!("dagfleet{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (`cargo build -p dagfleet`; `cargo test --workspace` does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A `dagfleet` child process, killed on drop.
+pub struct Proc {
+    /// The child.
+    pub child: Child,
+}
+
+impl Proc {
+    /// Starts `dagfleet ARGS` with `env`, logging to `log` if given.
+    pub fn spawn(args: &[&str], env: &[(&str, &str)], log: Option<&std::path::Path>) -> Self {
+        let mut cmd = Command::new(dagfleet_bin());
+        cmd.args(args).stdin(Stdio::null()).stdout(Stdio::null());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        match log {
+            Some(p) => {
+                let f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .expect("log file");
+                cmd.stderr(f);
+            }
+            None => {
+                cmd.stderr(Stdio::null());
+            }
+        }
+        Self {
+            child: cmd.spawn().expect("spawn dagfleet"),
+        }
+    }
+
+    /// Sends SIGKILL and reaps.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends SIGTERM.
+    pub fn term(&self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+    }
+
+    /// Waits for exit, at most `limit`.
+    pub fn wait_for(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let t0 = Instant::now();
+        while t0.elapsed() < limit {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A local-directory artifact store in a temp dir.
+pub fn temp_store() -> (tempfile::TempDir, ArtifactStore) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = ArtifactStore::open(&StoreConfig {
+        url: dir.path().to_string_lossy().into_owned(),
+        ..Default::default()
+    })
+    .expect("store");
+    (dir, store)
+}
