@@ -183,6 +183,7 @@ fn describe(e: &figment::Error) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::result_large_err)] // figment::Jail's signature
 mod tests {
     use super::*;
 

@@ -58,7 +58,7 @@ pub async fn list(bus: &Bus) -> Result<()> {
     for st in runs {
         let cur = st
             .current()
-            .map(|s| stage_line(s))
+            .map(stage_line)
             .unwrap_or_else(|| "all stages done".into());
         println!(
             "{:<40} {:<8} {cur}",

@@ -10,10 +10,12 @@ use crate::config::Config;
 
 /// Roles this binary can run.
 pub fn built_in() -> Vec<Role> {
-    let mut v = Vec::new();
-    #[cfg(feature = "noop")]
-    v.push(Role::Noop);
-    v
+    [
+        #[cfg(feature = "noop")]
+        Role::Noop,
+    ]
+    .into_iter()
+    .collect()
 }
 
 /// The worker settings for `role` from the config.

@@ -44,7 +44,7 @@ pub async fn write(store: &ArtifactStore, state: &RunState) -> Result<(), StoreE
             }
         }
     }
-    jobs.sort_by(|a, b| (a.stage, a.index).cmp(&(b.stage, b.index)));
+    jobs.sort_by_key(|j| (j.stage, j.index));
     let m = Manifest {
         run_id: state.run_id.as_str(),
         status: format!("{:?}", state.status).to_lowercase(),

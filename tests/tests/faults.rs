@@ -1,6 +1,8 @@
 //! Fault tests: killed workers, SIGTERM, a restarted nats-server, a killed coordinator, and a
 //! chaos run. Workers and coordinators that get killed run as real `dagfleet` processes.
 
+#![allow(clippy::unwrap_used)]
+
 use dagfleet_protocol::{subjects, JobRecord, RunId, RunStatus};
 use dagfleet_runtime::ArtifactStore;
 use dagfleet_tests::*;

@@ -3,6 +3,8 @@
 //! Needs the Python packages in tests/helm/requirements.txt (`tests/run.sh` installs them);
 //! `DAGFLEET_PYTHON` names the interpreter that has them.
 
+#![allow(clippy::unwrap_used)]
+
 use std::path::PathBuf;
 use std::process::Command;
 

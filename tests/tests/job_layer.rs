@@ -1,5 +1,7 @@
 //! The job layer end to end, in-process, against a real nats-server and real stores.
 
+#![allow(clippy::unwrap_used)]
+
 use bytes::Bytes;
 use dagfleet_protocol::{encode, subjects, Envelope, Job, RunId, RunStatus, Stage};
 use dagfleet_runtime::{ArtifactStore, StoreConfig};

@@ -1,6 +1,8 @@
 //! Secrets (NATS password, S3 secret key) never reach logs, events, dead letters, run state
 //! or artifacts, nor `dagfleet config` and error messages.
 
+#![allow(clippy::unwrap_used)]
+
 use dagfleet_protocol::{subjects, RunStatus};
 use dagfleet_runtime::config::Secret;
 use dagfleet_runtime::{ArtifactStore, NatsConfig};
@@ -81,7 +83,9 @@ async fn secrets_never_reach_logs_events_or_artifacts() {
     let st = wait_run(&stack.bus, &run, Duration::from_secs(60)).await;
     assert_eq!(st.status, RunStatus::Done, "{:?}", st.error);
     worker.term();
-    worker.wait_for(Duration::from_secs(20)).expect("worker exits");
+    worker
+        .wait_for(Duration::from_secs(20))
+        .expect("worker exits");
 
     let log_text = std::fs::read(&log).unwrap();
     assert!(
