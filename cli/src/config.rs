@@ -130,7 +130,13 @@ impl Config {
             }
             fig = fig.merge(Toml::file(f));
         }
-        fig = fig.merge(Env::prefixed("DAGFLEET_").split("__").ignore(&["config"]));
+        // Config variables always name a section (`DAGFLEET_NATS__URL`); other DAGFLEET_*
+        // variables (DAGFLEET_CONFIG, or ones scripts use for themselves) are not config.
+        fig = fig.merge(
+            Env::prefixed("DAGFLEET_")
+                .filter(|k| k.as_str().contains("__"))
+                .split("__"),
+        );
         for (k, v) in flags {
             fig = fig.merge(Serialized::default(k, v));
         }
@@ -195,6 +201,7 @@ mod tests {
                 "[nats]\nurl = \"nats://file:4222\"\n[worker]\nconcurrency = 7",
             )?;
             jail.set_env("DAGFLEET_WORKER__CONCURRENCY", "9");
+            jail.set_env("DAGFLEET_PYTHON", "not config");
             let cfg = Config::load(Some(Path::new("c.toml")), &[]).map_err(|e| e.to_string())?;
             assert_eq!(cfg.nats.url, "nats://file:4222");
             assert_eq!(cfg.worker.concurrency, 9);
