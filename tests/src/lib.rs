@@ -306,17 +306,25 @@ pub async fn wait_run(bus: &Bus, run: &RunId, limit: Duration) -> RunState {
     }
 }
 
-/// Path of the `dagfleet` binary built beside the test executable.
+/// Path of the `dagfleet` binary. Tests that spawn it are test targets of the `dagfleet`
+/// package, so cargo builds it first and tells them where it is through
+/// `CARGO_BIN_EXE_dagfleet`; they record it with [`set_dagfleet_bin`].
 pub fn dagfleet_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
-    let bin = dir.join(format!("dagfleet{}", std::env::consts::EXE_SUFFIX));
-    assert!(
-        bin.exists(),
-        "{} is missing: build it first (`cargo build -p dagfleet`; `cargo test --workspace` does)",
-        bin.display()
-    );
+    let bin = std::env::var_os("DAGFLEET_TEST_BIN")
+        .map(PathBuf::from)
+        .expect("DAGFLEET_TEST_BIN is not set: call set_dagfleet_bin(env!(\"CARGO_BIN_EXE_dagfleet\")) first");
+    assert!(bin.exists(), "{} is missing", bin.display());
     bin
+}
+
+/// Records where the `dagfleet` binary is, for [`dagfleet_bin`] and [`Proc`].
+pub fn set_dagfleet_bin(path: &str) {
+    // Set once per test process, before any child is spawned; every test sets the same value.
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY-free: edition 2021 `set_var` is safe; the value is the same for every caller.
+        std::env::set_var("DAGFLEET_TEST_BIN", path);
+    });
 }
 
 /// A `dagfleet` child process, killed on drop.

@@ -3,6 +3,11 @@
 
 #![allow(clippy::unwrap_used)]
 
+/// Points the helpers at the binary cargo built for this test target.
+fn init() {
+    dagfleet_tests::set_dagfleet_bin(env!("CARGO_BIN_EXE_dagfleet"));
+}
+
 use dagfleet_protocol::{subjects, RunStatus};
 use dagfleet_runtime::config::Secret;
 use dagfleet_runtime::{ArtifactStore, NatsConfig};
@@ -48,6 +53,7 @@ async fn all_messages(bus: &dagfleet_runtime::Bus, stream: &str) -> Vec<Vec<u8>>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_never_reach_logs_events_or_artifacts() {
+    init();
     let nats = NatsServer::start_with(&["--user", "dagfleet", "--pass", NATS_PW]);
     let s3 = S3Server::start("dagfleet", "AKIDSECRETTEST", S3_SECRET).await;
     let store = ArtifactStore::open(&s3.store_config("p")).unwrap();

@@ -5,11 +5,17 @@
 
 #![allow(clippy::unwrap_used)]
 
+/// Points the helpers at the binary cargo built for this test target.
+fn init() {
+    dagfleet_tests::set_dagfleet_bin(env!("CARGO_BIN_EXE_dagfleet"));
+}
+
 use std::path::PathBuf;
 use std::process::Command;
 
 #[test]
 fn helm_chart_renders_and_validates_against_kubernetes_schemas() {
+    init();
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let python = std::env::var("DAGFLEET_PYTHON").unwrap_or_else(|_| "python3".into());
     let out = Command::new(&python)

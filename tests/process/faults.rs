@@ -3,6 +3,11 @@
 
 #![allow(clippy::unwrap_used)]
 
+/// Points the helpers at the binary cargo built for this test target.
+fn init() {
+    dagfleet_tests::set_dagfleet_bin(env!("CARGO_BIN_EXE_dagfleet"));
+}
+
 use dagfleet_protocol::{subjects, JobRecord, RunId, RunStatus};
 use dagfleet_runtime::ArtifactStore;
 use dagfleet_tests::*;
@@ -87,6 +92,7 @@ async fn wait_in_flight(bus: &dagfleet_runtime::Bus) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_mid_job_is_replaced_and_the_job_completes_once() {
+    init();
     let nats = NatsServer::start();
     let (dir, store) = temp_store();
     let env = env(&nats.url(), dir.path().to_str().unwrap());
@@ -124,6 +130,7 @@ async fn a_worker_killed_mid_job_is_replaced_and_the_job_completes_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_in_flight_jobs_or_hands_them_back() {
+    init();
     let nats = NatsServer::start();
     let (dir, store) = temp_store();
     let env = env(&nats.url(), dir.path().to_str().unwrap());
@@ -187,6 +194,7 @@ async fn sigterm_finishes_in_flight_jobs_or_hands_them_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_survives_a_nats_server_restart() {
+    init();
     let mut nats = NatsServer::start();
     let (_dir, store) = temp_store();
     let stack = Stack::start(&nats.config(), store.clone(), 1, 2).await;
@@ -217,6 +225,7 @@ async fn a_run_survives_a_nats_server_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_coordinator_is_replaced_and_nothing_is_dispatched_twice() {
+    init();
     let nats = NatsServer::start();
     let (dir, store) = temp_store();
     let env = env(&nats.url(), dir.path().to_str().unwrap());
@@ -260,6 +269,7 @@ async fn a_killed_coordinator_is_replaced_and_nothing_is_dispatched_twice() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_a_thousand_jobs_with_random_worker_kills() {
+    init();
     use rand::Rng;
     let nats = NatsServer::start();
     let (dir, store) = temp_store();
