@@ -2,10 +2,10 @@
 //! measured in the same run on the same server.
 //!
 //! - **throughput**: a noop run of `--jobs` jobs submitted through the coordinator with 1, 2
-//!   and 4 workers; jobs/s from submit to run done (dispatch, pull, handler, `job_done` event,
+//!   and 4 workers; jobs/s from submit to run done (dispatch, pull, handler, `jobs_done` event,
 //!   ack, event applied to run state).
 //! - **latency**: jobs published at half the measured throughput; latency is from publishing a
-//!   job to receiving its `job_done` event, which a worker stores right before it acks.
+//!   job to receiving its `jobs_done` event, which a worker stores right before it acks.
 //! - **peer**: a loop that publishes with `Nats-Msg-Id`, pulls and acks the same number of
 //!   messages, and the same paced latency measurement.
 
@@ -303,14 +303,14 @@ async fn dagfleet_case(
     }
     let tput = jobs as f64 / t0.elapsed().as_secs_f64();
 
-    // Latency: paced jobs at half that rate, publish → job_done event.
+    // Latency: paced jobs at half that rate, publish → jobs_done event.
     let rate = tput / 2.0;
     let run = RunId::new(format!("bench-lat-w{workers}-{}", std::process::id()))?;
     let n = (rate * latency_secs as f64) as u32;
     let sent: Arc<Mutex<HashMap<u32, Instant>>> = Arc::default();
     let mut sub = bus
         .client()
-        .subscribe(dagfleet_protocol::subjects::event(&run, "job_done"))
+        .subscribe(dagfleet_protocol::subjects::event(&run, "jobs_done"))
         .await?;
     let (pbus, prun, s2) = (bus.clone(), run.clone(), sent.clone());
     let publisher = tokio::spawn(async move {
@@ -337,9 +337,11 @@ async fn dagfleet_case(
             break;
         };
         if let Ok(ev) = dagfleet_protocol::decode_event(&m.payload) {
-            if let dagfleet_protocol::EventKind::JobDone(rec) = ev.kind {
-                if let Some(t) = lock(&sent).remove(&rec.index) {
-                    lat.push(t.elapsed().as_secs_f64() * 1e3);
+            if let dagfleet_protocol::EventKind::JobsDone { records } = ev.kind {
+                for rec in records {
+                    if let Some(t) = lock(&sent).remove(&rec.index) {
+                        lat.push(t.elapsed().as_secs_f64() * 1e3);
+                    }
                 }
             }
         }

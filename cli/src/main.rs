@@ -11,7 +11,7 @@
 //! [`dagfleet_coordinator::Coordinator`] plans and publishes jobs → a
 //! [`dagfleet_runtime::Worker`] pulls one and calls its role's
 //! [`dagfleet_runtime::Handler`] → artifacts via [`dagfleet_runtime::JobContext::put`] →
-//! job record and `job_done` event → the coordinator advances the run and writes
+//! job record and `jobs_done` event → the coordinator advances the run and writes
 //! `runs/<run>/manifest.json`.
 
 mod bench;

@@ -213,9 +213,12 @@ where
 /// Records one event in a run's state; returns whether it changed anything.
 fn apply_event(state: &mut RunState, kind: &EventKind) -> bool {
     match kind {
-        EventKind::JobDone(rec) => state
-            .stage_mut(rec.stage)
-            .is_some_and(|s| s.done.insert(rec.index)),
+        EventKind::JobsDone { records } => records.iter().fold(false, |changed, rec| {
+            state
+                .stage_mut(rec.stage)
+                .is_some_and(|s| s.done.insert(rec.index))
+                || changed
+        }),
         EventKind::JobDeadLettered { stage, index, .. } => state
             .stage_mut(*stage)
             .is_some_and(|s| !s.done.contains(*index) && s.failed.insert(*index)),
@@ -317,7 +320,7 @@ impl Coordinator {
             let touched = kinds.iter().any(|k| {
                 matches!(
                     k,
-                    EventKind::JobDone(_)
+                    EventKind::JobsDone { .. }
                         | EventKind::JobDeadLettered { .. }
                         | EventKind::RunSubmitted
                 )
@@ -572,8 +575,11 @@ mod tests {
             duration_ms: 0,
             finished_at_ms: 0,
         };
-        assert!(apply_event(&mut st, &EventKind::JobDone(rec.clone())));
-        assert!(!apply_event(&mut st, &EventKind::JobDone(rec)));
+        let done = EventKind::JobsDone {
+            records: vec![rec.clone(), rec],
+        };
+        assert!(apply_event(&mut st, &done));
+        assert!(!apply_event(&mut st, &done));
         let dl = EventKind::JobDeadLettered {
             job_id: JobId::derive(&st.run_id, Stage::Noop, "1"),
             stage: Stage::Noop,

@@ -218,19 +218,21 @@ mod tests {
             schema_version: SCHEMA_VERSION,
             run_id: run(),
             at_ms: 5,
-            kind: EventKind::JobDone(JobRecord {
-                job_id: JobId::derive(&run(), Stage::Noop, "0"),
-                run_id: run(),
-                stage: Stage::Noop,
-                index: 0,
-                inputs: vec![],
-                outputs: vec![art(1)],
-                metrics: BTreeMap::from([("rows".into(), 3.0)]),
-                worker: "w1".into(),
-                attempt: 2,
-                duration_ms: 4,
-                finished_at_ms: 9,
-            }),
+            kind: EventKind::JobsDone {
+                records: vec![JobRecord {
+                    job_id: JobId::derive(&run(), Stage::Noop, "0"),
+                    run_id: run(),
+                    stage: Stage::Noop,
+                    index: 0,
+                    inputs: vec![],
+                    outputs: vec![art(1)],
+                    metrics: BTreeMap::from([("rows".into(), 3.0)]),
+                    worker: "w1".into(),
+                    attempt: 2,
+                    duration_ms: 4,
+                    finished_at_ms: 9,
+                }],
+            },
         };
         assert_eq!(decode_event(&encode(&ev).unwrap()).unwrap(), ev);
     }

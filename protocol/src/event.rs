@@ -44,8 +44,12 @@ pub enum EventKind {
         /// Short free-text note.
         message: String,
     },
-    /// A job finished; its outputs are in the store.
-    JobDone(JobRecord),
+    /// Jobs finished; their outputs are in the store. A worker batches the completions it
+    /// has ready into one event, so the event stream carries far fewer messages than jobs.
+    JobsDone {
+        /// One record per finished job.
+        records: Vec<JobRecord>,
+    },
     /// A job failed and will be retried.
     JobRetrying {
         /// The job.
@@ -95,7 +99,7 @@ impl EventKind {
             EventKind::RunSubmitted => "run_submitted",
             EventKind::StageDispatched { .. } => "stage_dispatched",
             EventKind::JobProgress { .. } => "job_progress",
-            EventKind::JobDone(_) => "job_done",
+            EventKind::JobsDone { .. } => "jobs_done",
             EventKind::JobRetrying { .. } => "job_retrying",
             EventKind::JobDeadLettered { .. } => "job_dead_lettered",
             EventKind::StageDone { .. } => "stage_done",

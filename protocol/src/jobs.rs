@@ -195,7 +195,7 @@ impl Job {
     }
 }
 
-/// What one finished job produced. Sent as the `job_done` event and stored as the job's
+/// What one finished job produced. Sent in a `jobs_done` event and stored as the job's
 /// manifest entry; its presence in the store marks the job as done.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct JobRecord {

@@ -7,7 +7,7 @@
 //! - [`Envelope`]: the versioned wrapper around every [`Job`] put on a JetStream work queue.
 //! - [`Job`]: one payload type per pipeline [`Stage`] (mine shard, synth chunk, dataset build,
 //!   train, infer batch, judge batch, report, and the `noop` stage used by tests and benchmarks).
-//! - [`JobRecord`]: what a finished job produced; it is both the `JobDone` event body and the
+//! - [`JobRecord`]: what a finished job produced; it is both part of the `JobsDone` event and the
 //!   run-manifest entry written next to the artifacts.
 //! - [`Event`]: progress and results on the events stream.
 //! - [`RunState`]: the coordinator's per-run state, kept in a JetStream KV bucket.

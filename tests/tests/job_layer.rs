@@ -291,7 +291,7 @@ async fn progress_events_and_bad_specs() {
     for want in [
         "run_submitted",
         "stage_dispatched",
-        "job_done",
+        "jobs_done",
         "stage_done",
         "run_done",
     ] {

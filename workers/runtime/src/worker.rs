@@ -27,7 +27,7 @@ use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
@@ -235,11 +235,75 @@ struct Shared<H> {
     handler: H,
     cfg: WorkerConfig,
     stats: Arc<WorkerStats>,
+    completions: mpsc::Sender<Completion>,
+    completions_rx: Mutex<Option<mpsc::Receiver<Completion>>>,
+}
+
+/// A finished job waiting for its `jobs_done` event to be stored before its ack.
+struct Completion {
+    rec: JobRecord,
+    msg: jetstream::Message,
+    stored: oneshot::Sender<bool>,
+}
+
+/// Most records in one `jobs_done` event.
+const MAX_EVENT_RECORDS: usize = 256;
+
+/// Publishes completions in batches: takes every completion that is ready, stores one
+/// `jobs_done` event per run, then acks those jobs (or naks them if the event could not be
+/// stored). Under light load a batch is one job and adds no wait; under heavy load batches
+/// grow while the previous event's ack is awaited.
+async fn completion_loop(bus: Bus, mut rx: mpsc::Receiver<Completion>) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_EVENT_RECORDS {
+            match rx.try_recv() {
+                Ok(c) => batch.push(c),
+                Err(_) => break,
+            }
+        }
+        let mut by_run: BTreeMap<dagfleet_protocol::RunId, Vec<Completion>> = BTreeMap::new();
+        for c in batch {
+            by_run.entry(c.rec.run_id.clone()).or_default().push(c);
+        }
+        let publishes = by_run.into_iter().map(|(run_id, cs)| {
+            let bus = bus.clone();
+            async move {
+                let ev = Event {
+                    schema_version: SCHEMA_VERSION,
+                    run_id,
+                    at_ms: now_ms(),
+                    kind: EventKind::JobsDone {
+                        records: cs.iter().map(|c| c.rec.clone()).collect(),
+                    },
+                };
+                let ok = match bus.publish_event(&ev, None).await {
+                    Ok(()) => true,
+                    Err(e) => {
+                        warn!(error = %e, jobs = cs.len(), "jobs_done event not stored; handing the jobs back");
+                        false
+                    }
+                };
+                for c in cs {
+                    if ok {
+                        if let Err(e) = c.msg.ack().await {
+                            debug!(error = %e, "ack not sent; the job will be redelivered and found done");
+                        }
+                    } else {
+                        let _ = c.msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                    }
+                    let _ = c.stored.send(ok);
+                }
+            }
+        });
+        futures::future::join_all(publishes).await;
+    }
 }
 
 impl<H: Handler> Worker<H> {
     /// A worker for `handler` over `bus` and `store`.
     pub fn new(bus: Bus, store: ArtifactStore, handler: H, cfg: WorkerConfig) -> Self {
+        let (tx, rx) = mpsc::channel(4 * MAX_EVENT_RECORDS);
         Self {
             shared: Arc::new(Shared {
                 bus,
@@ -247,6 +311,8 @@ impl<H: Handler> Worker<H> {
                 handler,
                 cfg,
                 stats: Arc::new(WorkerStats::default()),
+                completions: tx,
+                completions_rx: Mutex::new(Some(rx)),
             }),
         }
     }
@@ -269,6 +335,9 @@ impl<H: Handler> Worker<H> {
         info!(role = %role, worker = %sh.cfg.worker_id, concurrency = sh.cfg.concurrency, "worker started");
 
         let hb = tokio::spawn(heartbeat_loop(sh.clone(), started, shutdown.clone()));
+        let completer = lock(&sh.completions_rx)
+            .take()
+            .map(|rx| tokio::spawn(completion_loop(sh.bus.clone(), rx)));
 
         let mut failures = 0u32;
         'pull: while !shutdown.is_cancelled() {
@@ -344,6 +413,11 @@ impl<H: Handler> Worker<H> {
             tracker.wait().await;
         }
         hb.abort();
+        // Every job task waits for its completion to be stored and acked before it ends, so
+        // after `tracker.wait()` the completer has nothing left to do.
+        if let Some(c) = completer {
+            c.abort();
+        }
         let _ = sh
             .bus
             .workers()
@@ -579,22 +653,21 @@ async fn finish_done<H: Handler>(
     msg: &jetstream::Message,
     rec: JobRecord,
 ) -> Result<(), Outcome> {
-    let dedup = format!("done-{}", rec.job_id);
-    let ev = Event {
-        schema_version: SCHEMA_VERSION,
-        run_id: rec.run_id.clone(),
-        at_ms: now_ms(),
-        kind: EventKind::JobDone(rec),
-    };
     // The event must be stored before the job is acked, or a crash in between would lose
-    // the completion.
-    if let Err(e) = sh.bus.publish_event(&ev, Some(&dedup)).await {
-        return Err(nak(sh, msg, Duration::from_secs(1), &e.to_string()).await);
+    // the completion; the completer does both, in that order.
+    let (tx, rx) = oneshot::channel();
+    let c = Completion {
+        rec,
+        msg: msg.clone(),
+        stored: tx,
+    };
+    if sh.completions.send(c).await.is_err() {
+        return Err(nak(sh, msg, Duration::from_secs(1), "worker stopping").await);
     }
-    if let Err(e) = msg.ack().await {
-        debug!(error = %e, "ack not sent; the job will be redelivered and found done");
+    match rx.await {
+        Ok(true) => Ok(()),
+        _ => Err(Outcome::Retry(Duration::from_secs(1))),
     }
-    Ok(())
 }
 
 async fn nak<H: Handler>(
