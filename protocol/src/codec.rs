@@ -62,27 +62,50 @@ pub fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T
     })
 }
 
-fn decode_versioned<T: DeserializeOwned>(
+/// Something with a schema version of its own.
+trait Versioned {
+    fn schema_version(&self) -> u16;
+}
+
+impl Versioned for Envelope {
+    fn schema_version(&self) -> u16 {
+        self.schema_version
+    }
+}
+
+impl Versioned for Event {
+    fn schema_version(&self) -> u16 {
+        self.schema_version
+    }
+}
+
+fn decode_versioned<T: DeserializeOwned + Versioned>(
     what: &'static str,
     bytes: &[u8],
 ) -> Result<T, CodecError> {
-    let probe: VersionProbe = decode(what, bytes)?;
-    if probe.schema_version != SCHEMA_VERSION {
-        return Err(CodecError::UnsupportedVersion {
-            what,
-            found: probe.schema_version,
-            supported: SCHEMA_VERSION,
-        });
+    let unsupported = |found| CodecError::UnsupportedVersion {
+        what,
+        found,
+        supported: SCHEMA_VERSION,
+    };
+    // One decode on the common path; the version probe runs only to explain a failure, so a
+    // message from another schema is reported as such rather than as garbage.
+    match decode::<T>(what, bytes) {
+        Ok(v) if v.schema_version() == SCHEMA_VERSION => Ok(v),
+        Ok(v) => Err(unsupported(v.schema_version())),
+        Err(e) => match decode::<VersionProbe>(what, bytes) {
+            Ok(p) if p.schema_version != SCHEMA_VERSION => Err(unsupported(p.schema_version)),
+            _ => Err(e),
+        },
     }
-    decode(what, bytes)
 }
 
-/// Decodes a job envelope, checking its schema version first.
+/// Decodes a job envelope and checks its schema version.
 pub fn decode_envelope(bytes: &[u8]) -> Result<Envelope, CodecError> {
     decode_versioned("job envelope", bytes)
 }
 
-/// Decodes an event, checking its schema version first.
+/// Decodes an event and checks its schema version.
 pub fn decode_event(bytes: &[u8]) -> Result<Event, CodecError> {
     decode_versioned("event", bytes)
 }
@@ -200,6 +223,24 @@ mod tests {
                 supported: SCHEMA_VERSION
             }
         );
+    }
+
+    #[test]
+    fn a_future_shape_reports_its_version() {
+        #[derive(serde::Serialize)]
+        struct Future {
+            schema_version: u16,
+            something_else: Vec<u8>,
+        }
+        let bytes = encode(&Future {
+            schema_version: 2,
+            something_else: vec![1, 2],
+        })
+        .unwrap();
+        assert!(matches!(
+            decode_envelope(&bytes),
+            Err(CodecError::UnsupportedVersion { found: 2, .. })
+        ));
     }
 
     #[test]
