@@ -42,6 +42,10 @@ pub enum BenchCmd {
         /// Seconds of paced load for each latency measurement.
         #[arg(long, default_value_t = 5)]
         latency_secs: u64,
+        /// Paced rate (jobs/s) of the latency measurements; half of dagfleet's one-worker
+        /// throughput when absent. The peer is measured at the same rate.
+        #[arg(long)]
+        latency_rate: Option<f64>,
         /// Use the configured NATS server instead of starting a fresh one.
         #[arg(long)]
         external_nats: bool,
@@ -98,49 +102,88 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
 
 fn summarize(mut v: Vec<f64>) -> (f64, f64) {
     v.sort_by(|a, b| a.total_cmp(b));
+    if std::env::var_os("DAGFLEET_BENCH_DEBUG").is_some() {
+        eprintln!(
+            "p90 {:.2} p99.9 {:.2} max {:.2} n {}",
+            pct(&v, 0.9),
+            pct(&v, 0.999),
+            pct(&v, 1.0),
+            v.len()
+        );
+    }
     (pct(&v, 0.5), pct(&v, 0.99))
 }
 
-/// Runs a benchmark and prints a Markdown table.
+/// Runs a benchmark and prints Markdown tables.
 pub async fn run(cmd: BenchCmd, cfg: &Config) -> Result<()> {
     let BenchCmd::Queue {
         jobs,
         workers,
         concurrency,
         latency_secs,
+        latency_rate,
         external_nats,
     } = cmd;
-    let server = start_server(cfg, external_nats).await?;
-    let nats = NatsConfig {
-        url: server.url.clone(),
-        ..cfg.nats.clone()
+    // Every measurement gets a fresh server (unless --external-nats), so the clean-up of one
+    // measurement's deleted messages does not disturb the next.
+    let fresh = || async {
+        let server = start_server(cfg, external_nats).await?;
+        let nats = NatsConfig {
+            url: server.url.clone(),
+            ..cfg.nats.clone()
+        };
+        anyhow::Ok((server, nats))
     };
     println!(
         "bench queue: {jobs} jobs, worker concurrency {concurrency}, nats-server file storage, {} cores",
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
     );
     println!();
-    println!("| system | workers | jobs/s | paced rate (jobs/s) | p50 ms | p99 ms |");
-    println!("|---|---|---|---|---|---|");
-
+    println!("Throughput (dispatch to ack of every job):");
+    println!();
+    println!("| system | workers | jobs/s | vs peer |");
+    println!("|---|---|---|---|");
+    let (server, nats) = fresh().await?;
     let peer = peer_throughput(&nats, jobs as usize).await?;
-    let (p50, p99) = peer_latency(&nats, peer / 2.0, latency_secs).await?;
-    println!(
-        "| bare async-nats loop | 1 | {peer:.0} | {:.0} | {p50:.2} | {p99:.2} |",
-        peer / 2.0
-    );
-
+    drop(server);
+    println!("| bare async-nats loop | 1 | {peer:.0} | 100% |");
+    let mut first = None;
     for &w in &workers {
-        let (tput, p50, p99, rate) =
-            dagfleet_case(cfg, &nats, jobs, w, concurrency, latency_secs).await?;
+        let (server, nats) = fresh().await?;
+        let stack = DagStack::start(cfg, &nats, w, concurrency).await?;
+        let tput = stack.throughput(jobs).await?;
+        stack.stop().await;
+        drop(server);
+        first.get_or_insert(tput);
         println!(
-            "| dagfleet (1 coordinator) | {w} | {tput:.0} | {rate:.0} | {p50:.2} | {p99:.2} |"
+            "| dagfleet (1 coordinator) | {w} | {tput:.0} | {:.0}% |",
+            100.0 * tput / peer
         );
+    }
+    let rate = latency_rate.unwrap_or(first.unwrap_or(peer) / 2.0);
+    println!();
+    println!("Latency at a paced {rate:.0} jobs/s for {latency_secs} s (publish to done):");
+    println!();
+    println!("| system | workers | p50 ms | p99 ms |");
+    println!("|---|---|---|---|");
+    let (server, nats) = fresh().await?;
+    peer_setup(&nats).await?;
+    let (p50, p99) = peer_latency(&nats, rate, latency_secs).await?;
+    drop(server);
+    println!("| bare async-nats loop | 1 | {p50:.2} | {p99:.2} |");
+    for &w in &workers {
+        let (server, nats) = fresh().await?;
+        let stack = DagStack::start(cfg, &nats, w, concurrency).await?;
+        let (p50, p99) = stack.latency(rate, latency_secs).await?;
+        stack.stop().await;
+        drop(server);
+        println!("| dagfleet (1 coordinator) | {w} | {p50:.2} | {p99:.2} |");
     }
     Ok(())
 }
 
-async fn peer_throughput(nats: &NatsConfig, n: usize) -> Result<f64> {
+/// The peer's work-queue stream and durable pull consumer.
+async fn peer_setup(nats: &NatsConfig) -> Result<consumer::PullConsumer> {
     let client = dagfleet_runtime::bus::connect(nats, "bench-peer").await?;
     let js = jetstream::new(client);
     let _ = js.delete_stream("BENCH_PEER").await;
@@ -161,6 +204,13 @@ async fn peer_throughput(nats: &NatsConfig, n: usize) -> Result<f64> {
             ..Default::default()
         })
         .await?;
+    Ok(cons)
+}
+
+async fn peer_throughput(nats: &NatsConfig, n: usize) -> Result<f64> {
+    let cons = peer_setup(nats).await?;
+    let client = dagfleet_runtime::bus::connect(nats, "bench-peer").await?;
+    let js = jetstream::new(client);
     let t0 = Instant::now();
     let pubjs = js.clone();
     let publisher = tokio::spawn(async move {
@@ -247,22 +297,29 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-async fn dagfleet_case(
-    cfg: &Config,
-    nats: &NatsConfig,
-    jobs: u32,
+/// A coordinator and `workers` noop workers in this process, each on its own connection.
+struct DagStack {
+    bus: Bus,
+    store: ArtifactStore,
+    stop: CancellationToken,
+    tasks: tokio::task::JoinSet<()>,
     workers: usize,
-    concurrency: usize,
-    latency_secs: u64,
-) -> Result<(f64, f64, f64, f64)> {
-    let store = ArtifactStore::open(&dagfleet_runtime::StoreConfig {
-        url: "memory://".into(),
-        ..Default::default()
-    })?;
-    let stop = CancellationToken::new();
-    let mut tasks = tokio::task::JoinSet::new();
-    let bus = Bus::connect(nats, cfg.queues.clone(), "bench-coordinator").await?;
-    {
+}
+
+impl DagStack {
+    async fn start(
+        cfg: &Config,
+        nats: &NatsConfig,
+        workers: usize,
+        concurrency: usize,
+    ) -> Result<Self> {
+        let store = ArtifactStore::open(&dagfleet_runtime::StoreConfig {
+            url: "memory://".into(),
+            ..Default::default()
+        })?;
+        let stop = CancellationToken::new();
+        let mut tasks = tokio::task::JoinSet::new();
+        let bus = Bus::connect(nats, cfg.queues.clone(), "bench-coordinator").await?;
         let c = Coordinator::new(
             bus.clone(),
             store.clone(),
@@ -272,83 +329,109 @@ async fn dagfleet_case(
         tasks.spawn(async move {
             let _ = c.run(s).await;
         });
-    }
-    for i in 0..workers {
-        let wbus = Bus::connect(nats, cfg.queues.clone(), &format!("bench-worker-{i}")).await?;
-        let mut wc = crate::roles::worker_config(dagfleet_protocol::Role::Noop, cfg);
-        wc.concurrency = concurrency;
-        let w = Worker::new(wbus, store.clone(), dagfleet_noop::NoopHandler, wc);
-        let s = stop.clone();
-        tasks.spawn(async move {
-            let _ = w.run(s).await;
-        });
-    }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-
-    // Throughput: a whole run through the coordinator.
-    let spec = format!("name = \"bench-w{workers}\"\nstages = [\"noop\"]\n[noop]\njobs = {jobs}\n[limits]\nmax_jobs_per_stage = {jobs}\n");
-    let t0 = Instant::now();
-    let run = dagfleet_coordinator::submit(&bus, &store, &spec).await?;
-    loop {
-        let (st, _) = dagfleet_coordinator::load_run(&bus, &run)
-            .await?
-            .context("bench run vanished")?;
-        match st.status {
-            dagfleet_protocol::RunStatus::Done => break,
-            dagfleet_protocol::RunStatus::Failed => {
-                anyhow::bail!("bench run failed: {:?}", st.error)
-            }
-            _ => tokio::time::sleep(Duration::from_millis(5)).await,
+        for i in 0..workers {
+            let wbus = Bus::connect(nats, cfg.queues.clone(), &format!("bench-worker-{i}")).await?;
+            let mut wc = crate::roles::worker_config(dagfleet_protocol::Role::Noop, cfg);
+            wc.concurrency = concurrency;
+            let w = Worker::new(wbus, store.clone(), dagfleet_noop::NoopHandler, wc);
+            let s = stop.clone();
+            tasks.spawn(async move {
+                let _ = w.run(s).await;
+            });
         }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        Ok(Self {
+            bus,
+            store,
+            stop,
+            tasks,
+            workers,
+        })
     }
-    let tput = jobs as f64 / t0.elapsed().as_secs_f64();
 
-    // Latency: paced jobs at half that rate, publish → jobs_done event.
-    let rate = tput / 2.0;
-    let run = RunId::new(format!("bench-lat-w{workers}-{}", std::process::id()))?;
-    let n = (rate * latency_secs as f64) as u32;
-    let sent: Arc<Mutex<HashMap<u32, Instant>>> = Arc::default();
-    let mut sub = bus
-        .client()
-        .subscribe(dagfleet_protocol::subjects::event(&run, "jobs_done"))
-        .await?;
-    let (pbus, prun, s2) = (bus.clone(), run.clone(), sent.clone());
-    let publisher = tokio::spawn(async move {
+    async fn stop(mut self) {
+        self.stop.cancel();
+        while self.tasks.join_next().await.is_some() {}
+    }
+
+    /// A whole noop run through the coordinator: jobs/s from submit to run done.
+    async fn throughput(&self, jobs: u32) -> Result<f64> {
+        let spec = format!(
+            "name = \"bench-w{}\"\nstages = [\"noop\"]\n[noop]\njobs = {jobs}\n[limits]\nmax_jobs_per_stage = {jobs}\n",
+            self.workers
+        );
         let t0 = Instant::now();
-        for i in 0..n {
-            let due = t0 + Duration::from_secs_f64(i as f64 / rate);
-            tokio::time::sleep_until(due.into()).await;
-            let env = Envelope::new(
-                prun.clone(),
-                Stage::Noop,
-                i,
-                &i.to_string(),
-                dagfleet_runtime::now_ms(),
-                Job::Noop(NoopJob::default()),
-            );
-            lock(&s2).insert(i, Instant::now());
-            let b = pbus.clone();
-            tokio::spawn(async move { b.publish_jobs(&[env]).await });
+        let run = dagfleet_coordinator::submit(&self.bus, &self.store, &spec).await?;
+        loop {
+            let (st, _) = dagfleet_coordinator::load_run(&self.bus, &run)
+                .await?
+                .context("bench run vanished")?;
+            match st.status {
+                dagfleet_protocol::RunStatus::Done => break,
+                dagfleet_protocol::RunStatus::Failed => {
+                    anyhow::bail!("bench run failed: {:?}", st.error)
+                }
+                _ => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
         }
-    });
-    let mut lat = Vec::with_capacity(n as usize);
-    while (lat.len() as u32) < n {
-        let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(30), sub.next()).await else {
-            break;
-        };
-        if let Ok(ev) = dagfleet_protocol::decode_event(&m.payload) {
-            if let dagfleet_protocol::EventKind::JobsDone { records } = ev.kind {
-                for rec in records {
-                    if let Some(t) = lock(&sent).remove(&rec.index) {
-                        lat.push(t.elapsed().as_secs_f64() * 1e3);
+        Ok(jobs as f64 / t0.elapsed().as_secs_f64())
+    }
+
+    /// Jobs published at `rate`; latency from publishing a job to receiving the `jobs_done`
+    /// event that carries it, which a worker stores right before it acks.
+    async fn latency(&self, rate: f64, secs: u64) -> Result<(f64, f64)> {
+        let run = RunId::new(format!(
+            "bench-lat-w{}-{}-{:04x}",
+            self.workers,
+            std::process::id(),
+            rand::random::<u16>()
+        ))?;
+        let n = (rate * secs as f64) as u32;
+        let sent: Arc<Mutex<HashMap<u32, Instant>>> = Arc::default();
+        let mut sub = self
+            .bus
+            .client()
+            .subscribe(dagfleet_protocol::subjects::event(&run, "jobs_done"))
+            .await?;
+        let (pbus, prun, s2) = (self.bus.clone(), run.clone(), sent.clone());
+        let publisher = tokio::spawn(async move {
+            let t0 = Instant::now();
+            for i in 0..n {
+                let due = t0 + Duration::from_secs_f64(i as f64 / rate);
+                tokio::time::sleep_until(due.into()).await;
+                let env = Envelope::new(
+                    prun.clone(),
+                    Stage::Noop,
+                    i,
+                    &i.to_string(),
+                    dagfleet_runtime::now_ms(),
+                    Job::Noop(NoopJob::default()),
+                );
+                lock(&s2).insert(i, Instant::now());
+                let b = pbus.clone();
+                tokio::spawn(async move { b.publish_jobs(&[env]).await });
+            }
+        });
+        let mut lat = Vec::with_capacity(n as usize);
+        while (lat.len() as u32) < n {
+            let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(30), sub.next()).await
+            else {
+                break;
+            };
+            if let Ok(ev) = dagfleet_protocol::decode_event(&m.payload) {
+                if let dagfleet_protocol::EventKind::JobsDone { records } = ev.kind {
+                    for rec in records {
+                        if let Some(t) = lock(&sent).remove(&rec.index) {
+                            lat.push(t.elapsed().as_secs_f64() * 1e3);
+                        }
                     }
                 }
             }
         }
+        publisher.await?;
+        if (lat.len() as u32) < n {
+            anyhow::bail!("latency run lost track of {} jobs", n - lat.len() as u32);
+        }
+        Ok(summarize(lat))
     }
-    publisher.await?;
-    stop.cancel();
-    while tasks.join_next().await.is_some() {}
-    let (p50, p99) = summarize(lat);
-    Ok((tput, p50, p99, rate))
 }

@@ -213,12 +213,15 @@ where
 /// Records one event in a run's state; returns whether it changed anything.
 fn apply_event(state: &mut RunState, kind: &EventKind) -> bool {
     match kind {
-        EventKind::JobsDone { records } => records.iter().fold(false, |changed, rec| {
-            state
-                .stage_mut(rec.stage)
-                .is_some_and(|s| s.done.insert(rec.index))
-                || changed
-        }),
+        EventKind::JobsDone { records } => {
+            let mut changed = false;
+            for rec in records {
+                changed |= state
+                    .stage_mut(rec.stage)
+                    .is_some_and(|s| s.done.insert(rec.index));
+            }
+            changed
+        }
         EventKind::JobDeadLettered { stage, index, .. } => state
             .stage_mut(*stage)
             .is_some_and(|s| !s.done.contains(*index) && s.failed.insert(*index)),

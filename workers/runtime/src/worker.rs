@@ -22,7 +22,7 @@ use dagfleet_protocol::{
 };
 use futures::StreamExt;
 use serde::Serialize;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -237,6 +237,45 @@ struct Shared<H> {
     stats: Arc<WorkerStats>,
     completions: mpsc::Sender<Completion>,
     completions_rx: Mutex<Option<mpsc::Receiver<Completion>>>,
+    keepalive: Mutex<HashMap<u64, Keepalive>>,
+    next_id: AtomicU64,
+}
+
+/// A running job whose message needs in-progress acks.
+struct Keepalive {
+    msg: jetstream::Message,
+    every: Duration,
+    due: Instant,
+}
+
+/// How often the keep-alive task looks for jobs due an in-progress ack.
+const KEEPALIVE_TICK: Duration = Duration::from_millis(250);
+
+/// Sends in-progress acks for every running job, each every third of its stage's ack wait.
+/// One task per worker instead of a timer per job: a job only registers and unregisters.
+async fn keepalive_loop<H: Handler>(sh: Arc<Shared<H>>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(KEEPALIVE_TICK) => {}
+            _ = stop.cancelled() => return,
+        }
+        let now = Instant::now();
+        let due: Vec<jetstream::Message> = {
+            let mut map = lock(&sh.keepalive);
+            map.values_mut()
+                .filter(|k| k.due <= now)
+                .map(|k| {
+                    k.due = now + k.every;
+                    k.msg.clone()
+                })
+                .collect()
+        };
+        for msg in due {
+            if msg.ack_with(AckKind::Progress).await.is_err() {
+                debug!("in-progress ack failed");
+            }
+        }
+    }
 }
 
 /// A finished job waiting for its `jobs_done` event to be stored before its ack.
@@ -313,6 +352,8 @@ impl<H: Handler> Worker<H> {
                 stats: Arc::new(WorkerStats::default()),
                 completions: tx,
                 completions_rx: Mutex::new(Some(rx)),
+                keepalive: Mutex::new(HashMap::new()),
+                next_id: AtomicU64::new(0),
             }),
         }
     }
@@ -335,6 +376,8 @@ impl<H: Handler> Worker<H> {
         info!(role = %role, worker = %sh.cfg.worker_id, concurrency = sh.cfg.concurrency, "worker started");
 
         let hb = tokio::spawn(heartbeat_loop(sh.clone(), started, shutdown.clone()));
+        let keep_stop = CancellationToken::new();
+        let keeper = tokio::spawn(keepalive_loop(sh.clone(), keep_stop.clone()));
         let completer = lock(&sh.completions_rx)
             .take()
             .map(|rx| tokio::spawn(completion_loop(sh.bus.clone(), rx)));
@@ -413,6 +456,8 @@ impl<H: Handler> Worker<H> {
             tracker.wait().await;
         }
         hb.abort();
+        keep_stop.cancel();
+        let _ = keeper.await;
         // Every job task waits for its completion to be stored and acked before it ends, so
         // after `tracker.wait()` the completer has nothing left to do.
         if let Some(c) = completer {
@@ -507,22 +552,19 @@ async fn process<H: Handler>(sh: &Shared<H>, msg: jetstream::Message, hard: Canc
 
     let span = tracing::info_span!("job", run = %env.run_id, stage = %env.stage, job = %env.job_id, attempt = delivered, traceparent = %env.trace.traceparent);
     let outcome = async {
-        // Keep the job alive while the handler runs.
-        let ticker = {
-            let msg = msg.clone();
-            let every = (q.ack_wait / 3).max(Duration::from_millis(200));
-            tokio::spawn(async move {
-                let mut t = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-                loop {
-                    t.tick().await;
-                    if msg.ack_with(AckKind::Progress).await.is_err() {
-                        debug!("in-progress ack failed");
-                    }
-                }
-            })
-        };
+        // Keep the job alive while it runs.
+        let id = sh.next_id.fetch_add(1, Ordering::Relaxed);
+        let every = (q.ack_wait / 3).max(KEEPALIVE_TICK);
+        lock(&sh.keepalive).insert(
+            id,
+            Keepalive {
+                msg: msg.clone(),
+                every,
+                due: Instant::now() + every,
+            },
+        );
         let outcome = run_job(sh, &msg, &env, delivered, &q, &origin, hard).await;
-        ticker.abort();
+        lock(&sh.keepalive).remove(&id);
         outcome
     }
     .instrument(span.clone())
