@@ -95,16 +95,24 @@ impl fmt::Display for Stage {
 impl FromStr for Stage {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Stage::ALL
-            .into_iter()
-            .find(|st| st.as_str() == s)
-            .ok_or_else(|| {
-                format!(
-                    "unknown stage `{s}`; expected one of: {}",
-                    Stage::ALL.map(Stage::as_str).join(", ")
-                )
-            })
+        parse_named(s, "stage", &Stage::ALL, |x| x.as_str())
     }
+}
+
+/// Finds the member of `all` named `s`, or says which names exist.
+fn parse_named<T: Copy>(
+    s: &str,
+    what: &str,
+    all: &[T],
+    name: fn(T) -> &'static str,
+) -> Result<T, String> {
+    all.iter().copied().find(|x| name(*x) == s).ok_or_else(|| {
+        let names: Vec<&str> = all.iter().map(|x| name(*x)).collect();
+        format!(
+            "unknown {what} `{s}`; expected one of: {}",
+            names.join(", ")
+        )
+    })
 }
 
 /// A kind of worker. All workers of one role share one durable JetStream consumer.
@@ -166,15 +174,7 @@ impl fmt::Display for Role {
 impl FromStr for Role {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Role::ALL
-            .into_iter()
-            .find(|r| r.as_str() == s)
-            .ok_or_else(|| {
-                format!(
-                    "unknown role `{s}`; expected one of: {}",
-                    Role::ALL.map(Role::as_str).join(", ")
-                )
-            })
+        parse_named(s, "role", &Role::ALL, |x| x.as_str())
     }
 }
 

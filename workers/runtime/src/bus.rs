@@ -242,18 +242,25 @@ impl Bus {
         if let Some(id) = dedup {
             msg = msg.message_id(id);
         }
+        self.publish_stored(subject, msg).await
+    }
+
+    /// Publishes `msg` and waits until JetStream has stored it.
+    async fn publish_stored(
+        &self,
+        subject: String,
+        msg: jetstream::message::PublishMessage,
+    ) -> Result<(), BusError> {
+        let err = |e: &dyn std::fmt::Display, subject: &str| BusError::Publish {
+            subject: subject.to_string(),
+            reason: e.to_string(),
+        };
         let fut = self
             .js
             .send_publish(subject.clone(), msg)
             .await
-            .map_err(|e| BusError::Publish {
-                subject: subject.clone(),
-                reason: e.to_string(),
-            })?;
-        fut.await.map_err(|e| BusError::Publish {
-            subject,
-            reason: e.to_string(),
-        })?;
+            .map_err(|e| err(&e, &subject))?;
+        fut.await.map_err(|e| err(&e, &subject))?;
         Ok(())
     }
 
@@ -280,19 +287,10 @@ impl Bus {
         if let Some(id) = job_id {
             headers.insert(subj::HDR_JOB_ID, id.as_str());
         }
-        let fut = self
-            .js
-            .publish_with_headers(subject.clone(), headers, payload)
-            .await
-            .map_err(|e| BusError::Publish {
-                subject: subject.clone(),
-                reason: e.to_string(),
-            })?;
-        fut.await.map_err(|e| BusError::Publish {
-            subject,
-            reason: e.to_string(),
-        })?;
-        Ok(())
+        let msg = jetstream::message::PublishMessage::build()
+            .payload(payload)
+            .headers(headers);
+        self.publish_stored(subject, msg).await
     }
 }
 
