@@ -336,7 +336,17 @@ pub struct Proc {
 impl Proc {
     /// Starts `dagfleet ARGS` with `env`, logging to `log` if given.
     pub fn spawn(args: &[&str], env: &[(&str, &str)], log: Option<&std::path::Path>) -> Self {
-        let mut cmd = Command::new(dagfleet_bin());
+        Self::spawn_bin(&dagfleet_bin().to_string_lossy(), args, env, log)
+    }
+
+    /// Starts `BIN ARGS` with `env`, logging to `log` if given.
+    pub fn spawn_bin(
+        bin: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+        log: Option<&std::path::Path>,
+    ) -> Self {
+        let mut cmd = Command::new(bin);
         cmd.args(args).stdin(Stdio::null()).stdout(Stdio::null());
         for (k, v) in env {
             cmd.env(k, v);

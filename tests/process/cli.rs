@@ -1,0 +1,167 @@
+//! The `dagfleet` command as a user runs it: `up --run`, `run`, `status`, and bad input.
+
+#![allow(clippy::unwrap_used)]
+
+use dagfleet_tests::*;
+use std::path::PathBuf;
+use std::process::Command;
+
+fn dagfleet() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_dagfleet"))
+}
+
+fn example(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples")
+        .join(name)
+}
+
+#[test]
+fn up_starts_its_own_nats_server_and_runs_a_spec_to_the_end() {
+    let dir = tempfile::tempdir().unwrap();
+    // Nothing listens on this port, so `up` starts nats-server with its store in the data dir.
+    let port = free_port();
+    let out = dagfleet()
+        .current_dir(dir.path())
+        .args([
+            "--nats-url",
+            &format!("nats://127.0.0.1:{port}"),
+            "up",
+            "--run",
+        ])
+        .arg(example("noop.toml"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("done"), "{stdout}");
+    assert!(dir.path().join(".dagfleet/nats/jetstream").exists());
+    let runs: Vec<_> = std::fs::read_dir(dir.path().join(".dagfleet/artifacts/runs"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert_eq!(runs.len(), 1);
+    let manifest = std::fs::read(runs[0].path().join("manifest.json")).unwrap();
+    let m: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+    assert_eq!(m["status"], "done");
+    assert_eq!(m["jobs"].as_array().unwrap().len(), 200);
+}
+
+#[test]
+fn run_status_and_bad_specs() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().to_str().unwrap();
+    let common = ["--nats-url", &nats.url(), "--store-url", store];
+    let mut worker = Proc::spawn_bin(
+        env!("CARGO_BIN_EXE_dagfleet"),
+        &[&common[..], &["worker", "--role", "noop"]].concat(),
+        &[],
+        None,
+    );
+    let mut coord = Proc::spawn_bin(
+        env!("CARGO_BIN_EXE_dagfleet"),
+        &[&common[..], &["coordinator"]].concat(),
+        &[],
+        None,
+    );
+
+    let out = dagfleet()
+        .args(common)
+        .arg("run")
+        .arg(example("noop.toml"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("submitted run "))
+        .unwrap()
+        .to_string();
+    assert!(stdout.contains(&format!("run {run} done")), "{stdout}");
+
+    let out = dagfleet().args(common).arg("status").output().unwrap();
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        listing.contains(&run) && listing.contains("done"),
+        "{listing}"
+    );
+    let out = dagfleet()
+        .args(common)
+        .args(["status", &run, "--once"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("200/200 jobs"));
+
+    // Bad input: clear errors that name the key, exit status 2, nothing submitted.
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "name = \"x\"\nstages = [\"noop\"]\n[noop]\njobs = 5\nfatal_jobs = [9]\n",
+    )
+    .unwrap();
+    let out = dagfleet()
+        .args(common)
+        .arg("run")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("noop.fatal_jobs") && err.contains("out of range"),
+        "{err}"
+    );
+    let out = dagfleet()
+        .args(common)
+        .arg("run")
+        .arg(dir.path().join("missing.toml"))
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing.toml"));
+    let out = dagfleet()
+        .args(common)
+        .args(["worker", "--role", "trainer"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("role `trainer` is not built into this binary"),
+        "{err}"
+    );
+
+    // A failing run exits 1 with the reason.
+    let failing = dir.path().join("failing.toml");
+    std::fs::write(
+        &failing,
+        "name = \"f\"\nstages = [\"noop\"]\n[noop]\njobs = 3\nfatal_jobs = [1]\n",
+    )
+    .unwrap();
+    let out = dagfleet()
+        .args(common)
+        .arg("run")
+        .arg(&failing)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("limits.max_failed_jobs"));
+    worker.term();
+    coord.term();
+    assert!(worker
+        .wait_for(std::time::Duration::from_secs(20))
+        .unwrap()
+        .success());
+    assert!(coord
+        .wait_for(std::time::Duration::from_secs(20))
+        .unwrap()
+        .success());
+}
