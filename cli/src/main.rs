@@ -166,7 +166,11 @@ async fn real_main() -> Result<std::process::ExitCode> {
         flags.push(("store.url", u.clone()));
     }
     let mut cfg = Config::load(cli.config.as_deref(), &flags)?;
-    let quiet = matches!(cli.cmd, Cmd::Run { .. } | Cmd::Status { .. } | Cmd::Config);
+    // Commands that draw progress keep logs to warnings unless RUST_LOG asks for more.
+    let quiet = matches!(
+        cli.cmd,
+        Cmd::Run { .. } | Cmd::Status { .. } | Cmd::Config | Cmd::Up { run: Some(_) }
+    );
     init_tracing(&cfg, quiet);
 
     match cli.cmd {
