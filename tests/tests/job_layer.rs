@@ -300,3 +300,43 @@ async fn progress_events_and_bad_specs() {
     let _ = StoreConfig::default();
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dispatch_cut_short_by_a_dead_coordinator_is_finished_without_duplicates() {
+    use dagfleet_protocol::{codec::decode, StageStatus};
+    let nats = NatsServer::start();
+    let (_d, store) = temp_store();
+    // No coordinator yet: submit, then play a coordinator that took the dispatch lease,
+    // published half the jobs and died.
+    let bus = dagfleet_runtime::Bus::connect(&nats.config(), fast_queues(), "ghost")
+        .await
+        .unwrap();
+    let run = dagfleet_coordinator::submit(&bus, &store, &noop_spec("ghost", 100, ""))
+        .await
+        .unwrap();
+    let entry = bus.runs().entry(run.as_str()).await.unwrap().unwrap();
+    let mut st: dagfleet_protocol::RunState = decode("run state", &entry.value).unwrap();
+    st.stages[0].status = StageStatus::Dispatching;
+    st.stages[0].lease_holder = Some("ghost".into());
+    st.stages[0].lease_until_ms = dagfleet_runtime::now_ms() + 1500;
+    bus.runs()
+        .update(run.as_str(), encode(&st).unwrap().into(), entry.revision)
+        .await
+        .unwrap();
+    let jobs = dagfleet_coordinator::plan::plan(&st, Stage::Noop, 0).unwrap();
+    assert_eq!(bus.publish_jobs(&jobs[..50]).await.unwrap(), 50);
+
+    // A live coordinator waits out the lease, takes over and republishes everything;
+    // JetStream drops the 50 it has already seen.
+    let stack = Stack::start(&nats.config(), store.clone(), 1, 2).await;
+    let st = wait_run(&stack.bus, &run, Duration::from_secs(60)).await;
+    assert_eq!(st.status, RunStatus::Done, "{:?}", st.error);
+    assert_eq!(st.stages[0].done.len(), 100);
+    assert_eq!(st.stages[0].lease_holder.as_deref(), Some("c0"));
+    assert_eq!(
+        jobs_published(&stack.bus).await,
+        100,
+        "no job published twice"
+    );
+    stack.stop().await;
+}
