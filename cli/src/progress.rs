@@ -49,8 +49,37 @@ fn print_state(st: &RunState) {
     }
 }
 
-/// Lists runs, newest first.
+/// Lists live workers (from their heartbeats), then runs, newest first.
 pub async fn list(bus: &Bus) -> Result<()> {
+    let mut workers = Vec::new();
+    if let Ok(mut keys) = bus.workers().keys().await {
+        while let Some(Ok(k)) = keys.next().await {
+            if let Ok(Some(v)) = bus.workers().get(&k).await {
+                if let Ok(hb) = serde_json::from_slice::<serde_json::Value>(&v) {
+                    workers.push(hb);
+                }
+            }
+        }
+    }
+    if workers.is_empty() {
+        println!("no live workers");
+    } else {
+        println!(
+            "{:<12} {:<44} {:>9} {:>11} {:>10}",
+            "ROLE", "WORKER", "IN FLIGHT", "CONCURRENCY", "DONE"
+        );
+        for hb in &workers {
+            println!(
+                "{:<12} {:<44} {:>9} {:>11} {:>10}",
+                hb["role"].as_str().unwrap_or("?"),
+                hb["worker"].as_str().unwrap_or("?"),
+                hb["in_flight"],
+                hb["concurrency"],
+                hb["done"]
+            );
+        }
+    }
+    println!();
     let runs = list_runs(bus).await?;
     if runs.is_empty() {
         println!("no runs yet; submit one with `dagfleet run SPEC.toml`");
