@@ -1,0 +1,310 @@
+//! Static analysis of Airflow DAG code, shared by the miner and the judge.
+//!
+//! # Overview
+//! [`analyze`] parses one Python source with tree-sitter-python and returns a [`Report`]:
+//! the DAGs it defines (constructor, `with DAG(...)`, or a called `@dag` function, with the
+//! dag_id resolved through module constants), the tasks (operators, sensors, TaskFlow calls
+//! with Airflow's `x`, `x__1` naming, `.override`, `.partial(...).expand(...)`, task-group
+//! prefixes), the dependencies (`>>`, `<<`, lists, `chain`, `cross_downstream`,
+//! `set_upstream`/`set_downstream`, TaskFlow data flow), the imports, and [`Finding`]s: syntax
+//! errors (including what tree-sitter accepts and CPython does not) told apart from truncated
+//! output, cycles, duplicate and invalid task_ids, empty DAGs, undefined names and missing
+//! imports, deprecated imports for a target Airflow version, and imports of internal test code.
+//!
+//! # Layout
+//! - [`report`]: the report types.
+//! - `syntax`: syntax findings.
+//! - `analyze`: DAGs, tasks, dependencies, imports and names.
+//! - [`imports`]: the deprecation table and internal-test rules.
+//! - [`clean`]: licence-header stripping for mined files.
+
+mod analyze;
+pub mod clean;
+pub mod imports;
+pub mod report;
+mod syntax;
+
+use std::collections::{BTreeSet, HashMap};
+
+pub use report::{Category, Dag, DagStyle, Finding, Import, Metadata, Report, Severity, Task};
+
+/// Longest task_id Airflow accepts.
+pub const MAX_TASK_ID_LEN: usize = 250;
+
+/// Options of an analysis.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Target Airflow version `(major, minor)` for deprecation findings.
+    pub airflow_version: (u32, u32),
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            airflow_version: (2, 10),
+        }
+    }
+}
+
+fn valid_key(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_TASK_ID_LEN
+        && s.chars()
+            .all(|c| c.is_alphanumeric() || c == '_' || c == '.' || c == '-')
+}
+
+/// Analyses one Python source.
+pub fn analyze(src: &str, opts: &Options) -> Report {
+    let mut parser = tree_sitter::Parser::new();
+    if parser
+        .set_language(&tree_sitter_python::LANGUAGE.into())
+        .is_err()
+    {
+        return Report::default();
+    }
+    let Some(tree) = parser.parse(src, None) else {
+        return Report::default();
+    };
+    let root = tree.root_node();
+    let mut findings = Vec::new();
+    syntax::check(root, src, &mut findings);
+
+    let scan = analyze::Scan::run(root, src);
+    let mut w = analyze::Walker::new(src, &scan);
+    w.walk_module(root);
+    findings.append(&mut w.findings);
+
+    let edges: Vec<(String, String)> = w
+        .edges
+        .iter()
+        .map(|&(u, d)| (w.tasks[u].task_id.clone(), w.tasks[d].task_id.clone()))
+        .collect();
+
+    // Per-DAG checks.
+    for (di, dag) in w.dags.iter().enumerate() {
+        let tasks: Vec<usize> = (0..w.tasks.len())
+            .filter(|&t| w.tasks[t].dag == Some(di))
+            .collect();
+        let name = dag.dag_id.clone().unwrap_or_else(|| "<dynamic>".into());
+        if tasks.is_empty() {
+            findings.push(finding(
+                Category::EmptyDag,
+                Severity::Warning,
+                dag.line,
+                format!("DAG `{name}` has no tasks"),
+            ));
+        }
+        let mut seen: HashMap<&str, usize> = HashMap::new();
+        for &t in &tasks {
+            let task = &w.tasks[t];
+            if let Some(first) = seen.insert(&task.task_id, task.line) {
+                findings.push(finding(
+                    Category::DuplicateTaskId,
+                    Severity::Error,
+                    task.line,
+                    format!(
+                        "task_id `{}` is already used on line {first} in DAG `{name}`",
+                        task.task_id
+                    ),
+                ));
+            }
+        }
+        if let Some(cycle) = find_cycle(&tasks, &w.edges) {
+            let ids: Vec<&str> = cycle.iter().map(|&t| w.tasks[t].task_id.as_str()).collect();
+            findings.push(finding(
+                Category::CircularDependency,
+                Severity::Error,
+                w.tasks[cycle[0]].line,
+                format!(
+                    "tasks depend on each other in a cycle: {}",
+                    ids.join(" >> ")
+                ),
+            ));
+        }
+    }
+    for task in &w.tasks {
+        let literal = !task.task_id.contains('<');
+        if literal && !valid_key(&task.task_id) {
+            findings.push(finding(
+                Category::InvalidTaskId,
+                Severity::Error,
+                task.line,
+                format!(
+                    "task_id `{}` must be 1 to {MAX_TASK_ID_LEN} letters, digits, `_`, `.` or `-`",
+                    task.task_id
+                ),
+            ));
+        }
+    }
+    if w.dags.is_empty()
+        && !findings
+            .iter()
+            .any(|f| matches!(f.category, Category::SyntaxError | Category::Truncated))
+    {
+        findings.push(finding(
+            Category::NoDag,
+            Severity::Error,
+            1,
+            "no DAG is defined".into(),
+        ));
+    }
+    if w.dags.len() > 1 {
+        findings.push(finding(
+            Category::MultipleDags,
+            Severity::Warning,
+            w.dags[1].line,
+            format!("{} DAGs in one file", w.dags.len()),
+        ));
+    }
+    findings.extend(imports::check(&scan.imports, opts.airflow_version));
+    findings.extend(analyze::undefined_names(&w.import_time, src, &scan));
+    findings.sort_by_key(|f| (f.line, f.column, f.category));
+
+    let metadata = metadata(&w, &edges, &scan);
+    Report {
+        dags: w.dags,
+        tasks: w.tasks,
+        edges,
+        imports: scan.imports,
+        findings,
+        metadata,
+    }
+}
+
+fn finding(category: Category, severity: Severity, line: usize, message: String) -> Finding {
+    Finding {
+        category,
+        severity,
+        line,
+        column: 1,
+        message,
+    }
+}
+
+/// A cycle among `tasks`, as task indices, if there is one.
+fn find_cycle(tasks: &[usize], edges: &[(usize, usize)]) -> Option<Vec<usize>> {
+    let set: BTreeSet<usize> = tasks.iter().copied().collect();
+    let mut adj: HashMap<usize, Vec<usize>> = HashMap::new();
+    for &(u, d) in edges {
+        if set.contains(&u) && set.contains(&d) {
+            adj.entry(u).or_default().push(d);
+        }
+    }
+    // 0 unvisited, 1 on the stack, 2 done.
+    let mut state: HashMap<usize, u8> = HashMap::new();
+    for &start in tasks {
+        if state.get(&start).copied().unwrap_or(0) != 0 {
+            continue;
+        }
+        let mut path = vec![start];
+        let mut iters = vec![0usize];
+        state.insert(start, 1);
+        while let Some(&node) = path.last() {
+            let i = *iters.last().unwrap_or(&0);
+            let next = adj.get(&node).and_then(|v| v.get(i)).copied();
+            if let Some(it) = iters.last_mut() {
+                *it += 1;
+            }
+            match next {
+                Some(n) => match state.get(&n).copied().unwrap_or(0) {
+                    0 => {
+                        state.insert(n, 1);
+                        path.push(n);
+                        iters.push(0);
+                    }
+                    1 => {
+                        let from = path.iter().position(|&p| p == n).unwrap_or(0);
+                        let mut cycle = path[from..].to_vec();
+                        cycle.push(n);
+                        return Some(cycle);
+                    }
+                    _ => {}
+                },
+                None => {
+                    state.insert(node, 2);
+                    path.pop();
+                    iters.pop();
+                }
+            }
+        }
+    }
+    None
+}
+
+/// Longest path in tasks (1 for a lone task), ignoring cycles.
+fn depth(n: usize, edges: &[(usize, usize)]) -> usize {
+    let mut memo = vec![0usize; n];
+    let mut adj = vec![Vec::new(); n];
+    for &(u, d) in edges {
+        if u < n && d < n {
+            adj[u].push(d);
+        }
+    }
+    fn go(v: usize, adj: &[Vec<usize>], memo: &mut [usize], on: &mut Vec<bool>) -> usize {
+        if memo[v] > 0 {
+            return memo[v];
+        }
+        if on[v] {
+            return 0;
+        }
+        on[v] = true;
+        let best = adj[v]
+            .iter()
+            .map(|&d| go(d, adj, memo, on))
+            .max()
+            .unwrap_or(0)
+            + 1;
+        on[v] = false;
+        memo[v] = best;
+        best
+    }
+    let mut on = vec![false; n];
+    (0..n)
+        .map(|v| go(v, &adj, &mut memo, &mut on))
+        .max()
+        .unwrap_or(0)
+}
+
+/// The heuristic complexity score: tasks + 1.5·edges + 2·depth + 3 for each of branching,
+/// mapping and task groups, + the number of distinct operator classes.
+pub fn complexity(m: &Metadata) -> f64 {
+    m.tasks as f64
+        + 1.5 * m.edges as f64
+        + 2.0 * m.depth as f64
+        + 3.0 * (m.branching as u8 + m.mapping as u8 + m.task_groups as u8) as f64
+        + m.operators.len() as f64
+}
+
+fn metadata(
+    w: &analyze::Walker<'_, '_>,
+    edges: &[(String, String)],
+    scan: &analyze::Scan<'_>,
+) -> Metadata {
+    let operators: BTreeSet<String> = w
+        .tasks
+        .iter()
+        .filter(|t| !t.taskflow)
+        .map(|t| t.operator.clone())
+        .collect();
+    let branching = operators
+        .iter()
+        .any(|o| o.contains("Branch") || o == "ShortCircuitOperator")
+        || scan
+            .taskflow
+            .values()
+            .any(|(_, d)| d.contains("branch") || d.contains("short_circuit"));
+    let mut m = Metadata {
+        taskflow: w.tasks.iter().any(|t| t.taskflow),
+        classic: w.tasks.iter().any(|t| !t.taskflow),
+        tasks: w.tasks.len(),
+        edges: edges.len(),
+        depth: depth(w.tasks.len(), &w.edges),
+        branching,
+        mapping: w.tasks.iter().any(|t| t.mapped),
+        task_groups: w.task_groups,
+        operators: operators.into_iter().collect(),
+        complexity: 0.0,
+    };
+    m.complexity = complexity(&m);
+    m
+}
