@@ -16,6 +16,8 @@
 
 mod bench;
 mod config;
+#[cfg(feature = "judge")]
+mod judge;
 mod progress;
 mod roles;
 mod up;
@@ -89,6 +91,20 @@ enum Cmd {
     },
     /// Print the effective configuration (secrets redacted).
     Config,
+    /// Judge Airflow DAG files locally (a pre-commit check): a verdict per file, exit
+    /// status 1 when any file is invalid.
+    #[cfg(feature = "judge")]
+    Judge {
+        /// Files or directories (searched for *.py).
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// One JSON object per line: path, valid, findings.
+        #[arg(long)]
+        json: bool,
+        /// Target Airflow version for deprecation findings, e.g. 2.10 or 3.0.
+        #[arg(long, default_value = "2.10")]
+        airflow_version: String,
+    },
 }
 
 fn init_tracing(cfg: &Config, quiet: bool) {
@@ -167,10 +183,12 @@ async fn real_main() -> Result<std::process::ExitCode> {
     }
     let mut cfg = Config::load(cli.config.as_deref(), &flags)?;
     // Commands that draw progress keep logs to warnings unless RUST_LOG asks for more.
-    let quiet = matches!(
-        cli.cmd,
-        Cmd::Run { .. } | Cmd::Status { .. } | Cmd::Config | Cmd::Up { run: Some(_) }
-    );
+    let quiet = match &cli.cmd {
+        Cmd::Run { .. } | Cmd::Status { .. } | Cmd::Config | Cmd::Up { run: Some(_) } => true,
+        #[cfg(feature = "judge")]
+        Cmd::Judge { .. } => true,
+        _ => false,
+    };
     init_tracing(&cfg, quiet);
 
     match cli.cmd {
@@ -221,6 +239,12 @@ async fn real_main() -> Result<std::process::ExitCode> {
             c.run(shutdown_signal()).await?;
         }
         Cmd::Bench { what } => bench::run(what, &cfg).await?,
+        #[cfg(feature = "judge")]
+        Cmd::Judge {
+            paths,
+            json,
+            airflow_version,
+        } => return judge::run(&paths, json, &airflow_version),
     }
     Ok(std::process::ExitCode::SUCCESS)
 }

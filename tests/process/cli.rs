@@ -165,3 +165,55 @@ fn run_status_and_bad_specs() {
         .unwrap()
         .success());
 }
+
+#[test]
+fn judge_gives_a_verdict_per_file_and_fails_on_invalid_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = "from airflow import DAG\nfrom airflow.operators.empty import EmptyOperator\nDAG_ID = \"x\"\nwith DAG(dag_id=DAG_ID) as dag:\n    EmptyOperator(task_id=\"a\")\n";
+    std::fs::write(dir.path().join("good.py"), good).unwrap();
+    let out = dagfleet().arg("judge").arg(dir.path()).output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    std::fs::create_dir(dir.path().join("sub")).unwrap();
+    std::fs::write(dir.path().join("sub/cycle.py"), "from airflow import DAG\nfrom airflow.operators.empty import EmptyOperator\nwith DAG(\"c\") as dag:\n    a = EmptyOperator(task_id=\"a\")\n    b = EmptyOperator(task_id=\"b\")\n    a >> b >> a\n").unwrap();
+    std::fs::write(dir.path().join("sub/binary.py"), [0u8, 159, 146, 150]).unwrap();
+    std::fs::write(dir.path().join("notes.txt"), "not python").unwrap();
+    let out = dagfleet()
+        .args(["judge", "--json"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 3, "only .py files: {rows:?}");
+    let by_name = |n: &str| {
+        rows.iter()
+            .find(|r| r["path"].as_str().unwrap().ends_with(n))
+            .unwrap()
+    };
+    assert_eq!(by_name("good.py")["valid"], true);
+    assert_eq!(by_name("cycle.py")["valid"], false);
+    assert_eq!(
+        by_name("cycle.py")["findings"][0]["category"],
+        "CIRCULAR_DEPENDENCY"
+    );
+    assert!(by_name("cycle.py")["findings"][0]["line"]
+        .as_u64()
+        .is_some());
+    assert_eq!(by_name("binary.py")["valid"], false);
+    let out = dagfleet()
+        .args(["judge", "--airflow-version", "three"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--airflow-version"));
+}

@@ -1,0 +1,359 @@
+//! The judge: decides whether generated Airflow DAG code is valid, and why not.
+//!
+//! # Overview
+//! - [`extract_code`] takes the code out of a model's answer (a fenced block, or the bare
+//!   text), noting an unclosed fence as a sign of truncation.
+//! - [`judge_source`] runs [`dagfleet_analysis::analyze`] and turns the report into a
+//!   [`Verdict`].
+//! - [`judge_file`] does the same for a file on disk, refusing what is not UTF-8 Python text
+//!   of a sane size, for `dagfleet judge PATH...`.
+//! - [`GenRow`] → [`EvalRow`] is the evaluation-dataset row: model, prompts, reference, output,
+//!   verdict and findings, with a slot for LLM-judge scores.
+//! - [`Summary`] is the per-model validity rate and counts per category, as JSON and Markdown.
+
+use dagfleet_analysis::{analyze, Category, Finding, Options, Severity};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// Largest source the judge reads.
+pub const MAX_SOURCE_BYTES: usize = 1024 * 1024;
+
+/// The code in a model's answer, and whether the answer looks cut off.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Extracted {
+    /// The code.
+    pub code: String,
+    /// A fence was opened and never closed.
+    pub unclosed_fence: bool,
+}
+
+/// Takes the code out of a model's answer: the first fenced block tagged `python` (or `py`),
+/// else the longest fenced block, else the whole text.
+pub fn extract_code(answer: &str) -> Extracted {
+    let mut blocks: Vec<(String, String, bool)> = Vec::new(); // (tag, body, closed)
+    let mut lines = answer.lines().peekable();
+    while let Some(line) = lines.next() {
+        let t = line.trim_start();
+        if let Some(tag) = t.strip_prefix("```") {
+            let tag = tag.trim().to_lowercase();
+            let mut body = Vec::new();
+            let mut closed = false;
+            for l in lines.by_ref() {
+                if l.trim_start().starts_with("```") {
+                    closed = true;
+                    break;
+                }
+                body.push(l);
+            }
+            let mut b = body.join("\n");
+            b.push('\n');
+            blocks.push((tag, b, closed));
+        }
+    }
+    if blocks.is_empty() {
+        return Extracted {
+            code: answer.to_string(),
+            unclosed_fence: false,
+        };
+    }
+    let pick = blocks
+        .iter()
+        .find(|(tag, _, _)| tag == "python" || tag == "py" || tag == "python3")
+        .or_else(|| blocks.iter().max_by_key(|(_, b, _)| b.len()))
+        .cloned()
+        .unwrap_or_default();
+    Extracted {
+        code: pick.1,
+        unclosed_fence: !pick.2,
+    }
+}
+
+/// The judge's decision about one piece of code.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Verdict {
+    /// Whether Airflow would load it: no error findings.
+    pub valid: bool,
+    /// What is wrong (errors) or worth knowing (warnings).
+    pub findings: Vec<Finding>,
+    /// dag_ids found.
+    pub dag_ids: Vec<Option<String>>,
+    /// Number of tasks.
+    pub tasks: usize,
+    /// Heuristic complexity.
+    pub complexity: f64,
+}
+
+fn unreadable(message: String) -> Verdict {
+    Verdict {
+        valid: false,
+        findings: vec![Finding {
+            category: Category::SyntaxError,
+            severity: Severity::Error,
+            line: 1,
+            column: 1,
+            message,
+        }],
+        dag_ids: Vec::new(),
+        tasks: 0,
+        complexity: 0.0,
+    }
+}
+
+/// Judges Python source.
+pub fn judge_source(code: &str, opts: &Options) -> Verdict {
+    if code.len() > MAX_SOURCE_BYTES {
+        return unreadable(format!(
+            "source is {} bytes; the judge reads at most {MAX_SOURCE_BYTES}",
+            code.len()
+        ));
+    }
+    let r = analyze(code, opts);
+    Verdict {
+        valid: r.is_valid(),
+        dag_ids: r.dags.iter().map(|d| d.dag_id.clone()).collect(),
+        tasks: r.tasks.len(),
+        complexity: r.metadata.complexity,
+        findings: r.findings,
+    }
+}
+
+/// Judges a file, refusing binary, non-UTF-8 and oversized files with a finding that says so.
+pub fn judge_file(path: &Path, opts: &Options) -> Verdict {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) => return unreadable(format!("cannot read {}: {e}", path.display())),
+    };
+    if bytes.len() > MAX_SOURCE_BYTES {
+        return unreadable(format!(
+            "file is {} bytes; the judge reads at most {MAX_SOURCE_BYTES}",
+            bytes.len()
+        ));
+    }
+    if bytes.contains(&0) {
+        return unreadable("file contains NUL bytes: binary, not Python source".into());
+    }
+    match std::str::from_utf8(&bytes) {
+        Ok(s) => judge_source(s, opts),
+        Err(e) => unreadable(format!("file is not UTF-8 text: {e}")),
+    }
+}
+
+/// One generated output to judge (a row of an inference output JSONL).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GenRow {
+    /// Row id.
+    pub id: String,
+    /// Model that generated it.
+    pub model: String,
+    /// System prompt.
+    pub system_prompt: String,
+    /// The instruction.
+    pub instruction: String,
+    /// Reference (original) code, if any.
+    pub reference: Option<String>,
+    /// The model's answer.
+    pub output: String,
+    /// `stop` or `length`.
+    pub finish_reason: Option<String>,
+}
+
+/// One row of the evaluation dataset.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EvalRow {
+    /// Row id.
+    pub id: String,
+    /// Model.
+    pub model: String,
+    /// System prompt.
+    pub system_prompt: String,
+    /// Instruction.
+    pub instruction: String,
+    /// Original (reference) code.
+    pub reference: Option<String>,
+    /// The model's answer.
+    pub output: String,
+    /// The extracted code that was judged.
+    pub code: String,
+    /// The verdict.
+    pub verdict: Verdict,
+    /// LLM-judge scores, filled when an LLM judge runs.
+    pub llm_scores: Option<BTreeMap<String, f64>>,
+}
+
+/// Judges one generated output. A `length` finish whose code fails to parse at its end, or
+/// an unclosed fence, is reported as truncation.
+pub fn judge_row(row: &GenRow, opts: &Options) -> EvalRow {
+    let ex = extract_code(&row.output);
+    let mut verdict = judge_source(&ex.code, opts);
+    let cut = row.finish_reason.as_deref() == Some("length") || ex.unclosed_fence;
+    if cut {
+        for f in &mut verdict.findings {
+            if f.category == Category::SyntaxError {
+                f.category = Category::Truncated;
+                f.message = format!(
+                    "output was cut off (finish_reason length or unclosed fence): {}",
+                    f.message
+                );
+            }
+        }
+    }
+    EvalRow {
+        id: row.id.clone(),
+        model: row.model.clone(),
+        system_prompt: row.system_prompt.clone(),
+        instruction: row.instruction.clone(),
+        reference: row.reference.clone(),
+        output: row.output.clone(),
+        code: ex.code,
+        verdict,
+        llm_scores: None,
+    }
+}
+
+/// Per-model results.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ModelSummary {
+    /// Rows judged.
+    pub rows: usize,
+    /// Valid rows.
+    pub valid: usize,
+    /// valid / rows.
+    pub validity_rate: f64,
+    /// Rows with at least one error finding of each category.
+    pub by_category: BTreeMap<String, usize>,
+}
+
+/// Results per model.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    /// Model → results.
+    pub models: BTreeMap<String, ModelSummary>,
+}
+
+impl Summary {
+    /// Adds one row.
+    pub fn add(&mut self, row: &EvalRow) {
+        let m = self.models.entry(row.model.clone()).or_default();
+        m.rows += 1;
+        if row.verdict.valid {
+            m.valid += 1;
+        }
+        let mut cats: Vec<String> = row
+            .verdict
+            .findings
+            .iter()
+            .filter(|f| f.severity == Severity::Error)
+            .map(|f| {
+                serde_json::to_value(f.category)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from))
+                    .unwrap_or_default()
+            })
+            .collect();
+        cats.sort();
+        cats.dedup();
+        for c in cats {
+            *m.by_category.entry(c).or_default() += 1;
+        }
+        m.validity_rate = m.valid as f64 / m.rows as f64;
+    }
+
+    /// Merges another summary (from another judge batch).
+    pub fn merge(&mut self, other: &Summary) {
+        for (model, o) in &other.models {
+            let m = self.models.entry(model.clone()).or_default();
+            m.rows += o.rows;
+            m.valid += o.valid;
+            for (c, n) in &o.by_category {
+                *m.by_category.entry(c.clone()).or_default() += n;
+            }
+            m.validity_rate = if m.rows == 0 {
+                0.0
+            } else {
+                m.valid as f64 / m.rows as f64
+            };
+        }
+    }
+
+    /// A Markdown report.
+    pub fn markdown(&self) -> String {
+        let mut out = String::from(
+            "| model | rows | valid | validity | top failures |\n|---|---|---|---|---|\n",
+        );
+        for (model, m) in &self.models {
+            let mut top: Vec<(&String, &usize)> = m.by_category.iter().collect();
+            top.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+            let top: Vec<String> = top
+                .iter()
+                .take(4)
+                .map(|(c, n)| format!("{c} {n}"))
+                .collect();
+            out.push_str(&format!(
+                "| {model} | {} | {} | {:.1}% | {} |\n",
+                m.rows,
+                m.valid,
+                100.0 * m.validity_rate,
+                top.join(", ")
+            ));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "from airflow import DAG\nfrom airflow.operators.empty import EmptyOperator\nwith DAG('d') as dag:\n    EmptyOperator(task_id='a')\n";
+
+    #[test]
+    fn fenced_and_bare_code() {
+        let ans = format!("Here is the DAG:\n```python\n{GOOD}```\nIt runs daily.");
+        let ex = extract_code(&ans);
+        assert_eq!(ex.code, GOOD);
+        assert!(!ex.unclosed_fence);
+        assert_eq!(extract_code(GOOD).code, GOOD);
+        let cut = extract_code("```python\nfrom airflow import DAG\nwith DAG(");
+        assert!(cut.unclosed_fence);
+    }
+
+    #[test]
+    fn rows_and_summaries() {
+        let opts = Options::default();
+        let good = judge_row(
+            &GenRow {
+                id: "1".into(),
+                model: "m".into(),
+                output: format!("```py\n{GOOD}```"),
+                ..Default::default()
+            },
+            &opts,
+        );
+        assert!(good.verdict.valid, "{:?}", good.verdict.findings);
+        let cut = judge_row(
+            &GenRow {
+                id: "2".into(),
+                model: "m".into(),
+                output: "```python\nfrom airflow import DAG\nx = f(1,\n".into(),
+                finish_reason: Some("length".into()),
+                ..Default::default()
+            },
+            &opts,
+        );
+        assert!(!cut.verdict.valid);
+        assert!(cut
+            .verdict
+            .findings
+            .iter()
+            .any(|f| f.category == Category::Truncated));
+        let mut s = Summary::default();
+        s.add(&good);
+        s.add(&cut);
+        assert_eq!(s.models["m"].rows, 2);
+        assert_eq!(s.models["m"].valid, 1);
+        assert_eq!(s.models["m"].by_category["TRUNCATED"], 1);
+        assert!(s.markdown().contains("| m | 2 | 1 | 50.0% | TRUNCATED 1"));
+    }
+}
