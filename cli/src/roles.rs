@@ -11,6 +11,10 @@ use crate::config::Config;
 /// Roles this binary can run.
 pub fn built_in() -> Vec<Role> {
     [
+        #[cfg(feature = "miner")]
+        Role::Miner,
+        #[cfg(feature = "judge")]
+        Role::Judge,
         #[cfg(feature = "noop")]
         Role::Noop,
     ]
@@ -43,6 +47,18 @@ pub async fn run_worker(
         #[cfg(feature = "noop")]
         Role::Noop => {
             dagfleet_runtime::Worker::new(bus, store, dagfleet_noop::NoopHandler, wc)
+                .run(shutdown)
+                .await?
+        }
+        #[cfg(feature = "miner")]
+        Role::Miner => {
+            dagfleet_runtime::Worker::new(bus, store, dagfleet_miner::MinerHandler, wc)
+                .run(shutdown)
+                .await?
+        }
+        #[cfg(feature = "judge")]
+        Role::Judge => {
+            dagfleet_runtime::Worker::new(bus, store, dagfleet_judge::JudgeHandler, wc)
                 .run(shutdown)
                 .await?
         }

@@ -459,7 +459,7 @@ impl Coordinator {
         if !won {
             return Ok(());
         }
-        let jobs = match plan::plan(&state, stage, now) {
+        let jobs = match plan::plan_stage(&state, stage, now, &self.store).await {
             Ok(j) => j,
             Err(e) => return self.fail_run(run, e.to_string()).await,
         };

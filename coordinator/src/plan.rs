@@ -3,8 +3,9 @@
 //! Each planner is a pure function of the run state (and, for later stages, the job records
 //! of the stage before), so planning the same stage twice yields the same job ids.
 
-use dagfleet_protocol::jobs::{MineShard, NoopJob, Source};
-use dagfleet_protocol::{Envelope, Job, RunSpec, RunState, Stage};
+use dagfleet_protocol::jobs::{JudgeBatch, MineShard, NoopJob, Source};
+use dagfleet_protocol::{ArtifactRef, Envelope, Job, JobRecord, RunSpec, RunState, Stage};
+use dagfleet_runtime::ArtifactStore;
 
 /// Why a stage cannot be planned.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -13,6 +14,9 @@ pub enum PlanError {
     /// This build has no planner for the stage yet.
     #[error("stage `{0}` cannot be planned by this coordinator: the `{1}` role is not built yet")]
     Unsupported(Stage, dagfleet_protocol::Role),
+    /// The store could not be read while planning.
+    #[error("planning stage `{0}`: {1}")]
+    Store(Stage, String),
     /// The stage would exceed `limits.max_jobs_per_stage`.
     #[error("stage `{stage}` would need {jobs} jobs; limits.max_jobs_per_stage is {limit}")]
     TooManyJobs {
@@ -29,17 +33,103 @@ pub enum PlanError {
 pub fn check_supported(spec: &RunSpec) -> Result<(), PlanError> {
     for &st in &spec.stages {
         match st {
-            Stage::Mine | Stage::Noop => {}
+            Stage::Mine | Stage::Noop | Stage::Judge => {}
             other => return Err(PlanError::Unsupported(other, other.role())),
         }
     }
     Ok(())
 }
 
-/// The jobs of `stage` in `state`'s run.
+/// The jobs of `stage`, reading the outputs of earlier stages from `store` where the stage
+/// consumes them.
+pub async fn plan_stage(
+    state: &RunState,
+    stage: Stage,
+    now_ms: i64,
+    store: &ArtifactStore,
+) -> Result<Vec<Envelope>, PlanError> {
+    match stage {
+        Stage::Judge => {
+            let prev = state
+                .spec
+                .stages
+                .iter()
+                .rev()
+                .find(|s| matches!(s, Stage::Mine | Stage::Infer))
+                .copied()
+                .ok_or(PlanError::Unsupported(stage, stage.role()))?;
+            let inputs = jsonl_outputs(state, prev, store).await?;
+            let batch = state.spec.judge.batch_rows.max(1);
+            let mut jobs = Vec::new();
+            for (input, rows) in inputs {
+                let mut start = 0;
+                while start < rows {
+                    let end = (start + batch).min(rows);
+                    jobs.push((
+                        format!("{}:{start}-{end}", input.key),
+                        Job::Judge(JudgeBatch {
+                            input: input.clone(),
+                            rows: (start, end),
+                            airflow_version: state.spec.judge.airflow_version.clone(),
+                        }),
+                    ));
+                    start = end;
+                }
+            }
+            finish(state, stage, now_ms, jobs)
+        }
+        _ => plan(state, stage, now_ms),
+    }
+}
+
+/// The JSONL outputs of `stage`'s jobs with their row counts, in job order.
+async fn jsonl_outputs(
+    state: &RunState,
+    stage: Stage,
+    store: &ArtifactStore,
+) -> Result<Vec<(ArtifactRef, u64)>, PlanError> {
+    let err = |e: dagfleet_runtime::StoreError| PlanError::Store(stage, e.to_string());
+    let prefix = format!("runs/{}/jobs/{stage}", state.run_id);
+    let mut records: Vec<JobRecord> = Vec::new();
+    for key in store.list(&prefix).await.map_err(err)? {
+        if let Some(b) = store.get_opt(&key).await.map_err(err)? {
+            let r: JobRecord = serde_json::from_slice(&b)
+                .map_err(|e| PlanError::Store(stage, format!("{key}: {e}")))?;
+            records.push(r);
+        }
+    }
+    records.sort_by_key(|r| r.index);
+    let mut out = Vec::new();
+    for r in records {
+        for o in r.outputs.iter().filter(|o| o.key.ends_with(".jsonl")) {
+            let rows = match r.metrics.get("rows") {
+                Some(n)
+                    if r.outputs
+                        .iter()
+                        .filter(|o| o.key.ends_with(".jsonl"))
+                        .count()
+                        == 1 =>
+                {
+                    *n as u64
+                }
+                _ => {
+                    let data = store.get(o).await.map_err(err)?;
+                    data.split(|b| *b == b'\n')
+                        .filter(|l| !l.is_empty())
+                        .count() as u64
+                }
+            };
+            if rows > 0 {
+                out.push((o.clone(), rows));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The jobs of `stage` in `state`'s run, for stages that need no earlier outputs.
 pub fn plan(state: &RunState, stage: Stage, now_ms: i64) -> Result<Vec<Envelope>, PlanError> {
     let spec = &state.spec;
-    let run = &state.run_id;
     let jobs: Vec<(String, Job)> = match stage {
         Stage::Noop => (0..spec.noop.jobs)
             .map(|i| {
@@ -78,17 +168,29 @@ pub fn plan(state: &RunState, stage: Stage, now_ms: i64) -> Result<Vec<Envelope>
             .collect(),
         other => return Err(PlanError::Unsupported(other, other.role())),
     };
-    if jobs.len() > spec.limits.max_jobs_per_stage as usize {
+    finish(state, stage, now_ms, jobs)
+}
+
+fn finish(
+    state: &RunState,
+    stage: Stage,
+    now_ms: i64,
+    jobs: Vec<(String, Job)>,
+) -> Result<Vec<Envelope>, PlanError> {
+    let limit = state.spec.limits.max_jobs_per_stage;
+    if jobs.len() > limit as usize {
         return Err(PlanError::TooManyJobs {
             stage,
             jobs: jobs.len(),
-            limit: spec.limits.max_jobs_per_stage,
+            limit,
         });
     }
     Ok(jobs
         .into_iter()
         .enumerate()
-        .map(|(i, (key, job))| Envelope::new(run.clone(), stage, i as u32, &key, now_ms, job))
+        .map(|(i, (key, job))| {
+            Envelope::new(state.run_id.clone(), stage, i as u32, &key, now_ms, job)
+        })
         .collect())
 }
 

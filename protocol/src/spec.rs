@@ -68,6 +68,28 @@ pub struct RunSpec {
     /// The `noop` stage: synthetic jobs for tests and benchmarks.
     #[serde(default)]
     pub noop: NoopSpec,
+    /// The `judge` stage.
+    #[serde(default)]
+    pub judge: JudgeSpec,
+}
+
+/// Judge options.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JudgeSpec {
+    /// Rows per judge batch job.
+    pub batch_rows: u64,
+    /// Target Airflow version for deprecation findings, e.g. `2.10`.
+    pub airflow_version: Option<String>,
+}
+
+impl Default for JudgeSpec {
+    fn default() -> Self {
+        Self {
+            batch_rows: 500,
+            airflow_version: None,
+        }
+    }
 }
 
 /// Mining options.
@@ -204,6 +226,21 @@ impl RunSpec {
                     "models.base",
                     format!("the `{st}` stage needs a base model"),
                 ));
+            }
+        }
+        if self.stages.contains(&Stage::Judge) {
+            if !self
+                .stages
+                .iter()
+                .any(|s| matches!(s, Stage::Mine | Stage::Infer))
+            {
+                return Err(invalid(
+                    "stages",
+                    "the `judge` stage needs an earlier stage that produces rows to judge: `mine` or `infer`",
+                ));
+            }
+            if self.judge.batch_rows == 0 {
+                return Err(invalid("judge.batch_rows", "must be at least 1"));
             }
         }
         if noop {

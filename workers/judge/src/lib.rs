@@ -11,6 +11,10 @@
 //!   verdict and findings, with a slot for LLM-judge scores.
 //! - [`Summary`] is the per-model validity rate and counts per category, as JSON and Markdown.
 
+pub mod role;
+
+pub use role::JudgeHandler;
+
 use dagfleet_analysis::{analyze, Category, Finding, Options, Severity};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
