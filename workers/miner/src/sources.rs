@@ -151,12 +151,18 @@ async fn read_pypi(
         .user_agent("dagfleet-miner")
         .build()
         .map_err(|e| SourceError::Transient(e.to_string()))?;
+    // The simple repository API (PEP 503/691) is what every PyPI-compatible index serves.
     let url = format!(
-        "{}/pypi/{package}/{version}/json",
-        index.trim_end_matches('/')
+        "{}/simple/{}/",
+        index.trim_end_matches('/'),
+        normalize(package)
     );
     let resp = client
         .get(&url)
+        .header(
+            "Accept",
+            "application/vnd.pypi.simple.v1+json, text/html;q=0.1",
+        )
         .send()
         .await
         .map_err(|e| SourceError::Transient(format!("{url}: {e}")))?;
@@ -164,7 +170,7 @@ async fn read_pypi(
         200 => {}
         404 => {
             return Err(SourceError::Missing(format!(
-                "{package} {version} is not on {index}"
+                "package {package} is not on {index}"
             )))
         }
         429 | 500..=599 => {
@@ -175,27 +181,38 @@ async fn read_pypi(
         }
         s => return Err(SourceError::Refused(format!("{url}: HTTP {s}"))),
     }
-    let meta: serde_json::Value = resp
-        .json()
+    let is_json = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("json"));
+    let body = resp
+        .text()
         .await
         .map_err(|e| SourceError::Transient(format!("{url}: {e}")))?;
-    let files = meta["urls"].as_array().cloned().unwrap_or_default();
+    let files = if is_json {
+        files_from_json(&body)
+    } else {
+        files_from_html(&body, &url)
+    };
+    let wheel_prefix = format!("{}-{version}-", normalize(package).replace('-', "_"));
     let pick = files
         .iter()
-        .find(|f| {
-            f["packagetype"] == "bdist_wheel"
-                && f["filename"]
-                    .as_str()
-                    .is_some_and(|n| n.ends_with("-none-any.whl"))
+        .find(|f| f.filename.starts_with(&wheel_prefix) && f.filename.ends_with("-none-any.whl"))
+        .or_else(|| {
+            files.iter().find(|f| {
+                let stem = f.filename.trim_end_matches(".tar.gz");
+                f.filename.ends_with(".tar.gz")
+                    && normalize(stem) == format!("{}-{}", normalize(package), normalize(version))
+            })
         })
-        .or_else(|| files.iter().find(|f| f["packagetype"] == "sdist"))
         .cloned()
         .ok_or_else(|| {
-            SourceError::Missing(format!("{package} {version} has no pure wheel or sdist"))
+            SourceError::Missing(format!(
+                "{package} {version} is not on {index} (no pure wheel or sdist of that version)"
+            ))
         })?;
-    let file_url = pick["url"].as_str().unwrap_or("").to_string();
-    let filename = pick["filename"].as_str().unwrap_or("").to_string();
-    let expected = pick["digests"]["sha256"].as_str().unwrap_or("").to_string();
+    let (file_url, filename, expected) = (pick.url, pick.filename, pick.sha256);
     let data = client
         .get(&file_url)
         .send()
@@ -228,4 +245,96 @@ async fn read_pypi(
     })
     .await
     .map_err(|e| SourceError::Transient(e.to_string()))?
+}
+
+/// PEP 503 name normalisation.
+fn normalize(name: &str) -> String {
+    let mut out = String::new();
+    let mut sep = false;
+    for c in name.chars() {
+        if matches!(c, '-' | '_' | '.') {
+            sep = true;
+        } else {
+            if sep && !out.is_empty() {
+                out.push('-');
+            }
+            sep = false;
+            out.push(c.to_ascii_lowercase());
+        }
+    }
+    out
+}
+
+#[derive(Clone, Debug)]
+struct IndexFile {
+    filename: String,
+    url: String,
+    sha256: String,
+}
+
+fn files_from_json(body: &str) -> Vec<IndexFile> {
+    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+    v["files"]
+        .as_array()
+        .map(|fs| {
+            fs.iter()
+                .filter(|f| f["yanked"] != true)
+                .map(|f| IndexFile {
+                    filename: f["filename"].as_str().unwrap_or("").to_string(),
+                    url: f["url"].as_str().unwrap_or("").to_string(),
+                    sha256: f["hashes"]["sha256"].as_str().unwrap_or("").to_string(),
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Anchors of a PEP 503 HTML page: `<a href="URL#sha256=HEX">FILENAME</a>`.
+fn files_from_html(body: &str, base: &str) -> Vec<IndexFile> {
+    let mut out = Vec::new();
+    for part in body.split("<a ").skip(1) {
+        let Some(h) = part
+            .split("href=\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+        else {
+            continue;
+        };
+        let Some(name) = part.split('>').nth(1).and_then(|r| r.split('<').next()) else {
+            continue;
+        };
+        let (url, frag) = h.split_once('#').unwrap_or((h, ""));
+        let url = if url.starts_with("http") {
+            url.to_string()
+        } else {
+            format!(
+                "{}/{}",
+                base.trim_end_matches('/'),
+                url.trim_start_matches('/')
+            )
+        };
+        out.push(IndexFile {
+            filename: name.trim().to_string(),
+            url: url.replace("&amp;", "&"),
+            sha256: frag.strip_prefix("sha256=").unwrap_or("").to_string(),
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_index_pages() {
+        assert_eq!(
+            normalize("Apache_Airflow.Providers"),
+            "apache-airflow-providers"
+        );
+        let html = r#"<a href="https://x/apache_airflow-2.10.5-py3-none-any.whl#sha256=ab" data-requires-python="&gt;=3.8">apache_airflow-2.10.5-py3-none-any.whl</a><br/>"#;
+        let f = files_from_html(html, "https://pypi.org/simple/apache-airflow/");
+        assert_eq!(f[0].filename, "apache_airflow-2.10.5-py3-none-any.whl");
+        assert_eq!(f[0].sha256, "ab");
+    }
 }
