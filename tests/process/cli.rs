@@ -217,3 +217,102 @@ fn judge_gives_a_verdict_per_file_and_fails_on_invalid_ones() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--airflow-version"));
 }
+
+#[test]
+fn a_mine_and_judge_run_goes_through_the_coordinator() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("repo/airflow/example_dags");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("example_ok.py"), "# Licensed to the Apache Software Foundation\nfrom airflow import DAG\nfrom airflow.operators.empty import EmptyOperator\nwith DAG(\"ok\") as dag:\n    EmptyOperator(task_id=\"a\") >> EmptyOperator(task_id=\"b\")\n").unwrap();
+    std::fs::write(src.join("example_cycle.py"), "from airflow import DAG\nfrom airflow.operators.empty import EmptyOperator\nwith DAG(\"cyc\") as dag:\n    a = EmptyOperator(task_id=\"a\")\n    b = EmptyOperator(task_id=\"b\")\n    a >> b >> a\n").unwrap();
+    std::fs::write(src.join("helper.py"), "X = 1\n").unwrap();
+    std::fs::create_dir_all(dir.path().join("repo/tests/example_dags")).unwrap();
+    std::fs::write(
+        dir.path().join("repo/tests/example_dags/example_t.py"),
+        "from airflow import DAG\nwith DAG(\"t\") as dag:\n    pass\n",
+    )
+    .unwrap();
+    let spec = dir.path().join("spec.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            "name = \"mj\"\nstages = [\"mine\", \"judge\"]\n[[sources]]\nkind = \"dir\"\npath = \"{}\"\n[[sources]]\nkind = \"dir\"\npath = \"{}\"\n",
+            dir.path().join("repo").display(),
+            dir.path().join("nowhere").display()
+        ),
+    )
+    .unwrap();
+    let out = dagfleet()
+        .current_dir(dir.path())
+        .args([
+            "--nats-url",
+            &format!("nats://127.0.0.1:{}", free_port()),
+            "up",
+            "--run",
+        ])
+        .arg(&spec)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let runs = dir.path().join(".dagfleet/artifacts/runs");
+    let run = std::fs::read_dir(&runs)
+        .unwrap()
+        .flatten()
+        .next()
+        .unwrap()
+        .path();
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("manifest.json")).unwrap()).unwrap();
+    let jobs = m["jobs"].as_array().unwrap();
+    let mine: Vec<_> = jobs.iter().filter(|j| j["stage"] == "mine").collect();
+    let judge: Vec<_> = jobs.iter().filter(|j| j["stage"] == "judge").collect();
+    assert_eq!(mine.len(), 2, "one shard per source");
+    assert_eq!(
+        judge.len(),
+        1,
+        "one judge batch over the one shard with rows"
+    );
+    // The missing directory is recorded, not fatal.
+    let missing = mine
+        .iter()
+        .find(|j| j["metrics"]["missing"] == 1.0)
+        .unwrap();
+    let sum_key = missing["outputs"][1]["key"].as_str().unwrap();
+    let summary: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(dir.path().join(".dagfleet/artifacts").join(sum_key)).unwrap(),
+    )
+    .unwrap();
+    assert!(summary["missing"]
+        .as_str()
+        .unwrap()
+        .contains("not a directory"));
+    // Two DAG files mined (the helper and the test file are dropped), one judged invalid.
+    let eval_key = judge[0]["outputs"][0]["key"].as_str().unwrap();
+    let eval =
+        std::fs::read_to_string(dir.path().join(".dagfleet/artifacts").join(eval_key)).unwrap();
+    let rows: Vec<serde_json::Value> = eval
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2);
+    assert!(
+        !rows
+            .iter()
+            .any(|r| r["output"].as_str().unwrap().contains("Licensed")),
+        "licence header stripped"
+    );
+    let invalid: Vec<_> = rows
+        .iter()
+        .filter(|r| r["verdict"]["valid"] == false)
+        .collect();
+    assert_eq!(invalid.len(), 1);
+    assert_eq!(
+        invalid[0]["verdict"]["findings"][0]["category"],
+        "CIRCULAR_DEPENDENCY"
+    );
+}
