@@ -91,6 +91,16 @@ enum Cmd {
     },
     /// Print the effective configuration (secrets redacted).
     Config,
+    /// Run the mine stage of a spec on this machine, without a cluster: one JSONL record per
+    /// DAG file, and a summary per (source, ref) on stderr.
+    #[cfg(feature = "miner")]
+    Mine {
+        /// The run spec (its `sources` and `mine.globs`).
+        spec: PathBuf,
+        /// Write the JSONL here instead of stdout.
+        #[arg(long, short = 'o')]
+        out: Option<PathBuf>,
+    },
     /// Judge Airflow DAG files locally (a pre-commit check): a verdict per file, exit
     /// status 1 when any file is invalid.
     #[cfg(feature = "judge")]
@@ -187,6 +197,8 @@ async fn real_main() -> Result<std::process::ExitCode> {
         Cmd::Run { .. } | Cmd::Status { .. } | Cmd::Config | Cmd::Up { run: Some(_) } => true,
         #[cfg(feature = "judge")]
         Cmd::Judge { .. } => true,
+        #[cfg(feature = "miner")]
+        Cmd::Mine { .. } => true,
         _ => false,
     };
     init_tracing(&cfg, quiet);
@@ -239,6 +251,8 @@ async fn real_main() -> Result<std::process::ExitCode> {
             c.run(shutdown_signal()).await?;
         }
         Cmd::Bench { what } => bench::run(what, &cfg).await?,
+        #[cfg(feature = "miner")]
+        Cmd::Mine { spec, out } => return mine_local(&spec, out.as_deref()).await,
         #[cfg(feature = "judge")]
         Cmd::Judge {
             paths,
@@ -246,5 +260,56 @@ async fn real_main() -> Result<std::process::ExitCode> {
             airflow_version,
         } => return judge::run(&paths, json, &airflow_version),
     }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// `dagfleet mine SPEC`: the mine stage on this machine.
+#[cfg(feature = "miner")]
+async fn mine_local(
+    spec: &std::path::Path,
+    out: Option<&std::path::Path>,
+) -> Result<std::process::ExitCode> {
+    use dagfleet_protocol::jobs::Source;
+    use std::io::Write;
+    let text = std::fs::read_to_string(spec)
+        .with_context(|| format!("reading run spec {}", spec.display()))?;
+    let spec: dagfleet_protocol::RunSpec = toml::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("run spec is not valid TOML for dagfleet: {e}"))?;
+    if spec.sources.is_empty() {
+        anyhow::bail!("run spec key `sources`: mining needs at least one source");
+    }
+    let globs = dagfleet_miner::globset(&spec.mine.globs).map_err(|e| anyhow::anyhow!(e))?;
+    let mut sink: Box<dyn Write> = match out {
+        Some(p) => {
+            Box::new(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?)
+        }
+        None => Box::new(std::io::stdout().lock()),
+    };
+    let mut total = 0;
+    for src in &spec.sources {
+        let refs = match src {
+            Source::Github { refs, .. } | Source::Git { refs, .. } => refs.clone(),
+            Source::Pypi { versions, .. } => versions.clone(),
+            Source::Dir { .. } => vec![String::new()],
+        };
+        let name = dagfleet_miner::sources::source_name(src);
+        for r in refs {
+            let (mined, summary) = match dagfleet_miner::sources::read(src, &r, &globs).await {
+                Ok(files) => dagfleet_miner::mine_files(&name, &r, files, &globs),
+                Err(e) => {
+                    eprintln!("{name}@{r}: {e}");
+                    continue;
+                }
+            };
+            for m in &mined {
+                serde_json::to_writer(&mut sink, m)?;
+                sink.write_all(b"\n")?;
+            }
+            total += mined.len();
+            eprintln!("{}", serde_json::to_string(&summary)?);
+        }
+    }
+    sink.flush()?;
+    eprintln!("{total} DAG files");
     Ok(std::process::ExitCode::SUCCESS)
 }

@@ -316,3 +316,39 @@ fn a_mine_and_judge_run_goes_through_the_coordinator() {
         "CIRCULAR_DEPENDENCY"
     );
 }
+
+#[test]
+fn mine_runs_a_spec_locally_and_writes_jsonl() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("repo/example_dags");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(
+        src.join("example_one.py"),
+        "from airflow import DAG\nwith DAG(\"one\") as dag:\n    pass\n",
+    )
+    .unwrap();
+    std::fs::write(src.join("util.py"), "X = 1\n").unwrap();
+    let spec = dir.path().join("spec.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            "name = \"m\"\nstages = [\"mine\"]\n[[sources]]\nkind = \"dir\"\npath = \"{}\"\n",
+            dir.path().join("repo").display()
+        ),
+    )
+    .unwrap();
+    let out = dagfleet().arg("mine").arg(&spec).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["path"], "example_dags/example_one.py");
+    assert_eq!(rows[0]["dag_ids"][0], "one");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("\"defines no DAG\":1"));
+}
