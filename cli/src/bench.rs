@@ -50,6 +50,20 @@ pub enum BenchCmd {
         #[arg(long)]
         external_nats: bool,
     },
+    /// The judge's analysis on one core over a corpus of mined DAGs (`dagfleet mine` JSONL),
+    /// beside Python's `ast.parse` on the same files, and the miner's files/s from a local
+    /// directory.
+    #[cfg(all(feature = "judge", feature = "miner"))]
+    Judge {
+        /// JSONL with a `content` field per line, e.g. from `dagfleet mine`.
+        corpus: std::path::PathBuf,
+        /// Passes over the corpus.
+        #[arg(long, default_value_t = 20)]
+        passes: u32,
+        /// Python interpreter for the `ast.parse` peer.
+        #[arg(long, default_value = "python3")]
+        python: String,
+    },
 }
 
 struct Server {
@@ -116,14 +130,29 @@ fn summarize(mut v: Vec<f64>) -> (f64, f64) {
 
 /// Runs a benchmark and prints Markdown tables.
 pub async fn run(cmd: BenchCmd, cfg: &Config) -> Result<()> {
-    let BenchCmd::Queue {
-        jobs,
-        workers,
-        concurrency,
-        latency_secs,
-        latency_rate,
-        external_nats,
-    } = cmd;
+    let (jobs, workers, concurrency, latency_secs, latency_rate, external_nats) = match cmd {
+        BenchCmd::Queue {
+            jobs,
+            workers,
+            concurrency,
+            latency_secs,
+            latency_rate,
+            external_nats,
+        } => (
+            jobs,
+            workers,
+            concurrency,
+            latency_secs,
+            latency_rate,
+            external_nats,
+        ),
+        #[cfg(all(feature = "judge", feature = "miner"))]
+        BenchCmd::Judge {
+            corpus,
+            passes,
+            python,
+        } => return bench_judge(&corpus, passes, &python),
+    };
     // Every measurement gets a fresh server (unless --external-nats), so the clean-up of one
     // measurement's deleted messages does not disturb the next.
     let fresh = || async {
@@ -434,4 +463,96 @@ impl DagStack {
         }
         Ok(summarize(lat))
     }
+}
+
+/// `dagfleet bench judge`.
+#[cfg(all(feature = "judge", feature = "miner"))]
+fn bench_judge(corpus: &std::path::Path, passes: u32, python: &str) -> Result<()> {
+    let text =
+        std::fs::read_to_string(corpus).with_context(|| format!("reading {}", corpus.display()))?;
+    let sources: Vec<String> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l)?;
+            Ok(v["content"].as_str().unwrap_or("").to_string())
+        })
+        .collect::<Result<_>>()?;
+    anyhow::ensure!(
+        !sources.is_empty(),
+        "{} has no rows with `content`",
+        corpus.display()
+    );
+    let bytes: usize = sources.iter().map(|s| s.len()).sum();
+    println!(
+        "bench judge: {} files ({} KiB), {passes} passes, one core",
+        sources.len(),
+        bytes / 1024
+    );
+    let opts = dagfleet_analysis::Options::default();
+    let t0 = Instant::now();
+    let mut valid = 0usize;
+    for _ in 0..passes {
+        for s in &sources {
+            valid += dagfleet_judge::judge_source(s, &opts).valid as usize;
+        }
+    }
+    let judge_rate = (sources.len() * passes as usize) as f64 / t0.elapsed().as_secs_f64();
+
+    // The miner over the same files laid out as a local directory.
+    let dir = tempfile::tempdir()?;
+    let ex = dir.path().join("example_dags");
+    std::fs::create_dir_all(&ex)?;
+    for (i, s) in sources.iter().enumerate() {
+        std::fs::write(ex.join(format!("example_{i}.py")), s)?;
+    }
+    let globs = dagfleet_miner::globset(&["**/example_*.py".to_string()])
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let src = dagfleet_protocol::jobs::Source::Dir {
+        path: dir.path().to_string_lossy().into_owned(),
+    };
+    let rt = tokio::runtime::Handle::current();
+    let t1 = Instant::now();
+    let mut kept = 0;
+    for _ in 0..passes {
+        let files = tokio::task::block_in_place(|| {
+            rt.block_on(dagfleet_miner::sources::read(&src, "", &globs))
+        })
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        kept += dagfleet_miner::mine_files("dir", "", files, &globs).0.len();
+    }
+    let miner_rate = (sources.len() * passes as usize) as f64 / t1.elapsed().as_secs_f64();
+
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/ast_parse.py");
+    let peer = std::process::Command::new(python)
+        .arg(&script)
+        .arg(corpus)
+        .arg(passes.to_string())
+        .output()
+        .with_context(|| format!("running {python} {}", script.display()))?;
+    anyhow::ensure!(
+        peer.status.success(),
+        "ast.parse peer failed: {}",
+        String::from_utf8_lossy(&peer.stderr)
+    );
+    let pv: serde_json::Value = serde_json::from_slice(&peer.stdout)?;
+    let ast_rate = pv["files_per_s"].as_f64().unwrap_or(f64::NAN);
+    println!();
+    println!("| what | files/s (one core) | vs ast.parse |");
+    println!("|---|---|---|");
+    println!(
+        "| Python {} `ast.parse` only (peer) | {ast_rate:.0} | 100% |",
+        pv["python"].as_str().unwrap_or("?")
+    );
+    println!(
+        "| dagfleet judge: full analysis | {judge_rate:.0} | {:.0}% |",
+        100.0 * judge_rate / ast_rate
+    );
+    println!(
+        "| dagfleet miner: read dir + filter + analyse | {miner_rate:.0} | {:.0}% |",
+        100.0 * miner_rate / ast_rate
+    );
+    println!();
+    println!("({valid} valid verdicts, {kept} files kept by the miner over all passes)");
+    Ok(())
 }

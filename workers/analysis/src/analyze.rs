@@ -1042,30 +1042,24 @@ pub(crate) fn undefined_names(nodes: &[Node<'_>], src: &str, scan: &Scan<'_>) ->
     }
     let mut seen = BTreeSet::new();
     let mut out = Vec::new();
-    let mut stack: Vec<Node<'_>> = nodes.to_vec();
+    // Parents travel with the nodes: `Node::parent` walks down from the root each time.
+    let mut stack: Vec<(Node<'_>, Option<Node<'_>>)> =
+        nodes.iter().map(|n| (*n, n.parent())).collect();
     let mut cursor;
-    while let Some(n) = stack.pop() {
+    while let Some((n, parent)) = stack.pop() {
         match n.kind() {
             // Bodies of functions and lambdas run later, if at all.
-            "function_definition" | "lambda" | "class_definition" => {
-                if let Some(parent) = n.parent().filter(|p| p.kind() == "decorated_definition") {
-                    let mut c = parent.walk();
-                    for d in parent.children(&mut c).filter(|d| d.kind() == "decorator") {
-                        stack.push(d);
-                    }
-                }
-                continue;
-            }
+            "function_definition" | "lambda" | "class_definition" => continue,
             "decorated_definition" => {
                 let mut c = n.walk();
                 for d in n.children(&mut c).filter(|d| d.kind() == "decorator") {
-                    stack.push(d);
+                    stack.push((d, Some(n)));
                 }
                 continue;
             }
             "identifier" => {
                 let name = text(n, src);
-                if is_load(n)
+                if parent.is_some_and(|p| is_load(n, p))
                     && !scan.bound.contains(name)
                     && !BUILTINS.contains(&name)
                     && seen.insert(name.to_string())
@@ -1110,7 +1104,7 @@ pub(crate) fn undefined_names(nodes: &[Node<'_>], src: &str, scan: &Scan<'_>) ->
         }
         cursor = n.walk();
         for ch in n.children(&mut cursor) {
-            stack.push(ch);
+            stack.push((ch, Some(n)));
         }
     }
     out.sort_by_key(|f| (f.line, f.column));
@@ -1118,8 +1112,7 @@ pub(crate) fn undefined_names(nodes: &[Node<'_>], src: &str, scan: &Scan<'_>) ->
 }
 
 /// Whether an identifier is read (not bound, not an attribute or keyword name).
-fn is_load(n: Node<'_>) -> bool {
-    let Some(p) = n.parent() else { return false };
+fn is_load(n: Node<'_>, p: Node<'_>) -> bool {
     let field_is = |name: &str| {
         p.child_by_field_name(name)
             .is_some_and(|c| c.id() == n.id())

@@ -55,14 +55,22 @@ fn valid_key(s: &str) -> bool {
 
 /// Analyses one Python source.
 pub fn analyze(src: &str, opts: &Options) -> Report {
-    let mut parser = tree_sitter::Parser::new();
-    if parser
-        .set_language(&tree_sitter_python::LANGUAGE.into())
-        .is_err()
-    {
-        return Report::default();
+    thread_local! {
+        // One parser per thread: creating one per file costs as much as a small parse.
+        static PARSER: std::cell::RefCell<Option<tree_sitter::Parser>> = const { std::cell::RefCell::new(None) };
     }
-    let Some(tree) = parser.parse(src, None) else {
+    let tree = PARSER.with(|p| {
+        let mut p = p.borrow_mut();
+        if p.is_none() {
+            let mut parser = tree_sitter::Parser::new();
+            parser
+                .set_language(&tree_sitter_python::LANGUAGE.into())
+                .ok()?;
+            *p = Some(parser);
+        }
+        p.as_mut()?.parse(src, None)
+    });
+    let Some(tree) = tree else {
         return Report::default();
     };
     let root = tree.root_node();
