@@ -67,6 +67,8 @@ pub(crate) struct Scan<'t> {
     pub dag_fns: HashMap<String, Node<'t>>,
     pub group_fns: HashMap<String, Node<'t>>,
     pub bound: HashSet<String>,
+    /// Names called as functions anywhere (`name(...)`).
+    pub called: HashSet<String>,
     pub star_import: bool,
 }
 
@@ -142,6 +144,14 @@ impl<'t> Scan<'t> {
 
     fn visit(&mut self, n: Node<'t>, src: &str) {
         match n.kind() {
+            "call" => {
+                if let Some(f) = n
+                    .child_by_field_name("function")
+                    .filter(|f| f.kind() == "identifier")
+                {
+                    self.called.insert(text(f, src).to_string());
+                }
+            }
             "import_statement" => {
                 let mut c = n.walk();
                 for name in n.named_children(&mut c) {
@@ -396,8 +406,16 @@ impl<'s, 't> Walker<'s, 't> {
                 // @dag/@task_group bodies run where they are called.
             }
             "function_definition" | "class_definition" => {
-                // Factories and helpers: follow their bodies, since module code usually calls
-                // them; names inside are not checked, as they may never run.
+                // Factories and helpers: follow the bodies of functions the file calls (a DAG
+                // built in a function nobody calls is never loaded); names inside are not
+                // checked, as they may never run.
+                let name = n
+                    .child_by_field_name("name")
+                    .map(|x| self.t(x))
+                    .unwrap_or("");
+                if n.kind() == "function_definition" && !self.scan.called.contains(name) {
+                    return;
+                }
                 if let Some(body) = n.child_by_field_name("body") {
                     let mut saved = std::mem::take(&mut self.import_time);
                     self.walk_block(body, ctx);

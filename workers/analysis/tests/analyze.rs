@@ -317,3 +317,19 @@ fn internal_test_code_is_flagged() {
         r.findings
     );
 }
+
+#[test]
+fn a_factory_counts_only_when_it_is_called() {
+    let factory = "from airflow import DAG\nfrom airflow.operators.empty import EmptyOperator\ndef make(name):\n    with DAG(name) as dag:\n        EmptyOperator(task_id='t')\n    return dag\n";
+    let r = run(factory);
+    assert!(
+        r.dags.is_empty(),
+        "never called, never loaded: {:?}",
+        r.dags
+    );
+    let r = run(&format!(
+        "{factory}for n in ['a', 'b']:\n    globals()[n] = make(n)\n"
+    ));
+    assert_eq!(r.dags.len(), 1, "one DAG constructor, called");
+    assert_eq!(r.tasks.len(), 1);
+}
