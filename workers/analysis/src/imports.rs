@@ -137,6 +137,36 @@ pub fn check(imports: &[Import], target: (u32, u32)) -> Vec<Finding> {
             });
             continue;
         }
+        match crate::kb::Kb::get().lookup(&imp.module, imp.name.as_deref()) {
+            crate::kb::Lookup::NoModule => {
+                out.push(Finding {
+                    category: Category::HallucinatedModule,
+                    severity: Severity::Error,
+                    line: imp.line,
+                    column: 1,
+                    message: format!(
+                        "module `{}` does not exist in any Airflow or provider release dagfleet knows",
+                        imp.module
+                    ),
+                });
+                continue;
+            }
+            crate::kb::Lookup::NoName => {
+                out.push(Finding {
+                    category: Category::HallucinatedName,
+                    severity: Severity::Error,
+                    line: imp.line,
+                    column: 1,
+                    message: format!(
+                        "`{}` is not defined in `{}`",
+                        imp.name.as_deref().unwrap_or(""),
+                        imp.module
+                    ),
+                });
+                continue;
+            }
+            _ => {}
+        }
         for d in TABLE {
             if !matches(d.path, imp) || target < d.since {
                 continue;

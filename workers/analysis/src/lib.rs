@@ -21,6 +21,7 @@
 mod analyze;
 pub mod clean;
 pub mod imports;
+pub mod kb;
 pub mod report;
 mod syntax;
 
@@ -312,6 +313,17 @@ fn metadata(
         task_groups: w.task_groups,
         operators: operators.into_iter().collect(),
         complexity: 0.0,
+        providers: {
+            let kb = kb::Kb::get();
+            let mut p: Vec<String> = scan
+                .imports
+                .iter()
+                .flat_map(|i| kb.providers_of(&i.module))
+                .collect();
+            p.sort();
+            p.dedup();
+            p
+        },
     };
     m.complexity = complexity(&m);
     m

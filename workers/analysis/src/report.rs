@@ -31,6 +31,10 @@ pub enum Category {
     DeprecatedImport,
     /// An import of internal test code (`tests`, `tests_common`, `get_test_run`, ...).
     InternalTestImport,
+    /// An import of an `airflow.` module that no Airflow or provider release ships.
+    HallucinatedModule,
+    /// An import of a name that the (real) module does not define.
+    HallucinatedName,
 }
 
 /// How bad a finding is. Errors make a file invalid.
@@ -136,6 +140,8 @@ pub struct Metadata {
     pub task_groups: bool,
     /// Heuristic complexity score (see [`crate::complexity`]).
     pub complexity: f64,
+    /// Provider distributions the imports need.
+    pub providers: Vec<String>,
 }
 
 /// The analysis of one Python source.

@@ -333,3 +333,21 @@ fn a_factory_counts_only_when_it_is_called() {
     assert_eq!(r.dags.len(), 1, "one DAG constructor, called");
     assert_eq!(r.tasks.len(), 1);
 }
+
+#[test]
+fn hallucinated_modules_and_names_are_caught_real_ones_pass() {
+    let r = run("from airflow import DAG\nfrom airflow.operators.snowflake_magic import SnowOperator\nfrom airflow.operators.bash import BashOperater\nfrom airflow.providers.amazon.aws.operators.s3 import S3CreateBucketOperator\nwith DAG('d') as dag:\n    S3CreateBucketOperator(task_id='b', bucket_name='x')\n");
+    let c = cats(&r);
+    assert!(
+        c.contains(&Category::HallucinatedModule),
+        "{:?}",
+        r.findings
+    );
+    assert!(c.contains(&Category::HallucinatedName), "{:?}", r.findings);
+    assert_eq!(r.metadata.providers, ["apache-airflow-providers-amazon"]);
+    let ok = run(CLASSIC);
+    assert!(
+        !cats(&ok).contains(&Category::HallucinatedModule)
+            && !cats(&ok).contains(&Category::HallucinatedName)
+    );
+}

@@ -1,0 +1,209 @@
+//! The knowledge base of what Airflow really ships: every module under `airflow.` in the
+//! released wheels of apache-airflow, apache-airflow-core, the task SDK and the common
+//! providers, with the public names each defines and the distributions it comes from.
+//!
+//! Built by `kb/build.py` from the package index (the wheel list is inside the data) and
+//! embedded gzipped (`kb/airflow-modules.json.gz`).
+
+use serde::Deserialize;
+use std::collections::{HashMap, HashSet};
+use std::io::Read;
+use std::sync::OnceLock;
+
+#[derive(Deserialize)]
+struct Raw {
+    wheels: Vec<String>,
+    modules: HashMap<String, RawModule>,
+}
+
+#[derive(Deserialize)]
+struct RawModule {
+    names: Vec<String>,
+    open: bool,
+    dists: Vec<String>,
+    #[serde(default)]
+    deprecated: bool,
+}
+
+/// One module.
+#[derive(Debug)]
+pub struct Module {
+    /// Public names it defines or imports.
+    pub names: HashSet<String>,
+    /// It resolves names lazily (`__getattr__`): any name may exist.
+    pub open: bool,
+    /// Distributions that ship it.
+    pub dists: Vec<String>,
+    /// A virtual module Airflow keeps for backward compatibility.
+    pub deprecated: bool,
+}
+
+/// The index.
+#[derive(Debug)]
+pub struct Kb {
+    /// Wheels it was built from.
+    pub wheels: Vec<String>,
+    modules: HashMap<String, Module>,
+    provider_roots: Vec<String>,
+}
+
+/// What the index says about an import.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Lookup {
+    /// The module (and name) exist.
+    Exists,
+    /// The module is not in any release the index covers.
+    NoModule,
+    /// The module exists but does not define the name.
+    NoName,
+    /// The index cannot tell (a provider it does not cover, or not under `airflow.`).
+    Unknown,
+}
+
+impl Kb {
+    /// The embedded index, loaded once.
+    pub fn get() -> &'static Kb {
+        static KB: OnceLock<Kb> = OnceLock::new();
+        KB.get_or_init(|| {
+            let gz: &[u8] = include_bytes!("../kb/airflow-modules.json.gz");
+            let mut text = String::new();
+            let raw: Raw = flate2::read::GzDecoder::new(gz)
+                .read_to_string(&mut text)
+                .ok()
+                .and_then(|_| serde_json::from_str(&text).ok())
+                .unwrap_or(Raw {
+                    wheels: Vec::new(),
+                    modules: HashMap::new(),
+                });
+            let provider_roots = raw
+                .modules
+                .keys()
+                .filter_map(|m| m.strip_suffix(".get_provider_info"))
+                .map(String::from)
+                .collect();
+            Kb {
+                wheels: raw.wheels,
+                provider_roots,
+                modules: raw
+                    .modules
+                    .into_iter()
+                    .map(|(k, v)| {
+                        (
+                            k,
+                            Module {
+                                names: v.names.into_iter().collect(),
+                                open: v.open,
+                                dists: v.dists,
+                                deprecated: v.deprecated,
+                            },
+                        )
+                    })
+                    .collect(),
+            }
+        })
+    }
+
+    /// A module by dotted path.
+    pub fn module(&self, path: &str) -> Option<&Module> {
+        self.modules.get(path)
+    }
+
+    /// Whether the index covers `module` at all.
+    fn covers(&self, module: &str) -> bool {
+        if module != "airflow" && !module.starts_with("airflow.") {
+            return false;
+        }
+        if module == "airflow.providers" {
+            return true;
+        }
+        if let Some(rest) = module.strip_prefix("airflow.providers.") {
+            let _ = rest;
+            return self
+                .provider_roots
+                .iter()
+                .any(|r| module == r || module.starts_with(&format!("{r}.")));
+        }
+        true
+    }
+
+    /// Looks up `from module import name` (or `import module` when `name` is `None`).
+    pub fn lookup(&self, module: &str, name: Option<&str>) -> Lookup {
+        if self.modules.is_empty() || !self.covers(module) {
+            return Lookup::Unknown;
+        }
+        let Some(m) = self.modules.get(module) else {
+            return Lookup::NoModule;
+        };
+        match name {
+            None => Lookup::Exists,
+            Some(n) if m.open || m.names.contains(n) => Lookup::Exists,
+            Some(n) if self.modules.contains_key(&format!("{module}.{n}")) => Lookup::Exists,
+            Some(_) => Lookup::NoName,
+        }
+    }
+
+    /// The provider distributions a module comes from, when only providers ship it.
+    pub fn providers_of(&self, module: &str) -> Vec<String> {
+        match self.modules.get(module) {
+            Some(m)
+                if m.dists
+                    .iter()
+                    .all(|d| d.starts_with("apache-airflow-providers-")) =>
+            {
+                m.dists.clone()
+            }
+            _ => Vec::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_index_knows_real_airflow() {
+        let kb = Kb::get();
+        assert!(kb
+            .wheels
+            .iter()
+            .any(|w| w.starts_with("apache_airflow-2.10.5")));
+        assert_eq!(
+            kb.lookup("airflow.operators.bash", Some("BashOperator")),
+            Lookup::Exists
+        );
+        assert_eq!(
+            kb.lookup("airflow.operators.bash_operator", Some("BashOperator")),
+            Lookup::Exists
+        );
+        assert_eq!(
+            kb.lookup("airflow.operators.bash", Some("BashOperater")),
+            Lookup::NoName
+        );
+        assert_eq!(
+            kb.lookup("airflow.operators.snowflake_magic", None),
+            Lookup::NoModule
+        );
+        assert_eq!(kb.lookup("airflow", Some("DAG")), Lookup::Exists);
+        assert_eq!(
+            kb.lookup(
+                "airflow.providers.amazon.aws.operators.s3",
+                Some("S3CreateBucketOperator")
+            ),
+            Lookup::Exists
+        );
+        // A provider the index does not cover is not called hallucinated.
+        assert_eq!(
+            kb.lookup(
+                "airflow.providers.opsgenie.hooks.opsgenie",
+                Some("OpsgenieAlertHook")
+            ),
+            Lookup::Unknown
+        );
+        assert_eq!(kb.lookup("pandas", Some("DataFrame")), Lookup::Unknown);
+        assert_eq!(
+            kb.providers_of("airflow.providers.amazon.aws.operators.s3"),
+            vec!["apache-airflow-providers-amazon".to_string()]
+        );
+    }
+}
