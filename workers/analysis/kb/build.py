@@ -53,19 +53,27 @@ PACKAGES = [
 
 
 def public_names(tree):
-    names, is_open = set(), False
+    """Top-level names of a module, and whether it resolves other names lazily.
+
+    A module with `__getattr__` is open, unless it keeps its lazy names in a dict literal
+    (`__lazy_imports = {"DAG": ...}`, as `airflow` and `airflow.models` do): then those keys
+    are its names and it stays closed."""
+    names, has_getattr, lazy = set(), False, None
     for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             names.add(node.name)
             if node.name == "__getattr__":
-                is_open = True
-        elif isinstance(node, ast.Assign):
-            for t in node.targets:
+                has_getattr = True
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for t in targets:
                 for n in ast.walk(t):
                     if isinstance(n, ast.Name):
                         names.add(n.id)
-        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            names.add(node.target.id)
+                        if "lazy_imports" in n.id and isinstance(node.value, ast.Dict):
+                            lazy = (lazy or set()) | {
+                                k.value for k in node.value.keys if isinstance(k, ast.Constant) and isinstance(k.value, str)
+                            }
         elif isinstance(node, (ast.Import, ast.ImportFrom)):
             for a in node.names:
                 if a.name != "*":
@@ -74,8 +82,10 @@ def public_names(tree):
             sub = ast.Module(body=node.body + getattr(node, "orelse", []) + [h for hh in getattr(node, "handlers", []) for h in hh.body], type_ignores=[])
             n2, o2 = public_names(sub)
             names |= n2
-            is_open |= o2
-    return names, is_open
+            has_getattr |= o2
+    if lazy is not None:
+        return names | lazy, False
+    return names, has_getattr
 
 
 def deprecated_modules(tree, package):
