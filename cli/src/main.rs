@@ -285,7 +285,7 @@ async fn mine_local(
         }
         None => Box::new(std::io::stdout().lock()),
     };
-    let mut total = 0;
+    let mut all = Vec::new();
     for src in &spec.sources {
         let refs = match src {
             Source::Github { refs, .. } | Source::Git { refs, .. } => refs.clone(),
@@ -301,15 +301,22 @@ async fn mine_local(
                     continue;
                 }
             };
-            for m in &mined {
-                serde_json::to_writer(&mut sink, m)?;
-                sink.write_all(b"\n")?;
-            }
-            total += mined.len();
+            all.extend(mined);
             eprintln!("{}", serde_json::to_string(&summary)?);
         }
     }
+    // The same file in several versions becomes one record listing them; listing newer
+    // versions first in the spec keeps the newest text.
+    let found = all.len();
+    let merged = dagfleet_miner::merge_versions(all);
+    for m in &merged {
+        serde_json::to_writer(&mut sink, m)?;
+        sink.write_all(b"\n")?;
+    }
     sink.flush()?;
-    eprintln!("{total} DAG files");
+    eprintln!(
+        "{found} DAG files, {} after merging identical files across versions",
+        merged.len()
+    );
     Ok(std::process::ExitCode::SUCCESS)
 }

@@ -50,6 +50,45 @@ pub struct MinedDag {
     pub lines: usize,
     /// `short` (< 50 lines), `medium` (< 150) or `long`.
     pub length: String,
+    /// Every ref in which the same (normalised) file appears, after [`merge_versions`].
+    #[serde(default)]
+    pub versions: Vec<String>,
+}
+
+/// Content with trailing whitespace and blank lines removed: files that differ only in
+/// layout count as one.
+pub fn normalized_hash(content: &str) -> String {
+    let mut h = Sha256::new();
+    for line in content.lines().map(str::trim_end).filter(|l| !l.is_empty()) {
+        h.update(line.as_bytes());
+        h.update(b"\n");
+    }
+    hex::encode(h.finalize())
+}
+
+/// Merges the same file found in several refs into one record that lists them all, keeping
+/// the first record of each (pass the newest ref first to keep the newest text).
+pub fn merge_versions(records: Vec<MinedDag>) -> Vec<MinedDag> {
+    let mut out: Vec<MinedDag> = Vec::new();
+    let mut index: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for mut r in records {
+        let key = normalized_hash(&r.content);
+        match index.get(&key) {
+            Some(&i) => {
+                if !out[i].versions.contains(&r.reference) {
+                    out[i].versions.push(r.reference);
+                }
+            }
+            None => {
+                if r.versions.is_empty() {
+                    r.versions.push(r.reference.clone());
+                }
+                index.insert(key, out.len());
+                out.push(r);
+            }
+        }
+    }
+    out
 }
 
 /// What one shard found and dropped.
@@ -151,6 +190,7 @@ pub fn mine_files(
             complexity: report.metadata.complexity,
             lines,
             length,
+            versions: vec![reference.to_string()],
             content,
         });
     }
@@ -214,6 +254,38 @@ impl Handler for MinerHandler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_same_file_across_versions_is_one_record() {
+        let dag = "from airflow import DAG\nwith DAG('d') as dag:\n    pass\n";
+        let set = globset(&["**/example_*.py".into()]).unwrap();
+        let (a, _) = mine_files(
+            "s",
+            "2.10.5",
+            vec![("x/example_a.py".into(), dag.as_bytes().to_vec())],
+            &set,
+        );
+        let relaid = dag.replace("pass\n", "pass   \n\n\n");
+        let (b, _) = mine_files(
+            "s",
+            "2.6.3",
+            vec![("x/example_a.py".into(), relaid.into_bytes())],
+            &set,
+        );
+        let (c, _) = mine_files(
+            "s",
+            "2.6.3",
+            vec![(
+                "x/example_b.py".into(),
+                b"from airflow import DAG\nwith DAG('other') as dag:\n    pass\n".to_vec(),
+            )],
+            &set,
+        );
+        let merged = merge_versions(a.into_iter().chain(b).chain(c).collect());
+        assert_eq!(merged.len(), 2);
+        assert_eq!(merged[0].versions, ["2.10.5", "2.6.3"]);
+        assert_eq!(merged[1].versions, ["2.6.3"]);
+    }
 
     #[test]
     fn filters_keep_real_dags_only() {
