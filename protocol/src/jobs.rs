@@ -27,6 +27,9 @@ pub enum Source {
         /// Tags or branches to read.
         #[serde(default)]
         refs: Vec<String>,
+        /// API base URL; `https://api.github.com` when absent (set it for GitHub Enterprise).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        api_url: Option<String>,
     },
     /// A local git repository.
     Git {

@@ -12,6 +12,7 @@
 //!   ([`ShardSummary`]: kept, dropped by reason, length distribution, missing refs).
 
 pub mod archive;
+pub mod github;
 pub mod sources;
 
 use bytes::Bytes;
@@ -234,6 +235,12 @@ impl Handler for MinerHandler {
                 },
             ),
             Err(sources::SourceError::Transient(why)) => return Err(JobError::retry(why)),
+            Err(sources::SourceError::RateLimited(after, why)) => {
+                return Err(JobError::Retry {
+                    reason: why,
+                    after: Some(after),
+                })
+            }
             Err(sources::SourceError::Refused(why)) => return Err(JobError::fatal(why)),
         };
         let mut body = Vec::new();

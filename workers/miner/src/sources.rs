@@ -20,6 +20,9 @@ pub enum SourceError {
     /// Unsafe or unusable input: dead-letter the job.
     #[error("refused: {0}")]
     Refused(String),
+    /// The server asks us to wait this long.
+    #[error("rate limited: {1}")]
+    RateLimited(std::time::Duration, String),
 }
 
 /// A short name for records: `pypi:apache-airflow`, `dir:/path`, ...
@@ -49,10 +52,24 @@ pub async fn read(
         Source::Git { path, .. } => read_git(path, reference, globs).await,
         Source::Pypi {
             package, index_url, ..
-        } => read_pypi(index_url.as_deref().unwrap_or("https://pypi.org"), package, reference, globs).await,
-        Source::Github { .. } => Err(SourceError::Refused(
-            "GitHub sources are not supported by this miner yet; use a git clone (kind = \"git\") or PyPI releases".into(),
-        )),
+        } => {
+            read_pypi(
+                index_url.as_deref().unwrap_or("https://pypi.org"),
+                package,
+                reference,
+                globs,
+            )
+            .await
+        }
+        Source::Github { repo, api_url, .. } => {
+            crate::github::read(
+                api_url.as_deref().unwrap_or("https://api.github.com"),
+                repo,
+                reference,
+                globs,
+            )
+            .await
+        }
     }
 }
 
