@@ -1,5 +1,5 @@
-//! Real data: the miner on the apache-airflow 2.10.5 release from PyPI finds exactly the DAG
-//! files Airflow's own DagBag loads from the same files (labels in tests/data/dagbag), apart
+//! Real data: the miner on apache-airflow releases from PyPI finds exactly the DAG files
+//! Airflow's own DagBag loads from the same files (labels in tests/data/dagbag), apart
 //! from the files whose DAGs sit behind an environment check, listed here with the reason.
 //! Needs network access to the package index (pypi.org), as CI has.
 
@@ -8,7 +8,31 @@
 use std::collections::BTreeSet;
 
 /// DAGs defined only when the environment allows; DagBag in a plain install loads none.
-const ENVIRONMENT_DEPENDENT: &[(&str, &str)] = &[
+const ENVIRONMENT_DEPENDENT_2_6_3: &[(&str, &str)] = &[
+    (
+        "airflow/example_dags/example_kubernetes_executor.py",
+        "`if k8s:` (kubernetes importable)",
+    ),
+    (
+        "airflow/example_dags/example_local_kubernetes_executor.py",
+        "`if k8s:` (kubernetes importable)",
+    ),
+    (
+        "airflow/example_dags/example_setup_teardown.py",
+        "`if _ENABLE_AIP_52:` (feature flag, off by default)",
+    ),
+    (
+        "airflow/example_dags/example_setup_teardown_taskflow.py",
+        "`if _ENABLE_AIP_52:` (feature flag, off by default)",
+    ),
+    (
+        "airflow/example_dags/tutorial_taskflow_api_virtualenv.py",
+        "`if not shutil.which(\"virtualenv\"): ... else:`",
+    ),
+];
+
+/// The same for 2.10.5.
+const ENVIRONMENT_DEPENDENT_2_10_5: &[(&str, &str)] = &[
     (
         "airflow/example_dags/example_branch_operator.py",
         "`if is_venv_installed():`",
@@ -37,10 +61,27 @@ const ENVIRONMENT_DEPENDENT: &[(&str, &str)] = &[
 
 #[tokio::test]
 async fn apache_airflow_2_10_5_matches_dagbag() {
-    let labels: serde_json::Value = serde_json::from_str(include_str!(
-        "../../../tests/data/dagbag/apache-airflow-2.10.5.json"
-    ))
-    .unwrap();
+    check(
+        "2.10.5",
+        include_str!("../../../tests/data/dagbag/apache-airflow-2.10.5.json"),
+        ENVIRONMENT_DEPENDENT_2_10_5,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn apache_airflow_2_6_3_matches_dagbag() {
+    check(
+        "2.6.3",
+        include_str!("../../../tests/data/dagbag/apache-airflow-2.6.3.json"),
+        ENVIRONMENT_DEPENDENT_2_6_3,
+    )
+    .await;
+}
+
+async fn check(version: &str, labels: &str, environment_dependent: &[(&str, &str)]) {
+    let labels: serde_json::Value = serde_json::from_str(labels).unwrap();
+    assert_eq!(labels["version"], version);
     let files = labels["files"].as_object().unwrap();
     let dagbag: BTreeSet<&str> = files
         .iter()
@@ -52,17 +93,16 @@ async fn apache_airflow_2_10_5_matches_dagbag() {
         dagfleet_miner::globset(&["**/example_*.py".into(), "**/example_dags/**".into()]).unwrap();
     let source = dagfleet_protocol::jobs::Source::Pypi {
         package: "apache-airflow".into(),
-        versions: vec!["2.10.5".into()],
+        versions: vec![version.into()],
         index_url: None,
     };
-    let read = dagfleet_miner::sources::read(&source, "2.10.5", &globs)
+    let read = dagfleet_miner::sources::read(&source, version, &globs)
         .await
         .unwrap();
-    let (mined, summary) =
-        dagfleet_miner::mine_files("pypi:apache-airflow", "2.10.5", read, &globs);
+    let (mined, summary) = dagfleet_miner::mine_files("pypi:apache-airflow", version, read, &globs);
     let found: BTreeSet<&str> = mined.iter().map(|m| m.path.as_str()).collect();
 
-    let env: BTreeSet<&str> = ENVIRONMENT_DEPENDENT.iter().map(|(p, _)| *p).collect();
+    let env: BTreeSet<&str> = environment_dependent.iter().map(|(p, _)| *p).collect();
     let expected: BTreeSet<&str> = dagbag.union(&env).copied().collect();
     assert_eq!(
         found.difference(&expected).collect::<Vec<_>>(),
