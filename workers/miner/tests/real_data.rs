@@ -79,7 +79,66 @@ async fn apache_airflow_2_6_3_matches_dagbag() {
     .await;
 }
 
+/// The same for Airflow 3.0.6, whose example DAGs come from apache-airflow-core and the
+/// providers installed with it.
+const ENVIRONMENT_DEPENDENT_3_0_6: &[(&str, &str)] = &[
+    (
+        "airflow/example_dags/example_kubernetes_executor.py",
+        "`if k8s:` (kubernetes importable)",
+    ),
+    (
+        "airflow/example_dags/example_local_kubernetes_executor.py",
+        "`if k8s:` (kubernetes importable)",
+    ),
+    (
+        "airflow/example_dags/tutorial_objectstorage.py",
+        "needs an s3 filesystem (s3fs) at import",
+    ),
+    (
+        "airflow/example_dags/example_custom_weight.py",
+        "needs its priority-weight plugin registered",
+    ),
+    (
+        "airflow/providers/standard/example_dags/example_bash_decorator.py",
+        "providers-standard 1.21.0 imports a name task-sdk 1.0.6 lacks",
+    ),
+    (
+        "airflow/providers/standard/example_dags/example_hitl_operator.py",
+        "needs Airflow 3.1+ (checked at import)",
+    ),
+];
+
+#[tokio::test]
+async fn apache_airflow_core_3_0_6_and_providers_match_dagbag() {
+    check_packages(
+        &[
+            ("apache-airflow-core", "3.0.6"),
+            ("apache-airflow-providers-standard", "1.21.0"),
+            ("apache-airflow-providers-common-sql", "2.4.0"),
+        ],
+        "3.0.6",
+        include_str!("../../../tests/data/dagbag/apache-airflow-3.0.6.json"),
+        ENVIRONMENT_DEPENDENT_3_0_6,
+    )
+    .await;
+}
+
 async fn check(version: &str, labels: &str, environment_dependent: &[(&str, &str)]) {
+    check_packages(
+        &[("apache-airflow", version)],
+        version,
+        labels,
+        environment_dependent,
+    )
+    .await;
+}
+
+async fn check_packages(
+    packages: &[(&str, &str)],
+    version: &str,
+    labels: &str,
+    environment_dependent: &[(&str, &str)],
+) {
     let labels: serde_json::Value = serde_json::from_str(labels).unwrap();
     assert_eq!(labels["version"], version);
     let files = labels["files"].as_object().unwrap();
@@ -91,15 +150,22 @@ async fn check(version: &str, labels: &str, environment_dependent: &[(&str, &str
 
     let globs =
         dagfleet_miner::globset(&["**/example_*.py".into(), "**/example_dags/**".into()]).unwrap();
-    let source = dagfleet_protocol::jobs::Source::Pypi {
-        package: "apache-airflow".into(),
-        versions: vec![version.into()],
-        index_url: None,
-    };
-    let read = dagfleet_miner::sources::read(&source, version, &globs)
-        .await
-        .unwrap();
-    let (mined, summary) = dagfleet_miner::mine_files("pypi:apache-airflow", version, read, &globs);
+    let mut mined = Vec::new();
+    let mut summaries = Vec::new();
+    for (package, v) in packages {
+        let source = dagfleet_protocol::jobs::Source::Pypi {
+            package: (*package).into(),
+            versions: vec![(*v).into()],
+            index_url: None,
+        };
+        let read = dagfleet_miner::sources::read(&source, v, &globs)
+            .await
+            .unwrap();
+        let (m, summary) = dagfleet_miner::mine_files(package, v, read, &globs);
+        mined.extend(m);
+        summaries.push(summary);
+    }
+    let summary = summaries;
     let found: BTreeSet<&str> = mined.iter().map(|m| m.path.as_str()).collect();
 
     let env: BTreeSet<&str> = environment_dependent.iter().map(|(p, _)| *p).collect();
