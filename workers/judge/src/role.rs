@@ -1,5 +1,6 @@
 //! The judge as a worker role: one judge batch job reads a row range of a JSONL artifact and
-//! writes `eval.jsonl` (one [`EvalRow`] per input row) and `summary.json`.
+//! writes `eval.jsonl` (one [`crate::EvalRow`] per input row), `summary.json` and
+//! `summary.md` (per model: validity rate and counts per category).
 //!
 //! Input rows are either generated outputs ([`GenRow`], with `output`) or mined DAG records
 //! (with `content`), which are judged as references so a mined corpus can be checked too.
@@ -95,6 +96,8 @@ impl Handler for JudgeHandler {
         let s = serde_json::to_vec_pretty(&summary)
             .map_err(|e| JobError::fatal(format!("cannot encode summary: {e}")))?;
         ctx.put("summary.json", Bytes::from(s)).await?;
+        ctx.put("summary.md", Bytes::from(summary.markdown()))
+            .await?;
         Ok(JobOutput::default()
             .metric("rows", rows as f64)
             .metric("valid", valid as f64)
