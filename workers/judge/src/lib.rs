@@ -163,21 +163,14 @@ pub struct GenRow {
     pub finish_reason: Option<String>,
 }
 
-/// One row of the evaluation dataset.
+/// One row of the evaluation dataset: the generated row as it came (model, prompts,
+/// reference, output, finish reason), the code that was judged, the verdict, and a slot for
+/// LLM-judge scores.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EvalRow {
-    /// Row id.
-    pub id: String,
-    /// Model.
-    pub model: String,
-    /// System prompt.
-    pub system_prompt: String,
-    /// Instruction.
-    pub instruction: String,
-    /// Original (reference) code.
-    pub reference: Option<String>,
-    /// The model's answer.
-    pub output: String,
+    /// The row that was judged.
+    #[serde(flatten)]
+    pub row: GenRow,
     /// The extracted code that was judged.
     pub code: String,
     /// The verdict.
@@ -204,12 +197,7 @@ pub fn judge_row(row: &GenRow, opts: &Options) -> EvalRow {
         }
     }
     EvalRow {
-        id: row.id.clone(),
-        model: row.model.clone(),
-        system_prompt: row.system_prompt.clone(),
-        instruction: row.instruction.clone(),
-        reference: row.reference.clone(),
-        output: row.output.clone(),
+        row: row.clone(),
         code: ex.code,
         verdict,
         llm_scores: None,
@@ -239,7 +227,7 @@ pub struct Summary {
 impl Summary {
     /// Adds one row.
     pub fn add(&mut self, row: &EvalRow) {
-        let m = self.models.entry(row.model.clone()).or_default();
+        let m = self.models.entry(row.row.model.clone()).or_default();
         m.rows += 1;
         if row.verdict.valid {
             m.valid += 1;
