@@ -29,27 +29,7 @@ use crate::config::Config;
 #[derive(Subcommand, Debug)]
 pub enum BenchCmd {
     /// No-op jobs through coordinator and workers, beside a bare async-nats loop.
-    Queue {
-        /// Jobs per measurement.
-        #[arg(long, default_value_t = 20_000)]
-        jobs: u32,
-        /// Worker counts to measure.
-        #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
-        workers: Vec<usize>,
-        /// Concurrency of each worker.
-        #[arg(long, default_value_t = 256)]
-        concurrency: usize,
-        /// Seconds of paced load for each latency measurement.
-        #[arg(long, default_value_t = 5)]
-        latency_secs: u64,
-        /// Paced rate (jobs/s) of the latency measurements; half of dagfleet's one-worker
-        /// throughput when absent. The peer is measured at the same rate.
-        #[arg(long)]
-        latency_rate: Option<f64>,
-        /// Use the configured NATS server instead of starting a fresh one.
-        #[arg(long)]
-        external_nats: bool,
-    },
+    Queue(QueueArgs),
     /// The judge's analysis on one core over a corpus of mined DAGs (`dagfleet mine` JSONL),
     /// beside Python's `ast.parse` on the same files, and the miner's files/s from a local
     /// directory.
@@ -64,6 +44,30 @@ pub enum BenchCmd {
         #[arg(long, default_value = "python3")]
         python: String,
     },
+}
+
+/// Settings of `dagfleet bench queue`.
+#[derive(clap::Args, Debug)]
+pub struct QueueArgs {
+    /// Jobs per measurement.
+    #[arg(long, default_value_t = 20_000)]
+    jobs: u32,
+    /// Worker counts to measure.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+    workers: Vec<usize>,
+    /// Concurrency of each worker.
+    #[arg(long, default_value_t = 256)]
+    concurrency: usize,
+    /// Seconds of paced load for each latency measurement.
+    #[arg(long, default_value_t = 5)]
+    latency_secs: u64,
+    /// Paced rate (jobs/s) of the latency measurements; half of dagfleet's one-worker
+    /// throughput when absent. The peer is measured at the same rate.
+    #[arg(long)]
+    latency_rate: Option<f64>,
+    /// Use the configured NATS server instead of starting a fresh one.
+    #[arg(long)]
+    external_nats: bool,
 }
 
 struct Server {
@@ -130,22 +134,8 @@ fn summarize(mut v: Vec<f64>) -> (f64, f64) {
 
 /// Runs a benchmark and prints Markdown tables.
 pub async fn run(cmd: BenchCmd, cfg: &Config) -> Result<()> {
-    let (jobs, workers, concurrency, latency_secs, latency_rate, external_nats) = match cmd {
-        BenchCmd::Queue {
-            jobs,
-            workers,
-            concurrency,
-            latency_secs,
-            latency_rate,
-            external_nats,
-        } => (
-            jobs,
-            workers,
-            concurrency,
-            latency_secs,
-            latency_rate,
-            external_nats,
-        ),
+    let a = match cmd {
+        BenchCmd::Queue(a) => a,
         #[cfg(all(feature = "judge", feature = "miner"))]
         BenchCmd::Judge {
             corpus,
@@ -153,6 +143,14 @@ pub async fn run(cmd: BenchCmd, cfg: &Config) -> Result<()> {
             python,
         } => return bench_judge(&corpus, passes, &python),
     };
+    let QueueArgs {
+        jobs,
+        workers,
+        concurrency,
+        latency_secs,
+        latency_rate,
+        external_nats,
+    } = a;
     // Every measurement gets a fresh server (unless --external-nats), so the clean-up of one
     // measurement's deleted messages does not disturb the next.
     let fresh = || async {

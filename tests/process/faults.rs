@@ -41,6 +41,20 @@ fn spawn(args: &[&str], env: &[(&'static str, String)], extra: &[(&'static str, 
     Proc::spawn(args, &all, None)
 }
 
+/// Starts a noop worker process named `id` and waits for its first heartbeat.
+async fn start_worker(
+    bus: &dagfleet_runtime::Bus,
+    env: &[(&'static str, String)],
+    id: &'static str,
+    extra: &[(&'static str, &'static str)],
+) -> Proc {
+    let mut all = vec![("DAGFLEET_WORKER__ID", id)];
+    all.extend_from_slice(extra);
+    let p = spawn(&["worker", "--role", "noop"], env, &all);
+    wait_for_worker(bus, &format!("noop.{id}-")).await;
+    p
+}
+
 async fn wait_for_worker(bus: &dagfleet_runtime::Bus, prefix: &str) {
     let t0 = Instant::now();
     loop {
@@ -98,12 +112,7 @@ async fn a_worker_killed_mid_job_is_replaced_and_the_job_completes_once() {
     let env = env(&nats.url(), dir.path().to_str().unwrap());
     let stack = Stack::start(&nats.config(), store.clone(), 1, 0).await;
 
-    let mut a = spawn(
-        &["worker", "--role", "noop"],
-        &env,
-        &[("DAGFLEET_WORKER__ID", "a")],
-    );
-    wait_for_worker(&stack.bus, "noop.a-").await;
+    let mut a = start_worker(&stack.bus, &env, "a", &[]).await;
     let run = stack
         .submit(&noop_spec("kill9", 1, "work_ms = 3000\noutput_bytes = 16"))
         .await;
@@ -137,12 +146,7 @@ async fn sigterm_finishes_in_flight_jobs_or_hands_them_back() {
     let stack = Stack::start(&nats.config(), store.clone(), 1, 0).await;
 
     // Within the grace period the job finishes on the worker being stopped.
-    let mut a = spawn(
-        &["worker", "--role", "noop"],
-        &env,
-        &[("DAGFLEET_WORKER__ID", "a")],
-    );
-    wait_for_worker(&stack.bus, "noop.a-").await;
+    let mut a = start_worker(&stack.bus, &env, "a", &[]).await;
     let run = stack
         .submit(&noop_spec("drain", 1, "work_ms = 1500\noutput_bytes = 8"))
         .await;
@@ -158,15 +162,13 @@ async fn sigterm_finishes_in_flight_jobs_or_hands_them_back() {
     assert_eq!((recs[0].worker.as_str(), recs[0].attempt), ("a-noop", 1));
 
     // Past the grace period the job is handed back and another worker takes it.
-    let mut c = spawn(
-        &["worker", "--role", "noop"],
+    let mut c = start_worker(
+        &stack.bus,
         &env,
-        &[
-            ("DAGFLEET_WORKER__ID", "c"),
-            ("DAGFLEET_WORKER__SHUTDOWN_GRACE", "200ms"),
-        ],
-    );
-    wait_for_worker(&stack.bus, "noop.c-").await;
+        "c",
+        &[("DAGFLEET_WORKER__SHUTDOWN_GRACE", "200ms")],
+    )
+    .await;
     let run = stack
         .submit(&noop_spec(
             "handback",
