@@ -216,9 +216,14 @@ fn apply_event(state: &mut RunState, kind: &EventKind) -> bool {
         EventKind::JobsDone { records } => {
             let mut changed = false;
             for rec in records {
-                changed |= state
-                    .stage_mut(rec.stage)
-                    .is_some_and(|s| s.done.insert(rec.index));
+                if let Some(s) = state.stage_mut(rec.stage) {
+                    if s.done.insert(rec.index) {
+                        changed = true;
+                        for (k, v) in &rec.metrics {
+                            *s.metrics.entry(k.clone()).or_default() += v;
+                        }
+                    }
+                }
             }
             changed
         }

@@ -149,13 +149,11 @@ mod tests {
                 inputs: vec![art(1)],
                 rows: (0, 10),
                 teacher: model.clone(),
-                variants: 3,
+                spec: crate::spec::SynthSpec::default(),
             }),
             Job::Dataset(DatasetBuild {
                 inputs: vec![art(2)],
-                seed: 7,
-                splits: [0.8, 0.1, 0.1],
-                system_prompt: "You write Airflow DAGs.".into(),
+                spec: crate::spec::DatasetSpec::default(),
             }),
             Job::Train(TrainJob {
                 base: model.clone(),

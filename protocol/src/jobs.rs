@@ -86,8 +86,8 @@ pub struct SynthChunk {
     pub rows: (u64, u64),
     /// The teacher.
     pub teacher: ModelRef,
-    /// Instruction variants per DAG.
-    pub variants: u32,
+    /// What to ask and how.
+    pub spec: crate::spec::SynthSpec,
 }
 
 /// Build train/valid/test splits from synthesized pairs.
@@ -95,12 +95,8 @@ pub struct SynthChunk {
 pub struct DatasetBuild {
     /// Synthesized-pair artifacts.
     pub inputs: Vec<ArtifactRef>,
-    /// Split seed.
-    pub seed: u64,
-    /// Train, valid and test fractions.
-    pub splits: [f32; 3],
-    /// System prompt of every ChatML row.
-    pub system_prompt: String,
+    /// Seed, splits, system prompt, near-duplicate threshold.
+    pub spec: crate::spec::DatasetSpec,
 }
 
 /// LoRA fine-tuning of a base model on a dataset.

@@ -71,6 +71,145 @@ pub struct RunSpec {
     /// The `judge` stage.
     #[serde(default)]
     pub judge: JudgeSpec,
+    /// The `synthesize` stage.
+    #[serde(default)]
+    pub synthesize: SynthSpec,
+    /// The `dataset` stage.
+    #[serde(default)]
+    pub dataset: DatasetSpec,
+}
+
+/// How the synthesize stage talks to its teacher.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SynthMode {
+    /// The provider's batch API where it has one (Anthropic, OpenAI), else online requests.
+    #[default]
+    Auto,
+    /// Always the batch API: half the price, results within hours.
+    Batch,
+    /// Always one request per prompt, bounded by the provider's concurrency.
+    Online,
+}
+
+/// An extra kind of training example the teacher writes, e.g. "explain this DAG".
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskTemplate {
+    /// Name recorded in each row's `kind`, e.g. `explain`.
+    pub name: String,
+    /// What the teacher is asked; `{dag}` is replaced by the DAG's code.
+    pub prompt: String,
+    /// The user turn of the training row; `{dag}` and `{reply}` (the teacher's reply) are
+    /// replaced.
+    pub instruction: String,
+    /// The assistant turn: `reply` (the teacher's reply) or `dag` (the original code).
+    #[serde(default = "default_answer")]
+    pub answer: String,
+}
+
+fn default_answer() -> String {
+    "reply".into()
+}
+
+/// Synthesize options.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SynthSpec {
+    /// Instructions asked per DAG.
+    pub variants: u32,
+    /// The angle of each variant, in order; cycled when `variants` is larger.
+    pub aspects: Vec<String>,
+    /// The teacher's system prompt.
+    pub system: String,
+    /// The prompt template; `{dag}`, `{variants}`, `{aspects}` and `{airflow_version}` are
+    /// replaced.
+    pub prompt: String,
+    /// Token limit of each teacher reply.
+    pub max_tokens: u32,
+    /// Sampling temperature; the provider's default when absent.
+    pub temperature: Option<f32>,
+    /// Batch or online requests.
+    pub mode: SynthMode,
+    /// DAGs per synthesize job (and per provider batch).
+    pub chunk_rows: u64,
+    /// The teacher's context window in tokens; longer DAGs are skipped with the reason.
+    pub context_tokens: u64,
+    /// Instructions shorter than this many characters are dropped.
+    pub min_chars: usize,
+    /// Instructions longer than this many characters are dropped.
+    pub max_chars: usize,
+    /// Word-shingle Jaccard similarity at or above which two instructions for one DAG count
+    /// as near-duplicates.
+    pub near_duplicate: f64,
+    /// Broken variants made per DAG for the troubleshooting set; 0 turns it off.
+    pub failures_per_dag: u32,
+    /// Extra teacher-written task kinds.
+    pub tasks: Vec<TaskTemplate>,
+    /// How long a provider batch may run before it is cancelled.
+    #[serde(with = "humantime_serde")]
+    pub batch_deadline: Duration,
+    /// How often a running batch is polled.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// Times errored or expired requests are resubmitted.
+    pub max_resubmits: u32,
+}
+
+/// The default teacher prompt.
+pub const DEFAULT_SYNTH_PROMPT: &str = "Here is an Apache Airflow DAG file (Airflow {airflow_version}):\n\n```python\n{dag}\n```\n\nWrite {variants} different instructions a data engineer could have given to get exactly this DAG written. Write them as requests, without code. One per angle, in this order: {aspects}.\n\nAnswer with a JSON array of {variants} strings and nothing else.";
+
+impl Default for SynthSpec {
+    fn default() -> Self {
+        Self {
+            variants: 3,
+            aspects: vec![
+                "the business purpose".into(),
+                "the technical workflow structure".into(),
+                "the data-processing view".into(),
+            ],
+            system: "You write concise, realistic requests that data engineers make to a coding assistant.".into(),
+            prompt: DEFAULT_SYNTH_PROMPT.into(),
+            max_tokens: 1024,
+            temperature: None,
+            mode: SynthMode::Auto,
+            chunk_rows: 500,
+            context_tokens: 32_000,
+            min_chars: 20,
+            max_chars: 2_000,
+            near_duplicate: 0.8,
+            failures_per_dag: 1,
+            tasks: Vec::new(),
+            batch_deadline: Duration::from_secs(24 * 3600),
+            poll_interval: Duration::from_secs(30),
+            max_resubmits: 2,
+        }
+    }
+}
+
+/// Dataset options.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatasetSpec {
+    /// Seed of the split assignment.
+    pub seed: u64,
+    /// Train, valid and test fractions; they must sum to 1.
+    pub splits: [f64; 3],
+    /// The system prompt of every ChatML row.
+    pub system_prompt: String,
+    /// MinHash Jaccard estimate at or above which two rows count as near-duplicates.
+    pub near_duplicate: f64,
+}
+
+impl Default for DatasetSpec {
+    fn default() -> Self {
+        Self {
+            seed: 42,
+            splits: [0.8, 0.1, 0.1],
+            system_prompt: "You are an expert Apache Airflow engineer. Write complete, correct Airflow DAG files.".into(),
+            near_duplicate: 0.9,
+        }
+    }
 }
 
 /// Judge options.
@@ -226,6 +365,77 @@ impl RunSpec {
                     "models.base",
                     format!("the `{st}` stage needs a base model"),
                 ));
+            }
+        }
+        if self.stages.contains(&Stage::Synthesize) {
+            let sy = &self.synthesize;
+            if !self.stages.contains(&Stage::Mine) {
+                return Err(invalid(
+                    "stages",
+                    "the `synthesize` stage needs the `mine` stage before it",
+                ));
+            }
+            if sy.variants == 0 || sy.variants > 20 {
+                return Err(invalid("synthesize.variants", "must be 1 to 20"));
+            }
+            if sy.aspects.is_empty() {
+                return Err(invalid("synthesize.aspects", "must list at least one aspect"));
+            }
+            if !sy.prompt.contains("{dag}") {
+                return Err(invalid("synthesize.prompt", "must contain `{dag}`"));
+            }
+            if sy.chunk_rows == 0 {
+                return Err(invalid("synthesize.chunk_rows", "must be at least 1"));
+            }
+            if sy.min_chars >= sy.max_chars {
+                return Err(invalid(
+                    "synthesize.min_chars",
+                    format!("{} must be below max_chars = {}", sy.min_chars, sy.max_chars),
+                ));
+            }
+            if !(0.0..=1.0).contains(&sy.near_duplicate) {
+                return Err(invalid("synthesize.near_duplicate", "must be within 0 to 1"));
+            }
+            if sy.poll_interval.is_zero() {
+                return Err(invalid("synthesize.poll_interval", "must be above 0"));
+            }
+            for (i, t) in sy.tasks.iter().enumerate() {
+                if t.name.is_empty() || !t.prompt.contains("{dag}") {
+                    return Err(invalid(
+                        &format!("synthesize.tasks[{i}]"),
+                        "needs a `name` and a `prompt` containing `{dag}`",
+                    ));
+                }
+                if t.answer != "reply" && t.answer != "dag" {
+                    return Err(invalid(
+                        &format!("synthesize.tasks[{i}].answer"),
+                        format!("`{}` must be `reply` or `dag`", t.answer),
+                    ));
+                }
+            }
+        }
+        if self.stages.contains(&Stage::Dataset) {
+            if !self.stages.contains(&Stage::Synthesize) {
+                return Err(invalid(
+                    "stages",
+                    "the `dataset` stage needs the `synthesize` stage before it",
+                ));
+            }
+            let d = &self.dataset;
+            if d.splits.iter().any(|f| !(0.0..=1.0).contains(f))
+                || (d.splits.iter().sum::<f64>() - 1.0).abs() > 1e-6
+                || d.splits[0] == 0.0
+            {
+                return Err(invalid(
+                    "dataset.splits",
+                    format!(
+                        "{:?} must be three fractions (train, valid, test) that sum to 1, with train above 0",
+                        d.splits
+                    ),
+                ));
+            }
+            if !(0.0..=1.0).contains(&d.near_duplicate) {
+                return Err(invalid("dataset.near_duplicate", "must be within 0 to 1"));
             }
         }
         if self.stages.contains(&Stage::Judge) {

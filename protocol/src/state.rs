@@ -70,7 +70,7 @@ pub enum StageStatus {
 }
 
 /// State of one stage of a run.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StageState {
     /// The stage.
     pub stage: Stage,
@@ -94,6 +94,10 @@ pub struct StageState {
     /// When the last job finished.
     #[serde(default)]
     pub finished_at_ms: i64,
+    /// Sums of the metrics of finished jobs (rows, tokens, `cost_usd`, ...), each job counted
+    /// once.
+    #[serde(default)]
+    pub metrics: std::collections::BTreeMap<String, f64>,
 }
 
 impl StageState {
@@ -137,6 +141,7 @@ impl RunState {
                 lease_until_ms: 0,
                 started_at_ms: 0,
                 finished_at_ms: 0,
+                metrics: Default::default(),
             })
             .collect();
         Self {

@@ -19,9 +19,9 @@ pub mod store;
 pub mod worker;
 
 pub use bus::Bus;
-pub use config::{NatsConfig, QueueConfig, StageQueue, StoreConfig};
+pub use config::{NatsConfig, QueueConfig, Secret, StageQueue, StoreConfig};
 pub use error::{BusError, JobError, StoreError};
-pub use store::ArtifactStore;
+pub use store::{sha256_hex, ArtifactStore};
 pub use worker::{Handler, JobContext, JobOutput, Worker, WorkerConfig, WorkerStats};
 
 /// Milliseconds since the Unix epoch.
