@@ -8,11 +8,13 @@ use dagfleet_runtime::{NatsConfig, QueueConfig, StoreConfig};
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
+use dagfleet_providers::{ProviderConfig, ProviderKind};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
 /// Everything the binary can be configured with.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// NATS connection.
@@ -29,6 +31,34 @@ pub struct Config {
     pub up: UpSettings,
     /// Logging.
     pub log: LogSettings,
+    /// Teacher LLM providers by name, as run specs name them in `models.teacher.provider`.
+    /// `anthropic` and `openai` are predefined for the vendors' APIs, so
+    /// `DAGFLEET_PROVIDERS__ANTHROPIC__API_KEY` (or `ANTHROPIC_API_KEY`) is all they need.
+    pub providers: BTreeMap<String, ProviderConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            nats: Default::default(),
+            store: Default::default(),
+            queues: Default::default(),
+            worker: Default::default(),
+            coordinator: Default::default(),
+            up: Default::default(),
+            log: Default::default(),
+            providers: BTreeMap::from([
+                (
+                    "anthropic".to_string(),
+                    ProviderConfig::new(ProviderKind::Anthropic, None),
+                ),
+                (
+                    "openai".to_string(),
+                    ProviderConfig::new(ProviderKind::Openai, None),
+                ),
+            ]),
+        }
+    }
 }
 
 /// Worker settings.

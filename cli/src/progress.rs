@@ -11,13 +11,39 @@ use std::io::IsTerminal;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
+/// Rows, tokens and cost of a stage's finished jobs, e.g. `, 120 rows, 3 cached, $0.0421`.
+/// A cost with requests that had no price is shown as unknown, never as zero.
+fn stage_extra(s: &dagfleet_protocol::StageState) -> String {
+    let m = &s.metrics;
+    let mut out = String::new();
+    if let Some(r) = m.get("rows") {
+        out.push_str(&format!(", {r} rows"));
+    }
+    if let Some(c) = m.get("cached").filter(|c| **c > 0.0) {
+        out.push_str(&format!(", {c} cached replies"));
+    }
+    let tokens = m.get("input_tokens").copied().unwrap_or(0.0) + m.get("output_tokens").copied().unwrap_or(0.0);
+    if tokens > 0.0 {
+        out.push_str(&format!(", {tokens} tokens"));
+    }
+    match (m.get("cost_usd"), m.get("cost_unknown_requests")) {
+        (_, Some(u)) if *u > 0.0 => out.push_str(&format!(
+            ", cost unknown ({u} requests without a price; known part ${:.4})",
+            m.get("cost_usd").copied().unwrap_or(0.0)
+        )),
+        (Some(c), _) => out.push_str(&format!(", cost ${c:.4}")),
+        _ => {}
+    }
+    out
+}
+
 fn stage_line(s: &dagfleet_protocol::StageState) -> String {
     let status = format!("{:?}", s.status).to_lowercase();
     if s.jobs == 0 {
         format!("{:<10} {status}", s.stage.as_str())
     } else {
         format!(
-            "{:<10} {status:<10} {}/{} jobs{}",
+            "{:<10} {status:<10} {}/{} jobs{}{}",
             s.stage.as_str(),
             s.done.len(),
             s.jobs,
@@ -25,7 +51,8 @@ fn stage_line(s: &dagfleet_protocol::StageState) -> String {
                 String::new()
             } else {
                 format!(", {} dead-lettered", s.failed.len())
-            }
+            },
+            stage_extra(s)
         )
     }
 }
@@ -154,6 +181,7 @@ pub async fn follow(
                 if !s.failed.is_empty() {
                     msg.push_str(&format!(" ({} dead-lettered)", s.failed.len()));
                 }
+                msg.push_str(&stage_extra(s));
                 bar.set_message(msg);
                 if matches!(s.status, StageStatus::Done | StageStatus::Failed) && !bar.is_finished()
                 {

@@ -15,6 +15,8 @@ pub fn built_in() -> Vec<Role> {
         Role::Miner,
         #[cfg(feature = "judge")]
         Role::Judge,
+        #[cfg(feature = "synth")]
+        Role::Synthesizer,
         #[cfg(feature = "noop")]
         Role::Noop,
     ]
@@ -59,6 +61,13 @@ pub async fn run_worker(
         #[cfg(feature = "judge")]
         Role::Judge => {
             dagfleet_runtime::Worker::new(bus, store, dagfleet_judge::JudgeHandler, wc)
+                .run(shutdown)
+                .await?
+        }
+        #[cfg(feature = "synth")]
+        Role::Synthesizer => {
+            let h = dagfleet_synth::SynthHandler::new(cfg.providers.clone());
+            dagfleet_runtime::Worker::new(bus, store, h, wc)
                 .run(shutdown)
                 .await?
         }

@@ -19,6 +19,17 @@ struct StageSummary {
     failed: u32,
     started_at_ms: i64,
     finished_at_ms: i64,
+    /// Sums of the job records' metrics.
+    metrics: std::collections::BTreeMap<String, f64>,
+}
+
+/// Money spent on teacher calls. `usd` is `None` (unknown, never zero) when some requests
+/// had no price in the provider's price table.
+#[derive(Serialize)]
+struct Cost {
+    usd: Option<f64>,
+    known_usd: f64,
+    unknown_requests: u64,
 }
 
 #[derive(Serialize)]
@@ -27,6 +38,7 @@ struct Manifest<'a> {
     status: String,
     error: Option<&'a str>,
     spec: &'a dagfleet_protocol::RunSpec,
+    cost: Cost,
     stages: Vec<StageSummary>,
     jobs: Vec<JobRecord>,
 }
@@ -45,7 +57,26 @@ pub async fn write(store: &ArtifactStore, state: &RunState) -> Result<(), StoreE
         }
     }
     jobs.sort_by_key(|j| (j.stage, j.index));
+    let sums = |stage| {
+        let mut m = std::collections::BTreeMap::new();
+        for j in jobs.iter().filter(|j| j.stage == stage) {
+            for (k, v) in &j.metrics {
+                *m.entry(k.clone()).or_insert(0.0) += v;
+            }
+        }
+        m
+    };
+    let known: f64 = jobs.iter().filter_map(|j| j.metrics.get("cost_usd")).sum();
+    let unknown: f64 = jobs
+        .iter()
+        .filter_map(|j| j.metrics.get("cost_unknown_requests"))
+        .sum();
     let m = Manifest {
+        cost: Cost {
+            usd: (unknown == 0.0).then_some(known),
+            known_usd: known,
+            unknown_requests: unknown as u64,
+        },
         run_id: state.run_id.as_str(),
         status: format!("{:?}", state.status).to_lowercase(),
         error: state.error.as_deref(),
@@ -61,6 +92,7 @@ pub async fn write(store: &ArtifactStore, state: &RunState) -> Result<(), StoreE
                 failed: s.failed.len(),
                 started_at_ms: s.started_at_ms,
                 finished_at_ms: s.finished_at_ms,
+                metrics: sums(s.stage),
             })
             .collect(),
         jobs,

@@ -3,7 +3,7 @@
 //! Each planner is a pure function of the run state (and, for later stages, the job records
 //! of the stage before), so planning the same stage twice yields the same job ids.
 
-use dagfleet_protocol::jobs::{JudgeBatch, MineShard, NoopJob, Source};
+use dagfleet_protocol::jobs::{DatasetBuild, JudgeBatch, MineShard, NoopJob, Source, SynthChunk};
 use dagfleet_protocol::{ArtifactRef, Envelope, Job, JobRecord, RunSpec, RunState, Stage};
 use dagfleet_runtime::ArtifactStore;
 
@@ -33,7 +33,7 @@ pub enum PlanError {
 pub fn check_supported(spec: &RunSpec) -> Result<(), PlanError> {
     for &st in &spec.stages {
         match st {
-            Stage::Mine | Stage::Noop | Stage::Judge => {}
+            Stage::Mine | Stage::Noop | Stage::Judge | Stage::Synthesize | Stage::Dataset => {}
             other => return Err(PlanError::Unsupported(other, other.role())),
         }
     }
@@ -58,7 +58,7 @@ pub async fn plan_stage(
                 .find(|s| matches!(s, Stage::Mine | Stage::Infer))
                 .copied()
                 .ok_or(PlanError::Unsupported(stage, stage.role()))?;
-            let inputs = jsonl_outputs(state, prev, store).await?;
+            let inputs = jsonl_outputs(state, prev, store, None).await?;
             let batch = state.spec.judge.batch_rows.max(1);
             let mut jobs = Vec::new();
             for (input, rows) in inputs {
@@ -78,6 +78,52 @@ pub async fn plan_stage(
             }
             finish(state, stage, now_ms, jobs)
         }
+        Stage::Synthesize => {
+            let teacher = state
+                .spec
+                .models
+                .teacher
+                .clone()
+                .ok_or(PlanError::Unsupported(stage, stage.role()))?;
+            let inputs = jsonl_outputs(state, Stage::Mine, store, Some("dags.jsonl")).await?;
+            let chunk = state.spec.synthesize.chunk_rows.max(1);
+            let mut jobs = Vec::new();
+            for (input, rows) in inputs {
+                let mut start = 0;
+                while start < rows {
+                    let end = (start + chunk).min(rows);
+                    jobs.push((
+                        format!("{}:{start}-{end}", input.key),
+                        Job::Synthesize(SynthChunk {
+                            inputs: vec![input.clone()],
+                            rows: (start, end),
+                            teacher: teacher.clone(),
+                            spec: state.spec.synthesize.clone(),
+                        }),
+                    ));
+                    start = end;
+                }
+            }
+            finish(state, stage, now_ms, jobs)
+        }
+        Stage::Dataset => {
+            let inputs: Vec<ArtifactRef> =
+                jsonl_outputs(state, Stage::Synthesize, store, Some("pairs.jsonl"))
+                    .await?
+                    .into_iter()
+                    .map(|(a, _)| a)
+                    .collect();
+            // One job even without inputs: it fails with a clear "no pairs" error, which
+            // fails the run instead of producing an empty dataset.
+            let jobs = vec![(
+                "dataset".to_string(),
+                Job::Dataset(DatasetBuild {
+                    inputs,
+                    spec: state.spec.dataset.clone(),
+                }),
+            )];
+            finish(state, stage, now_ms, jobs)
+        }
         _ => plan(state, stage, now_ms),
     }
 }
@@ -87,7 +133,12 @@ async fn jsonl_outputs(
     state: &RunState,
     stage: Stage,
     store: &ArtifactStore,
+    name: Option<&str>,
 ) -> Result<Vec<(ArtifactRef, u64)>, PlanError> {
+    let wanted = |o: &&ArtifactRef| match name {
+        Some(n) => o.key.rsplit('/').next() == Some(n),
+        None => o.key.ends_with(".jsonl"),
+    };
     let err = |e: dagfleet_runtime::StoreError| PlanError::Store(stage, e.to_string());
     let prefix = format!("runs/{}/jobs/{stage}", state.run_id);
     let mut records: Vec<JobRecord> = Vec::new();
@@ -101,15 +152,9 @@ async fn jsonl_outputs(
     records.sort_by_key(|r| r.index);
     let mut out = Vec::new();
     for r in records {
-        for o in r.outputs.iter().filter(|o| o.key.ends_with(".jsonl")) {
+        for o in r.outputs.iter().filter(wanted) {
             let rows = match r.metrics.get("rows") {
-                Some(n)
-                    if r.outputs
-                        .iter()
-                        .filter(|o| o.key.ends_with(".jsonl"))
-                        .count()
-                        == 1 =>
-                {
+                Some(n) if r.outputs.iter().filter(wanted).count() == 1 => {
                     *n as u64
                 }
                 _ => {

@@ -7,6 +7,8 @@
 //! - [`Stack`]: coordinators and noop workers in-process.
 //! - [`Proc`]: a `dagfleet` child process (worker or coordinator) for kill -9 tests.
 
+pub mod teacher;
+
 use dagfleet_coordinator::{Coordinator, CoordinatorConfig};
 use dagfleet_protocol::{RunId, RunState, RunStatus};
 use dagfleet_runtime::config::Secret;
