@@ -1,0 +1,261 @@
+//! The synthesize and dataset stages as a user runs them: `dagfleet up --run` with a mine,
+//! synthesize and dataset spec against an OpenAI-compatible server and against the
+//! Anthropic endpoints (both loopback servers speaking the real protocols), the response
+//! cache on a re-run, and the fault test: the synth worker killed while its provider batch
+//! runs, and no second batch created.
+
+#![allow(clippy::unwrap_used)]
+
+use dagfleet_tests::teacher::Teacher;
+use dagfleet_tests::*;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+fn init() {
+    set_dagfleet_bin(env!("CARGO_BIN_EXE_dagfleet"));
+}
+
+fn corpus() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/judge-corpus")
+}
+
+fn spec(name: &str, provider: &str, extra: &str) -> String {
+    format!(
+        r#"name = "{name}"
+stages = ["mine", "synthesize", "dataset"]
+
+[[sources]]
+kind = "dir"
+path = "{}"
+
+[mine]
+globs = ["**/valid_*.py"]
+
+[models.teacher]
+provider = "{provider}"
+model = "tm"
+
+[synthesize]
+poll_interval = "200ms"
+{extra}
+"#,
+        corpus().display()
+    )
+}
+
+fn config(dir: &Path, teacher: &Teacher) -> PathBuf {
+    let p = dir.join("dagfleet.toml");
+    std::fs::write(
+        &p,
+        format!(
+            r#"[providers.local]
+kind = "openai"
+base_url = "{url}/v1"
+[providers.local.prices.tm]
+input_per_mtok = 1.0
+output_per_mtok = 2.0
+
+[providers.anthropic]
+kind = "anthropic"
+base_url = "{url}"
+backoff = "10ms"
+"#,
+            url = teacher.url
+        ),
+    )
+    .unwrap();
+    p
+}
+
+/// Runs `dagfleet up --run SPEC` in `dir` on its own nats-server; returns stdout.
+async fn up_run(dir: &Path, cfg: &Path, spec_text: &str, key: Option<&str>) -> String {
+    let spec = dir.join("spec.toml");
+    std::fs::write(&spec, spec_text).unwrap();
+    let mut cmd = std::process::Command::new(dagfleet_bin());
+    cmd.current_dir(dir)
+        .arg("--config")
+        .arg(cfg)
+        .args([
+            "--nats-url",
+            &format!("nats://127.0.0.1:{}", free_port()),
+            "up",
+            "--run",
+        ])
+        .arg(&spec)
+        .env_remove("ANTHROPIC_API_KEY")
+        .env_remove("OPENAI_API_KEY");
+    if let Some(k) = key {
+        cmd.env("ANTHROPIC_API_KEY", k);
+    }
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    if let Some(k) = key {
+        assert!(!stdout.contains(k) && !stderr.contains(k), "the key leaked");
+    }
+    stdout
+}
+
+fn manifest(artifacts: &Path, run_prefix: &str) -> serde_json::Value {
+    let runs = artifacts.join("runs");
+    let run = std::fs::read_dir(&runs)
+        .unwrap()
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().starts_with(run_prefix))
+        .unwrap_or_else(|| panic!("no run {run_prefix} in {}", runs.display()))
+        .path();
+    serde_json::from_slice(&std::fs::read(run.join("manifest.json")).unwrap()).unwrap()
+}
+
+fn jsonl(artifacts: &Path, key: &str) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(artifacts.join(key))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn output<'a>(job: &'a serde_json::Value, name: &str) -> &'a str {
+    job["outputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["key"].as_str().unwrap())
+        .find(|k| k.ends_with(name))
+        .unwrap_or_else(|| panic!("no {name} in {job}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mine_synthesize_dataset_on_one_machine_against_both_protocols() {
+    init();
+    let teacher = Teacher::start().await;
+    teacher.state.batch_ms.store(500, Ordering::SeqCst);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &teacher);
+    let artifacts = dir.path().join(".dagfleet/artifacts");
+
+    // 1. OpenAI-compatible server, online requests, priced.
+    let out = up_run(dir.path(), &cfg, &spec("openai-run", "local", "chunk_rows = 8"), None).await;
+    assert!(out.contains("cost $"), "status shows the cost: {out}");
+    let m = manifest(&artifacts, "openai-run");
+    let jobs = m["jobs"].as_array().unwrap();
+    let synth: Vec<_> = jobs.iter().filter(|j| j["stage"] == "synthesize").collect();
+    let dags: f64 = synth.iter().map(|j| j["metrics"]["dags"].as_f64().unwrap()).sum();
+    assert!(dags >= 20.0, "the valid corpus files were mined and synthesized: {dags}");
+    assert!(synth.len() >= 3, "chunked into jobs of 8 DAGs");
+    let calls = teacher.chat_calls();
+    assert_eq!(calls as f64, dags, "one teacher call per DAG");
+    assert!(m["cost"]["usd"].as_f64().unwrap() > 0.0, "{}", m["cost"]);
+    let pairs = jsonl(&artifacts, output(synth[0], "pairs.jsonl"));
+    assert!(pairs.iter().any(|p| p["kind"] == "instruction" && p["instruction_source"] == "local/tm"));
+    assert!(pairs.iter().any(|p| p["kind"] == "troubleshoot"), "failure injection adds troubleshooting pairs");
+    let variants: std::collections::BTreeSet<u64> = pairs
+        .iter()
+        .filter(|p| p["kind"] == "instruction")
+        .map(|p| p["variant"].as_u64().unwrap())
+        .collect();
+    assert_eq!(variants.into_iter().collect::<Vec<_>>(), vec![1, 2, 3]);
+    let ds = jobs.iter().find(|j| j["stage"] == "dataset").unwrap();
+    let train = jsonl(&artifacts, output(ds, "train.jsonl"));
+    assert!(!train.is_empty());
+    let msgs = train[0]["messages"].as_array().unwrap();
+    assert_eq!(
+        msgs.iter().map(|m| m["role"].as_str().unwrap()).collect::<Vec<_>>(),
+        vec!["system", "user", "assistant"]
+    );
+    let total: f64 = ["train_rows", "valid_rows", "test_rows"]
+        .iter()
+        .map(|k| ds["metrics"][k].as_f64().unwrap())
+        .sum();
+    assert_eq!(total, ds["metrics"]["rows"].as_f64().unwrap());
+
+    // 2. The same spec again: every reply comes from the cache; nothing is called or paid.
+    up_run(dir.path(), &cfg, &spec("openai-rerun", "local", "chunk_rows = 8"), None).await;
+    assert_eq!(teacher.chat_calls(), calls, "a re-run calls nothing");
+    let m2 = manifest(&artifacts, "openai-rerun");
+    assert_eq!(m2["cost"]["usd"].as_f64(), Some(0.0));
+    let cached: f64 = m2["stages"][1]["metrics"]["cached"].as_f64().unwrap();
+    assert_eq!(cached, dags);
+
+    // 3. Anthropic Message Batches, with a key from the environment and no price: the
+    // cost is unknown, not zero.
+    *teacher.state.key.lock().unwrap() = Some("sk-ant-test-secret-42".into());
+    let out = up_run(
+        dir.path(),
+        &cfg,
+        &spec("anthropic-run", "anthropic", "variants = 2\nchunk_rows = 8"),
+        Some("sk-ant-test-secret-42"),
+    )
+    .await;
+    assert!(out.contains("cost unknown"), "{out}");
+    assert_eq!(teacher.chat_calls(), calls, "batches, not online calls");
+    assert!(teacher.batches_created() >= 3, "one batch per chunk");
+    let m3 = manifest(&artifacts, "anthropic-run");
+    assert!(m3["cost"]["usd"].is_null(), "{}", m3["cost"]);
+    assert!(m3["cost"]["unknown_requests"].as_u64().unwrap() > 0);
+    let all = std::fs::read_dir(artifacts.join("runs"))
+        .unwrap()
+        .flatten()
+        .count();
+    assert_eq!(all, 3);
+}
+
+fn env(nats: &str, store: &str, teacher: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("DAGFLEET_NATS__URL", nats.to_string()),
+        ("DAGFLEET_STORE__URL", store.to_string()),
+        ("DAGFLEET_QUEUES__STAGES__SYNTHESIZE__ACK_WAIT", "2s".into()),
+        ("DAGFLEET_QUEUES__STAGES__SYNTHESIZE__BACKOFF", "[\"50ms\"]".into()),
+        ("DAGFLEET_WORKER__HEARTBEAT_EVERY", "300ms".into()),
+        ("DAGFLEET_PROVIDERS__ANTHROPIC__BASE_URL", teacher.to_string()),
+        ("ANTHROPIC_API_KEY", "sk-ant-test-secret-42".into()),
+    ]
+}
+
+fn spawn(args: &[&str], env: &[(&'static str, String)], id: &str) -> Proc {
+    let mut all: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    all.push(("DAGFLEET_WORKER__ID", id));
+    Proc::spawn(args, &all, None)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_synth_worker_killed_during_its_batch_does_not_pay_twice() {
+    init();
+    let teacher = Teacher::start().await;
+    teacher.state.batch_ms.store(5_000, Ordering::SeqCst);
+    *teacher.state.key.lock().unwrap() = Some("sk-ant-test-secret-42".into());
+    let nats = NatsServer::start();
+    let (dir, store) = temp_store();
+    let env = env(&nats.url(), dir.path().to_str().unwrap(), &teacher.url);
+    let stack = Stack::start(&nats.config(), store.clone(), 1, 0).await;
+    let _miner = spawn(&["worker", "--role", "miner"], &env, "m");
+    let mut a = spawn(&["worker", "--role", "synthesizer"], &env, "a");
+    let run = stack
+        .submit(&spec("killed", "anthropic", "chunk_rows = 1000"))
+        .await;
+    let t0 = Instant::now();
+    while teacher.batches_created() == 0 {
+        assert!(t0.elapsed() < Duration::from_secs(60), "no batch was submitted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Let the job record the batch and poll once, then kill the worker mid-batch.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    a.kill9();
+    let _b = spawn(&["worker", "--role", "synthesizer"], &env, "b");
+    let st = wait_run(&stack.bus, &run, Duration::from_secs(90)).await;
+    assert_eq!(st.status, dagfleet_protocol::RunStatus::Done, "{:?}", st.error);
+    assert_eq!(teacher.batches_created(), 1, "the restarted job re-attached to its batch");
+    assert_eq!(teacher.chat_calls(), 0);
+    let recs = store.list(&format!("runs/{run}/jobs/synthesize")).await.unwrap();
+    assert_eq!(recs.len(), 1);
+    let rec: dagfleet_protocol::JobRecord =
+        serde_json::from_slice(&store.get_opt(&recs[0]).await.unwrap().unwrap()).unwrap();
+    assert!(rec.attempt >= 2, "the job was redelivered: attempt {}", rec.attempt);
+    assert_eq!(rec.metrics["batches"], 0.0, "the attempt that finished created no batch");
+    assert!(rec.metrics["rows"] > 0.0);
+    stack.stop().await;
+}
