@@ -59,6 +59,8 @@ pub struct TeacherState {
     pub batch_ms: AtomicU64,
     /// Batches never end (until cancelled).
     pub never_end: AtomicBool,
+    /// The model answers instruction prompts with prose instead of JSON.
+    pub prose: AtomicBool,
     /// The key every request must carry, if set.
     pub key: Mutex<Option<String>>,
     /// Batches created.
@@ -191,9 +193,13 @@ fn tokens(s: &str) -> u64 {
     (s.len() as u64).div_ceil(4)
 }
 
-fn anthropic_reply(params: &Value) -> Value {
+fn anthropic_reply(st: &TeacherState, params: &Value) -> Value {
     let prompt = prompt_of(params);
-    let text = reply_to(&prompt);
+    let text = if st.prose.load(Ordering::SeqCst) {
+        "I'm sorry, but I would rather describe this DAG in my own words.".to_string()
+    } else {
+        reply_to(&prompt)
+    };
     let system = params["system"].as_str().unwrap_or("");
     json!({
         "id": "msg_fake",
@@ -291,7 +297,7 @@ async fn anthropic_message(
             .into_response();
     }
     st.chat_calls.fetch_add(1, Ordering::SeqCst);
-    Json(anthropic_reply(&body)).into_response()
+    Json(anthropic_reply(&st, &body)).into_response()
 }
 
 fn new_id(st: &TeacherState, prefix: &str) -> String {
@@ -396,7 +402,7 @@ async fn anthropic_results(
     let mut out = String::new();
     for (cid, params) in &b.requests {
         let result = match outcome(&st, b, cid) {
-            "succeeded" => json!({"type": "succeeded", "message": anthropic_reply(params)}),
+            "succeeded" => json!({"type": "succeeded", "message": anthropic_reply(&st, params)}),
             "errored" => json!({"type": "errored", "error": {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}}),
             other => json!({"type": other}),
         };
