@@ -4,11 +4,11 @@
 
 use anyhow::{Context, Result};
 use dagfleet_protocol::Role;
+use dagfleet_providers::{ProviderConfig, ProviderKind};
 use dagfleet_runtime::{NatsConfig, QueueConfig, StoreConfig};
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
-use dagfleet_providers::{ProviderConfig, ProviderKind};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;

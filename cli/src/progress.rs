@@ -22,7 +22,8 @@ fn stage_extra(s: &dagfleet_protocol::StageState) -> String {
     if let Some(c) = m.get("cached").filter(|c| **c > 0.0) {
         out.push_str(&format!(", {c} cached replies"));
     }
-    let tokens = m.get("input_tokens").copied().unwrap_or(0.0) + m.get("output_tokens").copied().unwrap_or(0.0);
+    let tokens = m.get("input_tokens").copied().unwrap_or(0.0)
+        + m.get("output_tokens").copied().unwrap_or(0.0);
     if tokens > 0.0 {
         out.push_str(&format!(", {tokens} tokens"));
     }

@@ -154,9 +154,7 @@ async fn jsonl_outputs(
     for r in records {
         for o in r.outputs.iter().filter(wanted) {
             let rows = match r.metrics.get("rows") {
-                Some(n) if r.outputs.iter().filter(wanted).count() == 1 => {
-                    *n as u64
-                }
+                Some(n) if r.outputs.iter().filter(wanted).count() == 1 => *n as u64,
                 _ => {
                     let data = store.get(o).await.map_err(err)?;
                     data.split(|b| *b == b'\n')

@@ -379,7 +379,10 @@ impl RunSpec {
                 return Err(invalid("synthesize.variants", "must be 1 to 20"));
             }
             if sy.aspects.is_empty() {
-                return Err(invalid("synthesize.aspects", "must list at least one aspect"));
+                return Err(invalid(
+                    "synthesize.aspects",
+                    "must list at least one aspect",
+                ));
             }
             if !sy.prompt.contains("{dag}") {
                 return Err(invalid("synthesize.prompt", "must contain `{dag}`"));
@@ -390,11 +393,17 @@ impl RunSpec {
             if sy.min_chars >= sy.max_chars {
                 return Err(invalid(
                     "synthesize.min_chars",
-                    format!("{} must be below max_chars = {}", sy.min_chars, sy.max_chars),
+                    format!(
+                        "{} must be below max_chars = {}",
+                        sy.min_chars, sy.max_chars
+                    ),
                 ));
             }
             if !(0.0..=1.0).contains(&sy.near_duplicate) {
-                return Err(invalid("synthesize.near_duplicate", "must be within 0 to 1"));
+                return Err(invalid(
+                    "synthesize.near_duplicate",
+                    "must be within 0 to 1",
+                ));
             }
             if sy.poll_interval.is_zero() {
                 return Err(invalid("synthesize.poll_interval", "must be above 0"));

@@ -139,20 +139,37 @@ async fn mine_synthesize_dataset_on_one_machine_against_both_protocols() {
     let artifacts = dir.path().join(".dagfleet/artifacts");
 
     // 1. OpenAI-compatible server, online requests, priced.
-    let out = up_run(dir.path(), &cfg, &spec("openai-run", "local", "chunk_rows = 8"), None).await;
+    let out = up_run(
+        dir.path(),
+        &cfg,
+        &spec("openai-run", "local", "chunk_rows = 8"),
+        None,
+    )
+    .await;
     assert!(out.contains("cost $"), "status shows the cost: {out}");
     let m = manifest(&artifacts, "openai-run");
     let jobs = m["jobs"].as_array().unwrap();
     let synth: Vec<_> = jobs.iter().filter(|j| j["stage"] == "synthesize").collect();
-    let dags: f64 = synth.iter().map(|j| j["metrics"]["dags"].as_f64().unwrap()).sum();
-    assert!(dags >= 20.0, "the valid corpus files were mined and synthesized: {dags}");
+    let dags: f64 = synth
+        .iter()
+        .map(|j| j["metrics"]["dags"].as_f64().unwrap())
+        .sum();
+    assert!(
+        dags >= 20.0,
+        "the valid corpus files were mined and synthesized: {dags}"
+    );
     assert!(synth.len() >= 3, "chunked into jobs of 8 DAGs");
     let calls = teacher.chat_calls();
     assert_eq!(calls as f64, dags, "one teacher call per DAG");
     assert!(m["cost"]["usd"].as_f64().unwrap() > 0.0, "{}", m["cost"]);
     let pairs = jsonl(&artifacts, output(synth[0], "pairs.jsonl"));
-    assert!(pairs.iter().any(|p| p["kind"] == "instruction" && p["instruction_source"] == "local/tm"));
-    assert!(pairs.iter().any(|p| p["kind"] == "troubleshoot"), "failure injection adds troubleshooting pairs");
+    assert!(pairs
+        .iter()
+        .any(|p| p["kind"] == "instruction" && p["instruction_source"] == "local/tm"));
+    assert!(
+        pairs.iter().any(|p| p["kind"] == "troubleshoot"),
+        "failure injection adds troubleshooting pairs"
+    );
     let variants: std::collections::BTreeSet<u64> = pairs
         .iter()
         .filter(|p| p["kind"] == "instruction")
@@ -164,7 +181,9 @@ async fn mine_synthesize_dataset_on_one_machine_against_both_protocols() {
     assert!(!train.is_empty());
     let msgs = train[0]["messages"].as_array().unwrap();
     assert_eq!(
-        msgs.iter().map(|m| m["role"].as_str().unwrap()).collect::<Vec<_>>(),
+        msgs.iter()
+            .map(|m| m["role"].as_str().unwrap())
+            .collect::<Vec<_>>(),
         vec!["system", "user", "assistant"]
     );
     let total: f64 = ["train_rows", "valid_rows", "test_rows"]
@@ -174,7 +193,13 @@ async fn mine_synthesize_dataset_on_one_machine_against_both_protocols() {
     assert_eq!(total, ds["metrics"]["rows"].as_f64().unwrap());
 
     // 2. The same spec again: every reply comes from the cache; nothing is called or paid.
-    up_run(dir.path(), &cfg, &spec("openai-rerun", "local", "chunk_rows = 8"), None).await;
+    up_run(
+        dir.path(),
+        &cfg,
+        &spec("openai-rerun", "local", "chunk_rows = 8"),
+        None,
+    )
+    .await;
     assert_eq!(teacher.chat_calls(), calls, "a re-run calls nothing");
     let m2 = manifest(&artifacts, "openai-rerun");
     assert_eq!(m2["cost"]["usd"].as_f64(), Some(0.0));
@@ -197,6 +222,22 @@ async fn mine_synthesize_dataset_on_one_machine_against_both_protocols() {
     let m3 = manifest(&artifacts, "anthropic-run");
     assert!(m3["cost"]["usd"].is_null(), "{}", m3["cost"]);
     assert!(m3["cost"]["unknown_requests"].as_u64().unwrap() > 0);
+    // The key reached no artifact, record, cache entry or NATS file.
+    fn scan(p: &Path, needle: &[u8]) {
+        for e in std::fs::read_dir(p).unwrap().flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                scan(&path, needle);
+            } else if let Ok(b) = std::fs::read(&path) {
+                assert!(
+                    !b.windows(needle.len()).any(|w| w == needle),
+                    "the key leaked into {}",
+                    path.display()
+                );
+            }
+        }
+    }
+    scan(&dir.path().join(".dagfleet"), b"sk-ant-test-secret-42");
     let all = std::fs::read_dir(artifacts.join("runs"))
         .unwrap()
         .flatten()
@@ -209,9 +250,15 @@ fn env(nats: &str, store: &str, teacher: &str) -> Vec<(&'static str, String)> {
         ("DAGFLEET_NATS__URL", nats.to_string()),
         ("DAGFLEET_STORE__URL", store.to_string()),
         ("DAGFLEET_QUEUES__STAGES__SYNTHESIZE__ACK_WAIT", "2s".into()),
-        ("DAGFLEET_QUEUES__STAGES__SYNTHESIZE__BACKOFF", "[\"50ms\"]".into()),
+        (
+            "DAGFLEET_QUEUES__STAGES__SYNTHESIZE__BACKOFF",
+            "[\"50ms\"]".into(),
+        ),
         ("DAGFLEET_WORKER__HEARTBEAT_EVERY", "300ms".into()),
-        ("DAGFLEET_PROVIDERS__ANTHROPIC__BASE_URL", teacher.to_string()),
+        (
+            "DAGFLEET_PROVIDERS__ANTHROPIC__BASE_URL",
+            teacher.to_string(),
+        ),
         ("ANTHROPIC_API_KEY", "sk-ant-test-secret-42".into()),
     ]
 }
@@ -239,7 +286,10 @@ async fn a_synth_worker_killed_during_its_batch_does_not_pay_twice() {
         .await;
     let t0 = Instant::now();
     while teacher.batches_created() == 0 {
-        assert!(t0.elapsed() < Duration::from_secs(60), "no batch was submitted");
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no batch was submitted"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // Let the job record the batch and poll once, then kill the worker mid-batch.
@@ -247,15 +297,34 @@ async fn a_synth_worker_killed_during_its_batch_does_not_pay_twice() {
     a.kill9();
     let _b = spawn(&["worker", "--role", "synthesizer"], &env, "b");
     let st = wait_run(&stack.bus, &run, Duration::from_secs(90)).await;
-    assert_eq!(st.status, dagfleet_protocol::RunStatus::Done, "{:?}", st.error);
-    assert_eq!(teacher.batches_created(), 1, "the restarted job re-attached to its batch");
+    assert_eq!(
+        st.status,
+        dagfleet_protocol::RunStatus::Done,
+        "{:?}",
+        st.error
+    );
+    assert_eq!(
+        teacher.batches_created(),
+        1,
+        "the restarted job re-attached to its batch"
+    );
     assert_eq!(teacher.chat_calls(), 0);
-    let recs = store.list(&format!("runs/{run}/jobs/synthesize")).await.unwrap();
+    let recs = store
+        .list(&format!("runs/{run}/jobs/synthesize"))
+        .await
+        .unwrap();
     assert_eq!(recs.len(), 1);
     let rec: dagfleet_protocol::JobRecord =
         serde_json::from_slice(&store.get_opt(&recs[0]).await.unwrap().unwrap()).unwrap();
-    assert!(rec.attempt >= 2, "the job was redelivered: attempt {}", rec.attempt);
-    assert_eq!(rec.metrics["batches"], 0.0, "the attempt that finished created no batch");
+    assert!(
+        rec.attempt >= 2,
+        "the job was redelivered: attempt {}",
+        rec.attempt
+    );
+    assert_eq!(
+        rec.metrics["batches"], 0.0,
+        "the attempt that finished created no batch"
+    );
     assert!(rec.metrics["rows"] > 0.0);
     stack.stop().await;
 }

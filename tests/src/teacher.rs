@@ -116,11 +116,7 @@ impl Teacher {
 
     /// Queues faults for the next requests, in order.
     pub fn fail_next(&self, faults: impl IntoIterator<Item = Fault>) {
-        self.state
-            .faults
-            .lock()
-            .expect("lock")
-            .extend(faults);
+        self.state.faults.lock().expect("lock").extend(faults);
     }
 
     /// Batches created so far.
@@ -176,7 +172,9 @@ fn dag_tag(prompt: &str) -> String {
             }
         }
     }
-    let h = prompt.bytes().fold(7u64, |a, b| a.wrapping_mul(31).wrapping_add(b as u64));
+    let h = prompt
+        .bytes()
+        .fold(7u64, |a, b| a.wrapping_mul(31).wrapping_add(b as u64));
     format!("pipeline_{:x}", h % 0xffff)
 }
 
@@ -323,7 +321,12 @@ async fn anthropic_create(
     };
     let requests: Vec<(String, Value)> = reqs
         .iter()
-        .map(|r| (r["custom_id"].as_str().unwrap_or("").to_string(), r["params"].clone()))
+        .map(|r| {
+            (
+                r["custom_id"].as_str().unwrap_or("").to_string(),
+                r["params"].clone(),
+            )
+        })
         .collect();
     let id = new_id(&st, "msgbatch_");
     st.batches_created.fetch_add(1, Ordering::SeqCst);
@@ -377,7 +380,11 @@ fn outcome(st: &TeacherState, b: &Batch, cid: &str) -> &'static str {
     if b.cancelled && !b.created.elapsed().is_zero() && st.never_end.load(Ordering::SeqCst) {
         return "canceled";
     }
-    let first = st.seen_in_batch.lock().expect("lock").insert(cid.to_string());
+    let first = st
+        .seen_in_batch
+        .lock()
+        .expect("lock")
+        .insert(cid.to_string());
     if first && st.error_once.lock().expect("lock").contains(cid) {
         return "errored";
     }
@@ -403,7 +410,9 @@ async fn anthropic_results(
     for (cid, params) in &b.requests {
         let result = match outcome(&st, b, cid) {
             "succeeded" => json!({"type": "succeeded", "message": anthropic_reply(&st, params)}),
-            "errored" => json!({"type": "errored", "error": {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}}),
+            "errored" => {
+                json!({"type": "errored", "error": {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}})
+            }
             other => json!({"type": other}),
         };
         out.push_str(&json!({"custom_id": cid, "result": result}).to_string());
@@ -423,7 +432,11 @@ async fn cancel(
     let kind = {
         let mut batches = st.batches.lock().expect("lock");
         let Some(b) = batches.get_mut(&id) else {
-            return (StatusCode::NOT_FOUND, Json(json!({"error": {"message": "no such batch"}}))).into_response();
+            return (
+                StatusCode::NOT_FOUND,
+                Json(json!({"error": {"message": "no such batch"}})),
+            )
+                .into_response();
         };
         b.cancelled = true;
         b.kind
@@ -469,7 +482,13 @@ async fn openai_upload(
         }
     }
     if purpose != "batch" || data.is_empty() {
-        return (StatusCode::BAD_REQUEST, Json(json!({"error": {"message": "purpose must be `batch` and file must not be empty"}}))).into_response();
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(
+                json!({"error": {"message": "purpose must be `batch` and file must not be empty"}}),
+            ),
+        )
+            .into_response();
     }
     let id = new_id(&st, "file-");
     let n = data.len();
@@ -496,10 +515,18 @@ async fn openai_file(
         for (cid, body) in &b.requests {
             let o = outcome(&st, b, cid);
             let line = match (o, want_errors) {
-                ("succeeded", false) => json!({"id": "req", "custom_id": cid, "response": {"status_code": 200, "body": openai_reply(body)}, "error": null}),
-                ("errored", true) => json!({"id": "req", "custom_id": cid, "response": {"status_code": 500, "body": {"error": {"message": "The server had an error"}}}, "error": null}),
-                ("expired", true) => json!({"id": "req", "custom_id": cid, "response": null, "error": {"code": "batch_expired", "message": "expired"}}),
-                ("canceled", true) => json!({"id": "req", "custom_id": cid, "response": null, "error": {"code": "batch_cancelled", "message": "cancelled"}}),
+                ("succeeded", false) => {
+                    json!({"id": "req", "custom_id": cid, "response": {"status_code": 200, "body": openai_reply(body)}, "error": null})
+                }
+                ("errored", true) => {
+                    json!({"id": "req", "custom_id": cid, "response": {"status_code": 500, "body": {"error": {"message": "The server had an error"}}}, "error": null})
+                }
+                ("expired", true) => {
+                    json!({"id": "req", "custom_id": cid, "response": null, "error": {"code": "batch_expired", "message": "expired"}})
+                }
+                ("canceled", true) => {
+                    json!({"id": "req", "custom_id": cid, "response": null, "error": {"code": "batch_cancelled", "message": "cancelled"}})
+                }
                 _ => {
                     // Not this file's row; undo the "seen" mark so the other file reports it.
                     st.seen_in_batch.lock().expect("lock").remove(cid);
@@ -528,15 +555,28 @@ async fn openai_create(
     let file = body["input_file_id"].as_str().unwrap_or("").to_string();
     let data = st.files.lock().expect("lock").get(&file).cloned();
     let Some(data) = data else {
-        return (StatusCode::BAD_REQUEST, Json(json!({"error": {"message": format!("file {file} not found")}}))).into_response();
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": {"message": format!("file {file} not found")}})),
+        )
+            .into_response();
     };
     let mut requests = Vec::new();
     for l in String::from_utf8_lossy(&data).lines() {
         let v: Value = match serde_json::from_str(l) {
             Ok(v) => v,
-            Err(e) => return (StatusCode::BAD_REQUEST, Json(json!({"error": {"message": format!("bad line: {e}")}}))).into_response(),
+            Err(e) => {
+                return (
+                    StatusCode::BAD_REQUEST,
+                    Json(json!({"error": {"message": format!("bad line: {e}")}})),
+                )
+                    .into_response()
+            }
         };
-        requests.push((v["custom_id"].as_str().unwrap_or("").to_string(), v["body"].clone()));
+        requests.push((
+            v["custom_id"].as_str().unwrap_or("").to_string(),
+            v["body"].clone(),
+        ));
     }
     let id = new_id(&st, "batch_");
     st.batches_created.fetch_add(1, Ordering::SeqCst);
@@ -556,7 +596,11 @@ async fn openai_create(
 fn openai_batch_json(st: &TeacherState, id: &str) -> Response {
     let batches = st.batches.lock().expect("lock");
     let Some(b) = batches.get(id) else {
-        return (StatusCode::NOT_FOUND, Json(json!({"error": {"message": "no such batch"}}))).into_response();
+        return (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": {"message": "no such batch"}})),
+        )
+            .into_response();
     };
     let done = ended(st, b);
     let n = b.requests.len() as u64;

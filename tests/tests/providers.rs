@@ -1,5 +1,7 @@
 //! The provider layer against loopback servers that speak the Anthropic and OpenAI APIs.
 
+#![allow(clippy::unwrap_used)]
+
 use dagfleet_providers::{
     BatchState, ChatRequest, Outcome, Provider, ProviderConfig, ProviderError, ProviderKind,
 };
@@ -58,19 +60,32 @@ async fn client_errors_are_fatal_with_the_servers_message() {
     t.fail_next([Fault::BadRequest("max_tokens: 100000 > 8192".into())]);
     let before = t.state.http_requests.load(Ordering::SeqCst);
     let e = p.chat("m", &req("x")).await.unwrap_err();
-    assert!(matches!(e, ProviderError::Refused { status: 400, .. }), "{e}");
+    assert!(
+        matches!(e, ProviderError::Refused { status: 400, .. }),
+        "{e}"
+    );
     assert!(e.to_string().contains("max_tokens: 100000 > 8192"), "{e}");
-    assert_eq!(t.state.http_requests.load(Ordering::SeqCst) - before, 1, "no retry");
+    assert_eq!(
+        t.state.http_requests.load(Ordering::SeqCst) - before,
+        1,
+        "no retry"
+    );
 
     let p = provider(&t, ProviderKind::Openai, 2);
     t.fail_next([Fault::ServerError, Fault::Html, Fault::ServerError]);
     let e = p.chat("m", &req("x")).await.unwrap_err();
-    assert!(matches!(e, ProviderError::Exhausted { attempts: 3, .. }), "{e}");
+    assert!(
+        matches!(e, ProviderError::Exhausted { attempts: 3, .. }),
+        "{e}"
+    );
     assert!(e.to_string().contains("Internal server error"), "{e}");
 
     t.fail_next([Fault::Html, Fault::Html, Fault::Html]);
     let e = p.chat("m", &req("x")).await.unwrap_err();
-    assert!(e.to_string().contains("502 Bad Gateway"), "an HTML error page is named: {e}");
+    assert!(
+        e.to_string().contains("502 Bad Gateway"),
+        "an HTML error page is named: {e}"
+    );
     t.fail_next([Fault::Empty, Fault::Empty, Fault::Empty]);
     let e = p.chat("m", &req("x")).await.unwrap_err();
     assert!(e.to_string().contains("empty body"), "{e}");
@@ -91,14 +106,21 @@ async fn keys_come_from_config_file_or_environment_and_never_leak() {
             .chat("m", &req("a"))
             .await
             .unwrap_err();
-        assert!(matches!(e, ProviderError::Refused { status: 401, .. }), "{e}");
+        assert!(
+            matches!(e, ProviderError::Refused { status: 401, .. }),
+            "{e}"
+        );
         cfg.api_key_file = Some(file.clone());
         let p = Provider::new("t", cfg.clone()).unwrap();
         p.chat("m", &req("a")).await.unwrap();
         assert!(!format!("{p:?}").contains("0123456789"));
         cfg.api_key_file = None;
         cfg.api_key = Some(Secret::new("sk-test-0123456789"));
-        Provider::new("t", cfg).unwrap().chat("m", &req("a")).await.unwrap();
+        Provider::new("t", cfg)
+            .unwrap()
+            .chat("m", &req("a"))
+            .await
+            .unwrap();
     }
 }
 
@@ -107,8 +129,16 @@ async fn batch_lifecycle_with_mixed_results() {
     let t = Teacher::start().await;
     t.state.batch_ms.store(300, Ordering::SeqCst);
     for kind in [ProviderKind::Anthropic, ProviderKind::Openai] {
-        t.state.error_once.lock().unwrap().insert(format!("{kind:?}-r1"));
-        t.state.expire_once.lock().unwrap().insert(format!("{kind:?}-r2"));
+        t.state
+            .error_once
+            .lock()
+            .unwrap()
+            .insert(format!("{kind:?}-r1"));
+        t.state
+            .expire_once
+            .lock()
+            .unwrap()
+            .insert(format!("{kind:?}-r2"));
         let p = provider(&t, kind, 3);
         let reqs: Vec<ChatRequest> = (0..4).map(|i| req(&format!("{kind:?}-r{i}"))).collect();
         assert_eq!(p.batch_ranges("m", &reqs), vec![0..4]);
@@ -123,7 +153,11 @@ async fn batch_lifecycle_with_mixed_results() {
         res.sort_by(|a, b| a.0.cmp(&b.0));
         assert_eq!(res.len(), 4, "{kind:?}: {res:?}");
         assert!(matches!(res[0].1, Outcome::Ok(ref r) if r.text.contains("r0")));
-        assert!(matches!(res[1].1, Outcome::Errored(_)), "{kind:?}: {:?}", res[1]);
+        assert!(
+            matches!(res[1].1, Outcome::Errored(_)),
+            "{kind:?}: {:?}",
+            res[1]
+        );
         assert_eq!(res[2].1, Outcome::Expired, "{kind:?}");
         assert!(matches!(res[3].1, Outcome::Ok(_)));
     }

@@ -2,6 +2,8 @@
 //! workers, against the loopback Anthropic server: resubmission of errored and expired
 //! requests, a batch that never ends, DAGs too long for the teacher, unparseable replies.
 
+#![allow(clippy::unwrap_used)]
+
 use dagfleet_protocol::{JobRecord, RunId, RunStatus, Stage};
 use dagfleet_providers::{ProviderConfig, ProviderKind};
 use dagfleet_runtime::{ArtifactStore, Bus, Worker, WorkerConfig};
@@ -90,19 +92,35 @@ async fn rejected(store: &ArtifactStore, rec: &JobRecord) -> Vec<serde_json::Val
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn errored_and_expired_requests_are_resubmitted() {
     let f = fleet().await;
-    f.teacher.state.error_once.lock().unwrap().insert("r0-i".into());
-    f.teacher.state.expire_once.lock().unwrap().insert("r1-i".into());
+    f.teacher
+        .state
+        .error_once
+        .lock()
+        .unwrap()
+        .insert("r0-i".into());
+    f.teacher
+        .state
+        .expire_once
+        .lock()
+        .unwrap()
+        .insert("r1-i".into());
     let run = f.stack.submit(&spec("resubmit", "")).await;
     let st = wait_run(&f.stack.bus, &run, Duration::from_secs(60)).await;
     assert_eq!(st.status, RunStatus::Done, "{:?}", st.error);
     let rec = synth_record(&f.stack.store, &run).await;
     let dags = rec.metrics["dags"];
     assert!(dags >= 3.0, "{:?}", rec.metrics);
-    assert_eq!(rec.metrics["batches"], 2.0, "the first batch and one resubmission");
+    assert_eq!(
+        rec.metrics["batches"], 2.0,
+        "the first batch and one resubmission"
+    );
     assert_eq!(rec.metrics["resubmitted"], 2.0);
     assert_eq!(rec.metrics["failed_requests"], 0.0);
     assert_eq!(rec.metrics["requests"], dags);
-    assert!(rec.metrics["rows"] >= dags * 3.0, "every DAG got its 3 variants");
+    assert!(
+        rec.metrics["rows"] >= dags * 3.0,
+        "every DAG got its 3 variants"
+    );
     assert_eq!(f.teacher.batches_created(), 2);
     f.stop.cancel();
     f.stack.stop().await;
@@ -187,9 +205,15 @@ async fn long_dags_are_skipped_and_unparseable_replies_are_kept() {
         rej.extend(rejected(&f.stack.store, &rec).await);
     }
     let long = rej.iter().find(|r| r["reason"] == "too_long").unwrap();
-    assert!(long["message"].as_str().unwrap().contains("context is 3000 tokens"));
+    assert!(long["message"]
+        .as_str()
+        .unwrap()
+        .contains("context is 3000 tokens"));
     let bad = rej.iter().find(|r| r["reason"] == "unparseable").unwrap();
-    assert!(bad["reply"].as_str().unwrap().contains("my own words"), "the reply is kept");
+    assert!(
+        bad["reply"].as_str().unwrap().contains("my own words"),
+        "the reply is kept"
+    );
     f.stop.cancel();
     f.stack.stop().await;
 }

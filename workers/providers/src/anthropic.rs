@@ -72,7 +72,11 @@ fn reply(m: MessageBody) -> ChatReply {
     }
 }
 
-fn post(p: &Provider, path: &str, body: Value) -> impl Fn(&reqwest::Client) -> reqwest::RequestBuilder {
+fn post(
+    p: &Provider,
+    path: &str,
+    body: Value,
+) -> impl Fn(&reqwest::Client) -> reqwest::RequestBuilder {
     let url = p.url(path);
     move |c: &reqwest::Client| {
         c.post(&url)
@@ -138,7 +142,13 @@ pub(crate) async fn create_batch(
 
 async fn get_batch(p: &Provider, id: &str) -> Result<Batch, ProviderError> {
     let what = format!("batch {id}");
-    let body = send(p, &what, true, get(p.url(&format!("/v1/messages/batches/{id}")))).await?;
+    let body = send(
+        p,
+        &what,
+        true,
+        get(p.url(&format!("/v1/messages/batches/{id}"))),
+    )
+    .await?;
     decode(p, &what, &body)
 }
 
@@ -183,7 +193,10 @@ pub(crate) async fn batch_results(
             .and_then(|c| c.as_str())
             .ok_or_else(|| p.protocol_err(&what, format!("line {} has no custom_id", n + 1)))?
             .to_string();
-        let kind = v.pointer("/result/type").and_then(|t| t.as_str()).unwrap_or("");
+        let kind = v
+            .pointer("/result/type")
+            .and_then(|t| t.as_str())
+            .unwrap_or("");
         let outcome = match kind {
             "succeeded" => {
                 let m: MessageBody = serde_json::from_value(

@@ -86,7 +86,9 @@ pub(crate) async fn send(
                         last,
                     });
                 }
-                let wait = after.unwrap_or_else(|| backoff(cfg.backoff, attempt)).min(MAX_WAIT);
+                let wait = after
+                    .unwrap_or_else(|| backoff(cfg.backoff, attempt))
+                    .min(MAX_WAIT);
                 warn!(provider = p.name(), what, attempt, wait_ms = wait.as_millis() as u64, error = %last, "provider call will be retried");
                 tokio::time::sleep(wait).await;
             }

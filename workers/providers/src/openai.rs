@@ -192,8 +192,8 @@ async fn file_lines(p: &Provider, file: &str) -> Result<Vec<Value>, ProviderErro
     let what = format!("file {file}");
     let url = p.url(&format!("/v1/files/{file}/content"));
     let data = send(p, &what, false, move |c| c.get(&url)).await?;
-    let text = std::str::from_utf8(&data)
-        .map_err(|e| p.protocol_err(&what, format!("not UTF-8: {e}")))?;
+    let text =
+        std::str::from_utf8(&data).map_err(|e| p.protocol_err(&what, format!("not UTF-8: {e}")))?;
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
@@ -227,10 +227,9 @@ pub(crate) async fn batch_results(
             .unwrap_or(0);
         let err_code = v.pointer("/error/code").and_then(|c| c.as_str());
         let outcome = if status == 200 {
-            let c: Completion = serde_json::from_value(
-                v.pointer("/response/body").cloned().unwrap_or(Value::Null),
-            )
-            .map_err(|e| p.protocol_err(&what, format!("result {cid}: {e}")))?;
+            let c: Completion =
+                serde_json::from_value(v.pointer("/response/body").cloned().unwrap_or(Value::Null))
+                    .map_err(|e| p.protocol_err(&what, format!("result {cid}: {e}")))?;
             Outcome::Ok(reply(p, &what, c)?)
         } else if err_code == Some("batch_expired") {
             Outcome::Expired

@@ -118,7 +118,11 @@ pub fn build(pairs: Vec<Pair>, spec: &DatasetSpec) -> Result<Built, String> {
     let mut seen = HashSet::new();
     let mut rows = Vec::new();
     for p in pairs {
-        if seen.insert(h(&format!("{}\u{0}{}", norm(&p.instruction), norm(&p.response)))) {
+        if seen.insert(h(&format!(
+            "{}\u{0}{}",
+            norm(&p.instruction),
+            norm(&p.response)
+        ))) {
             rows.push(p);
         } else {
             stats.exact_duplicates += 1;
@@ -212,7 +216,11 @@ pub fn build(pairs: Vec<Pair>, spec: &DatasetSpec) -> Result<Built, String> {
     for (s, rows) in out.iter_mut().enumerate() {
         rows.sort_by(|a, b| a.id.cmp(&b.id));
         stats.rows[s] = rows.len();
-        stats.sources[s] = rows.iter().map(|p| &p.source_id).collect::<HashSet<_>>().len();
+        stats.sources[s] = rows
+            .iter()
+            .map(|p| &p.source_id)
+            .collect::<HashSet<_>>()
+            .len();
     }
     leak_check(&out)?;
     Ok(Built { splits: out, stats })
@@ -298,7 +306,11 @@ mod tests {
                 v.push(pair(
                     &format!("dag{d:02}"),
                     n,
-                    &format!("Request number {n} for pipeline {d}: angle {} with words {}", n * 7, d * 13),
+                    &format!(
+                        "Request number {n} for pipeline {d}: angle {} with words {}",
+                        n * 7,
+                        d * 13
+                    ),
                     &format!("code of dag {d}\nwith DAG('d{d}') as dag: pass"),
                 ));
             }
@@ -332,7 +344,12 @@ mod tests {
     #[test]
     fn duplicates_are_dropped_and_shared_code_is_grouped() {
         let mut c = corpus();
-        c.push(pair("dag00", 9, "request NUMBER 1 for pipeline 0: angle 7 with words 0", "code of dag 0\nwith DAG('d0') as dag: pass"));
+        c.push(pair(
+            "dag00",
+            9,
+            "request NUMBER 1 for pipeline 0: angle 7 with words 0",
+            "code of dag 0\nwith DAG('d0') as dag: pass",
+        ));
         c.push(pair(
             "dag00",
             10,
@@ -340,11 +357,20 @@ mod tests {
             "code of dag 0\nwith DAG('d0') as dag: pass",
         ));
         // Another source with the very same code as dag05 must land in dag05's split.
-        c.push(pair("copy05", 1, "Something entirely different to build here", "code of dag 5\nwith DAG('d5') as dag: pass"));
+        c.push(pair(
+            "copy05",
+            1,
+            "Something entirely different to build here",
+            "code of dag 5\nwith DAG('d5') as dag: pass",
+        ));
         let b = build(c, &DatasetSpec::default()).unwrap();
         assert_eq!(b.stats.exact_duplicates, 1);
         assert_eq!(b.stats.near_duplicates, 1);
-        let split_of = |src: &str| b.splits.iter().position(|s| s.iter().any(|p| p.source_id == src));
+        let split_of = |src: &str| {
+            b.splits
+                .iter()
+                .position(|s| s.iter().any(|p| p.source_id == src))
+        };
         assert_eq!(split_of("copy05"), split_of("dag05"));
     }
 

@@ -177,7 +177,9 @@ mod tests {
 
     #[test]
     fn prose_with_arrows_is_not_code() {
-        assert!(!leaks_code("Run extract, then transform >> load order matters."));
+        assert!(!leaks_code(
+            "Run extract, then transform >> load order matters."
+        ));
         assert!(leaks_code("extract >> transform >> load"));
     }
 }

@@ -301,7 +301,12 @@ with DAG(dag_id="etl", start_date=datetime(2024, 1, 1), schedule="@daily") as da
             assert!(cats.contains(&k), "{k:?} missing from {cats:?}");
         }
         assert!(
-            cats.contains(&Category::MissingImport) || cats.iter().filter(|c| **c == Category::UndefinedName).count() == 2,
+            cats.contains(&Category::MissingImport)
+                || cats
+                    .iter()
+                    .filter(|c| **c == Category::UndefinedName)
+                    .count()
+                    == 2,
             "{cats:?}"
         );
         for i in &got {

@@ -59,7 +59,11 @@ impl TeacherRow {
     pub fn airflow_version(&self) -> String {
         let pkg = self.source.rsplit(':').next().unwrap_or("");
         if (pkg == "apache-airflow" || pkg == "apache-airflow-core")
-            && self.reference.chars().next().is_some_and(|c| c.is_ascii_digit())
+            && self
+                .reference
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_digit())
         {
             return self.reference.clone();
         }
@@ -209,10 +213,17 @@ impl SynthHandler {
             for (k, t) in spec.tasks.iter().enumerate() {
                 prompts.push((
                     format!("r{n}-t{k}"),
-                    subst(&t.prompt, &[("dag", d.content.trim_end()), ("airflow_version", &av)]),
+                    subst(
+                        &t.prompt,
+                        &[("dag", d.content.trim_end()), ("airflow_version", &av)],
+                    ),
                 ));
             }
-            let longest = prompts.iter().map(|(_, p)| est_tokens(p)).max().unwrap_or(0)
+            let longest = prompts
+                .iter()
+                .map(|(_, p)| est_tokens(p))
+                .max()
+                .unwrap_or(0)
                 + est_tokens(&spec.system);
             if longest > budget {
                 skipped_long += 1;
@@ -271,15 +282,36 @@ impl SynthHandler {
         let mut failures: Vec<(String, String)> = Vec::new();
         if !pending.is_empty() {
             if batch {
-                self.run_batches(env, ctx, &provider, model, spec, pending, &cache, &mut replies, &mut tally, &mut failures)
-                    .await?;
+                self.run_batches(
+                    env,
+                    ctx,
+                    &provider,
+                    model,
+                    spec,
+                    pending,
+                    &cache,
+                    &mut replies,
+                    &mut tally,
+                    &mut failures,
+                )
+                .await?;
             } else {
-                self.run_online(ctx, &provider, model, pending, &cache, &mut replies, &mut tally)
-                    .await?;
+                self.run_online(
+                    ctx,
+                    &provider,
+                    model,
+                    pending,
+                    &cache,
+                    &mut replies,
+                    &mut tally,
+                )
+                .await?;
             }
         }
         for (id, why) in failures {
-            rejected.push(serde_json::json!({"custom_id": id, "reason": "request_failed", "message": why}));
+            rejected.push(
+                serde_json::json!({"custom_id": id, "reason": "request_failed", "message": why}),
+            );
         }
 
         // Pairs.
@@ -344,7 +376,10 @@ impl SynthHandler {
                     rejected.push(serde_json::json!({"source_id": d.sha256, "origin": origin, "custom_id": format!("r{n}-t{k}"), "reason": "empty_reply"}));
                     continue;
                 }
-                let instruction = subst(&t.instruction, &[("dag", d.content.trim_end()), ("reply", text)]);
+                let instruction = subst(
+                    &t.instruction,
+                    &[("dag", d.content.trim_end()), ("reply", text)],
+                );
                 let (response, format) = if t.answer == "dag" {
                     (d.content.clone(), "code")
                 } else {
@@ -390,7 +425,9 @@ impl SynthHandler {
 
         let mut out = Vec::new();
         for p in &pairs {
-            out.extend_from_slice(&serde_json::to_vec(p).map_err(|e| JobError::fatal(e.to_string()))?);
+            out.extend_from_slice(
+                &serde_json::to_vec(p).map_err(|e| JobError::fatal(e.to_string()))?,
+            );
             out.push(b'\n');
         }
         ctx.put("pairs.jsonl", Bytes::from(out)).await?;
@@ -481,12 +518,10 @@ impl SynthHandler {
             let rep = res.map_err(provider_err)?;
             t.calls += 1;
             self.account(p, model, &rep, false, t);
-            cache
-                .put(&ResponseCache::key(p, model, &r), &rep)
-                .await?;
+            cache.put(&ResponseCache::key(p, model, &r), &rep).await?;
             replies.insert(r.custom_id, rep);
             done += 1;
-            if done % 50 == 0 || done == total {
+            if done.is_multiple_of(50) || done == total {
                 ctx.progress(done, total, &format!("{done}/{total} teacher replies"))
                     .await;
             }
@@ -516,8 +551,10 @@ impl SynthHandler {
             if round > 0 {
                 t.resubmitted += pending.len() as u64;
             }
-            let by_id: HashMap<String, ChatRequest> =
-                pending.iter().map(|r| (r.custom_id.clone(), r.clone())).collect();
+            let by_id: HashMap<String, ChatRequest> = pending
+                .iter()
+                .map(|r| (r.custom_id.clone(), r.clone()))
+                .collect();
             let mut again: Vec<ChatRequest> = Vec::new();
             let mut last_err: HashMap<String, String> = HashMap::new();
             let ranges = p.batch_ranges(model, &pending);
@@ -560,8 +597,12 @@ impl SynthHandler {
                             warn!(ours = %rec.id, kept = %winner.id, "another attempt recorded a batch first; cancelling ours");
                             let _ = p.cancel_batch(&rec.id).await;
                         }
-                        ctx.progress(0, reqs.len() as u64, &format!("submitted batch {}", winner.id))
-                            .await;
+                        ctx.progress(
+                            0,
+                            reqs.len() as u64,
+                            &format!("submitted batch {}", winner.id),
+                        )
+                        .await;
                         winner
                     }
                 };
@@ -635,7 +676,8 @@ impl SynthHandler {
                 // from an attempt that asked for fewer) go to the next round.
                 for r in &pending[range] {
                     if !seen.contains(&r.custom_id) && !replies.contains_key(&r.custom_id) {
-                        last_err.insert(r.custom_id.clone(), "missing from the batch results".into());
+                        last_err
+                            .insert(r.custom_id.clone(), "missing from the batch results".into());
                         again.push(r.clone());
                     }
                 }
@@ -683,7 +725,11 @@ impl SynthHandler {
         for (s, rows) in built.splits.iter().enumerate() {
             let mut out = Vec::new();
             for p in rows {
-                out.extend_from_slice(dataset::chatml(p, &job.spec.system_prompt).to_string().as_bytes());
+                out.extend_from_slice(
+                    dataset::chatml(p, &job.spec.system_prompt)
+                        .to_string()
+                        .as_bytes(),
+                );
                 out.push(b'\n');
             }
             ctx.put(&format!("{}.jsonl", dataset::SPLITS[s]), Bytes::from(out))
