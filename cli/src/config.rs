@@ -5,6 +5,7 @@
 use anyhow::{Context, Result};
 use dagfleet_protocol::Role;
 use dagfleet_providers::{ProviderConfig, ProviderKind};
+use dagfleet_runtime::config::InferenceSettings;
 use dagfleet_runtime::{NatsConfig, QueueConfig, StoreConfig};
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
@@ -35,6 +36,8 @@ pub struct Config {
     /// `anthropic` and `openai` are predefined for the vendors' APIs, so
     /// `DAGFLEET_PROVIDERS__ANTHROPIC__API_KEY` (or `ANTHROPIC_API_KEY`) is all they need.
     pub providers: BTreeMap<String, ProviderConfig>,
+    /// Inference workers and `dagfleet serve`.
+    pub inference: InferenceSettings,
 }
 
 impl Default for Config {
@@ -47,6 +50,7 @@ impl Default for Config {
             coordinator: Default::default(),
             up: Default::default(),
             log: Default::default(),
+            inference: Default::default(),
             providers: BTreeMap::from([
                 (
                     "anthropic".to_string(),

@@ -115,6 +115,17 @@ enum Cmd {
         #[arg(long, default_value = "2.10")]
         airflow_version: String,
     },
+    /// Serve a model over an OpenAI-compatible HTTP API (`/v1/chat/completions` with
+    /// streaming, `/v1/completions`, `/v1/models`, `/health`, `/metrics`).
+    #[cfg(feature = "inference")]
+    Serve {
+        /// A `.gguf` file or a safetensors model directory (names are looked up in
+        /// `inference.models_dir`).
+        model: String,
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        addr: String,
+    },
 }
 
 fn init_tracing(cfg: &Config, quiet: bool) {
@@ -259,6 +270,36 @@ async fn real_main() -> Result<std::process::ExitCode> {
             json,
             airflow_version,
         } => return judge::run(&paths, json, &airflow_version),
+        #[cfg(feature = "inference")]
+        Cmd::Serve { model, addr } => {
+            use dagfleet_inference::SettingsExt;
+            let s = &cfg.inference;
+            let device = s.device().map_err(anyhow::Error::msg)?;
+            let path = s.resolve(&model);
+            let (m, codec) = dagfleet_inference::load(&path, &device)?;
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or(model.clone());
+            let ctx = m.cfg.context;
+            let engine =
+                dagfleet_inference::Engine::start(m, codec, s.engine.clone(), name.clone());
+            let listener = tokio::net::TcpListener::bind(&addr)
+                .await
+                .with_context(|| format!("binding {addr}"))?;
+            println!(
+                "serving {name} ({device:?}, context {ctx}, max_batch {}) on http://{}",
+                s.engine.max_batch,
+                listener.local_addr()?
+            );
+            let stop = tokio_util::sync::CancellationToken::new();
+            let s2 = stop.clone();
+            tokio::spawn(async move {
+                let _ = tokio::signal::ctrl_c().await;
+                s2.cancel();
+            });
+            dagfleet_inference::server::serve(listener, engine, stop).await?;
+        }
     }
     Ok(std::process::ExitCode::SUCCESS)
 }

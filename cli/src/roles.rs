@@ -17,6 +17,8 @@ pub fn built_in() -> Vec<Role> {
         Role::Judge,
         #[cfg(feature = "synth")]
         Role::Synthesizer,
+        #[cfg(feature = "inference")]
+        Role::Inference,
         #[cfg(feature = "noop")]
         Role::Noop,
     ]
@@ -67,6 +69,14 @@ pub async fn run_worker(
         #[cfg(feature = "synth")]
         Role::Synthesizer => {
             let h = dagfleet_synth::SynthHandler::new(cfg.providers.clone());
+            dagfleet_runtime::Worker::new(bus, store, h, wc)
+                .run(shutdown)
+                .await?
+        }
+        #[cfg(feature = "inference")]
+        Role::Inference => {
+            let h = dagfleet_inference::InferHandler::new(cfg.inference.clone())
+                .map_err(anyhow::Error::msg)?;
             dagfleet_runtime::Worker::new(bus, store, h, wc)
                 .run(shutdown)
                 .await?

@@ -107,7 +107,7 @@ pub async fn submit(
     store: &ArtifactStore,
     spec_text: &str,
 ) -> Result<RunId, CoordinatorError> {
-    let spec = RunSpec::from_toml(spec_text)?;
+    let mut spec = RunSpec::from_toml(spec_text)?;
     plan::check_supported(&spec)?;
     let suffix = uuid::Uuid::now_v7().simple().to_string();
     let run_id =
@@ -117,6 +117,18 @@ pub async fn submit(
                 reason: e.to_string(),
             }
         })?;
+    // Local input files travel with the run: the coordinator and workers may be elsewhere.
+    if let Some(p) = spec.infer.prompts.clone().filter(|p| !p.starts_with("store:")) {
+        let data = std::fs::read(&p).map_err(|e| {
+            CoordinatorError::Spec(dagfleet_protocol::SpecError::Invalid {
+                key: "infer.prompts".into(),
+                message: format!("cannot read `{p}`: {e}"),
+            })
+        })?;
+        let key = format!("runs/{run_id}/inputs/prompts.jsonl");
+        store.put_overwrite(&key, Bytes::from(data)).await?;
+        spec.infer.prompts = Some(format!("store:{key}"));
+    }
     store
         .put_overwrite(
             &format!("runs/{run_id}/spec.toml"),
@@ -464,7 +476,8 @@ impl Coordinator {
         if !won {
             return Ok(());
         }
-        let jobs = match plan::plan_stage(&state, stage, now, &self.store).await {
+        let hints = self.fleet_hints(stage).await;
+        let jobs = match plan::plan_stage(&state, stage, now, &self.store, &hints).await {
             Ok(j) => j,
             Err(e) => return self.fail_run(run, e.to_string()).await,
         };
@@ -486,6 +499,31 @@ impl Coordinator {
         self.emit(run, EventKind::StageDispatched { stage, jobs: n }, None)
             .await;
         Ok(())
+    }
+
+    /// What live workers advertise in their heartbeats, for stages sized to the fleet.
+    async fn fleet_hints(&self, stage: Stage) -> plan::FleetHints {
+        let mut hints = plan::FleetHints::default();
+        if stage != Stage::Infer {
+            return hints;
+        }
+        let prefix = format!("{}.", dagfleet_protocol::Role::Inference);
+        if let Ok(mut keys) = self.bus.workers().keys().await {
+            while let Some(Ok(k)) = futures::StreamExt::next(&mut keys).await {
+                if !k.starts_with(&prefix) {
+                    continue;
+                }
+                if let Ok(Some(v)) = self.bus.workers().get(&k).await {
+                    let b = serde_json::from_slice::<serde_json::Value>(&v)
+                        .ok()
+                        .and_then(|hb| hb["capacity"]["max_batch"].as_u64());
+                    if let Some(b) = b {
+                        hints.infer_max_batch = Some(hints.infer_max_batch.unwrap_or(0).max(b));
+                    }
+                }
+            }
+        }
+        hints
     }
 
     async fn finish_run(&self, run: &RunId) -> Result<(), CoordinatorError> {

@@ -3,7 +3,9 @@
 //! Each planner is a pure function of the run state (and, for later stages, the job records
 //! of the stage before), so planning the same stage twice yields the same job ids.
 
-use dagfleet_protocol::jobs::{DatasetBuild, JudgeBatch, MineShard, NoopJob, Source, SynthChunk};
+use dagfleet_protocol::jobs::{
+    DatasetBuild, InferBatch, JudgeBatch, MineShard, NoopJob, Source, SynthChunk,
+};
 use dagfleet_protocol::{ArtifactRef, Envelope, Job, JobRecord, RunSpec, RunState, Stage};
 use dagfleet_runtime::ArtifactStore;
 
@@ -33,12 +35,27 @@ pub enum PlanError {
 pub fn check_supported(spec: &RunSpec) -> Result<(), PlanError> {
     for &st in &spec.stages {
         match st {
-            Stage::Mine | Stage::Noop | Stage::Judge | Stage::Synthesize | Stage::Dataset => {}
+            Stage::Mine
+            | Stage::Noop
+            | Stage::Judge
+            | Stage::Synthesize
+            | Stage::Dataset
+            | Stage::Infer => {}
             other => return Err(PlanError::Unsupported(other, other.role())),
         }
     }
     Ok(())
 }
+
+/// What the live fleet advertises, for stages that size their jobs to it.
+#[derive(Clone, Debug, Default)]
+pub struct FleetHints {
+    /// The largest `max_batch` any live inference worker advertises.
+    pub infer_max_batch: Option<u64>,
+}
+
+/// Rows per inference batch when neither the spec nor the fleet says.
+pub const DEFAULT_INFER_BATCH_ROWS: u64 = 64;
 
 /// The jobs of `stage`, reading the outputs of earlier stages from `store` where the stage
 /// consumes them.
@@ -47,8 +64,66 @@ pub async fn plan_stage(
     stage: Stage,
     now_ms: i64,
     store: &ArtifactStore,
+    hints: &FleetHints,
 ) -> Result<Vec<Envelope>, PlanError> {
     match stage {
+        Stage::Infer => {
+            let model = state
+                .spec
+                .models
+                .base
+                .clone()
+                .ok_or(PlanError::Unsupported(stage, stage.role()))?;
+            let inputs = match &state.spec.infer.prompts {
+                Some(p) => {
+                    let key = p.strip_prefix("store:").ok_or_else(|| {
+                        PlanError::Store(stage, format!("infer.prompts `{p}` was not uploaded when the run was submitted"))
+                    })?;
+                    let data = store
+                        .get_opt(key)
+                        .await
+                        .map_err(|e| PlanError::Store(stage, e.to_string()))?
+                        .ok_or_else(|| PlanError::Store(stage, format!("prompts `{key}` are missing from the store")))?;
+                    let rows = data.split(|b| *b == b'\n').filter(|l| !l.is_empty()).count() as u64;
+                    vec![(
+                        ArtifactRef {
+                            key: key.to_string(),
+                            sha256: dagfleet_runtime::sha256_hex(&data),
+                            bytes: data.len() as u64,
+                        },
+                        rows,
+                    )]
+                }
+                None => jsonl_outputs(state, Stage::Dataset, store, Some("test.jsonl")).await?,
+            };
+            let batch = match state.spec.infer.batch_rows {
+                0 => hints
+                    .infer_max_batch
+                    .map(|b| b * 2)
+                    .unwrap_or(DEFAULT_INFER_BATCH_ROWS),
+                n => n,
+            }
+            .max(1);
+            let mut jobs = Vec::new();
+            for (input, rows) in inputs {
+                let mut start = 0;
+                while start < rows {
+                    let end = (start + batch).min(rows);
+                    jobs.push((
+                        format!("{}:{start}-{end}", input.key),
+                        Job::Infer(InferBatch {
+                            model: model.clone(),
+                            adapter: None,
+                            input: input.clone(),
+                            rows: (start, end),
+                            spec: state.spec.infer.clone(),
+                        }),
+                    ));
+                    start = end;
+                }
+            }
+            finish(state, stage, now_ms, jobs)
+        }
         Stage::Judge => {
             let prev = state
                 .spec

@@ -165,7 +165,7 @@ mod tests {
                 adapter: Some(art(4)),
                 input: art(5),
                 rows: (0, 64),
-                max_tokens: 256,
+                spec: crate::spec::InferSpec::default(),
             }),
             Job::Judge(JudgeBatch {
                 input: art(6),

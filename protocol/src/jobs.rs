@@ -121,8 +121,8 @@ pub struct InferBatch {
     pub input: ArtifactRef,
     /// Row range `[start, end)` of `input`.
     pub rows: (u64, u64),
-    /// Token limit per request.
-    pub max_tokens: u32,
+    /// Token limit, temperature, seed.
+    pub spec: crate::spec::InferSpec,
 }
 
 /// One batch of generated outputs to judge.

@@ -77,6 +77,40 @@ pub struct RunSpec {
     /// The `dataset` stage.
     #[serde(default)]
     pub dataset: DatasetSpec,
+    /// The `infer` stage.
+    #[serde(default)]
+    pub infer: InferSpec,
+}
+
+/// Infer options.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InferSpec {
+    /// Prompts to generate for: a local JSONL file (uploaded into the run when it is
+    /// submitted) of `{"id", "messages": [...]}` rows or ChatML dataset rows. When absent,
+    /// the `dataset` stage's `test.jsonl`.
+    pub prompts: Option<String>,
+    /// Rows per inference batch job; 0 sizes batches from what the live inference workers
+    /// advertise (twice the largest batch).
+    pub batch_rows: u64,
+    /// Token limit per generation.
+    pub max_tokens: u32,
+    /// Sampling temperature; 0 is greedy.
+    pub temperature: f64,
+    /// Sampling seed.
+    pub seed: u64,
+}
+
+impl Default for InferSpec {
+    fn default() -> Self {
+        Self {
+            prompts: None,
+            batch_rows: 0,
+            max_tokens: 1024,
+            temperature: 0.0,
+            seed: 0,
+        }
+    }
 }
 
 /// How the synthesize stage talks to its teacher.
@@ -446,6 +480,15 @@ impl RunSpec {
             if !(0.0..=1.0).contains(&d.near_duplicate) {
                 return Err(invalid("dataset.near_duplicate", "must be within 0 to 1"));
             }
+        }
+        if self.stages.contains(&Stage::Infer)
+            && self.infer.prompts.is_none()
+            && !self.stages.contains(&Stage::Dataset)
+        {
+            return Err(invalid(
+                "infer.prompts",
+                "the `infer` stage needs prompts: set infer.prompts to a JSONL file, or run the `dataset` stage before it",
+            ));
         }
         if self.stages.contains(&Stage::Judge) {
             if !self

@@ -270,3 +270,50 @@ mod tests {
         assert_eq!(q.stage(Stage::Noop).delay(9), Duration::from_secs(30));
     }
 }
+
+/// Limits of an inference engine.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineConfig {
+    /// Most sequences decoding together.
+    pub max_batch: usize,
+    /// KV cache budget in tokens: the sum of (prompt + max_tokens) over running sequences.
+    pub kv_budget_tokens: usize,
+    /// Most requests waiting; more are refused as overload.
+    pub max_queue: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            max_batch: 64,
+            kv_budget_tokens: 262_144,
+            max_queue: 1024,
+        }
+    }
+}
+
+/// Settings of inference workers and servers (`[inference]`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InferenceSettings {
+    /// Where model names that are not absolute paths are looked up.
+    pub models_dir: String,
+    /// `auto` (CUDA or Metal when built in and present, else CPU), `cpu`, `cuda` or `metal`.
+    pub device: String,
+    /// Batch size, KV budget and queue bound of the engine.
+    pub engine: EngineConfig,
+    /// A model to load at start, so the worker advertises it before its first job.
+    pub preload: Option<String>,
+}
+
+impl Default for InferenceSettings {
+    fn default() -> Self {
+        Self {
+            models_dir: ".dagfleet/models".into(),
+            device: "auto".into(),
+            engine: EngineConfig::default(),
+            preload: None,
+        }
+    }
+}

@@ -48,6 +48,12 @@ pub trait Handler: Send + Sync + 'static {
         true
     }
 
+    /// What this worker can take, advertised in its heartbeats so the coordinator can size
+    /// jobs (e.g. an inference worker's loaded model, batch size and KV budget).
+    fn capacity(&self) -> Option<serde_json::Value> {
+        None
+    }
+
     /// Runs one job. Artifacts are written through `ctx`; the runtime records them.
     fn handle(
         &self,
@@ -222,6 +228,8 @@ struct Heartbeat<'a> {
     done: u64,
     started_at_ms: i64,
     at_ms: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    capacity: Option<serde_json::Value>,
 }
 
 /// Runs a [`Handler`] against its role's queue.
@@ -488,6 +496,7 @@ async fn heartbeat_loop<H: Handler>(sh: Arc<Shared<H>>, started: i64, stop: Canc
             done: sh.stats.done.load(Ordering::Relaxed),
             started_at_ms: started,
             at_ms: now_ms(),
+            capacity: sh.handler.capacity(),
         };
         if let Ok(body) = serde_json::to_vec(&hb) {
             if let Err(e) = sh.bus.workers().put(&key, body.into()).await {

@@ -1,0 +1,509 @@
+//! Continuous batching: one scheduler thread owns the model; requests join the running batch
+//! at token boundaries, each sequence with its own KV cache, within a token budget.
+
+use candle_transformers::generation::{LogitsProcessor, Sampling};
+use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use crate::model::{Model, SeqCache};
+use crate::tokenizer::{ChatMessage, TextCodec};
+use crate::InferError;
+
+/// How to generate.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GenParams {
+    /// Most new tokens.
+    pub max_tokens: u32,
+    /// 0 is greedy.
+    pub temperature: f64,
+    /// Nucleus sampling.
+    pub top_p: Option<f64>,
+    /// Top-k sampling.
+    pub top_k: Option<usize>,
+    /// Sampling seed; random when absent.
+    pub seed: Option<u64>,
+    /// Strings that end generation; they are not part of the output.
+    pub stop: Vec<String>,
+}
+
+impl Default for GenParams {
+    fn default() -> Self {
+        Self {
+            max_tokens: 256,
+            temperature: 0.0,
+            top_p: None,
+            top_k: None,
+            seed: None,
+            stop: Vec::new(),
+        }
+    }
+}
+
+/// Why generation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// An end-of-turn token or a stop string.
+    Stop,
+    /// `max_tokens` or the context was reached.
+    Length,
+}
+
+/// Numbers of one finished generation.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GenStats {
+    /// Why it ended.
+    pub finish_reason: FinishReason,
+    /// Prompt tokens.
+    pub prompt_tokens: usize,
+    /// Generated tokens.
+    pub generated_tokens: usize,
+    /// Submission to first token, milliseconds (queueing included).
+    pub ttft_ms: f64,
+    /// Tokens per second after the first.
+    pub decode_tok_s: f64,
+}
+
+/// What a request's channel carries.
+#[derive(Clone, Debug, PartialEq)]
+pub enum GenEvent {
+    /// New text.
+    Delta(String),
+    /// The end, with the full text.
+    Done(String, GenStats),
+    /// It failed.
+    Error(String),
+}
+
+pub use dagfleet_runtime::config::EngineConfig;
+
+/// Live counters, for `/metrics` and the worker's capacity.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    /// Requests accepted.
+    pub requests: AtomicU64,
+    /// Requests refused (overload, too long).
+    pub rejected: AtomicU64,
+    /// Requests whose client went away.
+    pub disconnected: AtomicU64,
+    /// Prompt tokens processed.
+    pub prompt_tokens: AtomicU64,
+    /// Tokens generated.
+    pub generated_tokens: AtomicU64,
+    /// Sequences decoding now.
+    pub running: AtomicUsize,
+    /// Requests waiting now.
+    pub waiting: AtomicUsize,
+    /// Decode steps run.
+    pub steps: AtomicU64,
+}
+
+struct Job {
+    prompt: Vec<u32>,
+    params: GenParams,
+    events: mpsc::UnboundedSender<GenEvent>,
+    submitted: Instant,
+}
+
+struct Seq {
+    job: Job,
+    cache: SeqCache,
+    sampler: LogitsProcessor,
+    out: Vec<u32>,
+    next: u32,
+    emitted: usize,
+    first_at: Option<Instant>,
+    last_at: Instant,
+    reserve: usize,
+    max_new: usize,
+}
+
+/// A running engine. Cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    tx: std::sync::mpsc::Sender<Job>,
+    codec: Arc<TextCodec>,
+    /// Counters.
+    pub stats: Arc<EngineStats>,
+    cfg: EngineConfig,
+    context: usize,
+    /// Name the model is served under.
+    pub model_name: String,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("model", &self.model_name)
+            .field("cfg", &self.cfg)
+            .finish()
+    }
+}
+
+impl Engine {
+    /// Starts the scheduler thread.
+    pub fn start(model: Model, codec: TextCodec, cfg: EngineConfig, model_name: String) -> Self {
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let stats = Arc::new(EngineStats::default());
+        let codec = Arc::new(codec);
+        let context = model.cfg.context;
+        let (s, c, k) = (stats.clone(), codec.clone(), cfg.clone());
+        std::thread::Builder::new()
+            .name("dagfleet-engine".into())
+            .spawn(move || schedule(model, c, k, rx, s))
+            .ok();
+        Self {
+            tx,
+            codec,
+            stats,
+            cfg,
+            context,
+            model_name,
+        }
+    }
+
+    /// The model's context length.
+    pub fn context(&self) -> usize {
+        self.context
+    }
+
+    /// The engine's limits.
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+
+    /// The tokenizer and chat template.
+    pub fn codec(&self) -> &TextCodec {
+        &self.codec
+    }
+
+    /// Queues a tokenized prompt; events arrive on the returned channel. Dropping the
+    /// receiver cancels the request and frees its slot.
+    pub fn submit(
+        &self,
+        prompt: Vec<u32>,
+        params: GenParams,
+    ) -> Result<mpsc::UnboundedReceiver<GenEvent>, InferError> {
+        if prompt.is_empty() {
+            return Err(InferError::Request("the prompt is empty".into()));
+        }
+        if prompt.len() >= self.context {
+            self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+            return Err(InferError::Request(format!(
+                "the prompt has {} tokens; the model's context is {} tokens, and at least one must be left to generate",
+                prompt.len(),
+                self.context
+            )));
+        }
+        let need = (prompt.len() + params.max_tokens as usize).min(self.context);
+        if need > self.cfg.kv_budget_tokens {
+            self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+            return Err(InferError::Request(format!(
+                "the request needs {need} tokens of KV cache (prompt {} + max_tokens {}); the budget is {} tokens",
+                prompt.len(),
+                params.max_tokens,
+                self.cfg.kv_budget_tokens
+            )));
+        }
+        if self.stats.waiting.load(Ordering::Relaxed) >= self.cfg.max_queue {
+            self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+            return Err(InferError::Overloaded(format!(
+                "{} requests are waiting (max_queue)",
+                self.cfg.max_queue
+            )));
+        }
+        let (etx, erx) = mpsc::unbounded_channel();
+        self.stats.waiting.fetch_add(1, Ordering::Relaxed);
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        self.tx
+            .send(Job {
+                prompt,
+                params,
+                events: etx,
+                submitted: Instant::now(),
+            })
+            .map_err(|_| InferError::Model("the engine thread has stopped".into()))?;
+        Ok(erx)
+    }
+
+    /// Renders, tokenizes and queues a chat.
+    pub fn submit_chat(
+        &self,
+        messages: &[ChatMessage],
+        params: GenParams,
+    ) -> Result<mpsc::UnboundedReceiver<GenEvent>, InferError> {
+        let text = self.codec.render(messages)?;
+        let ids = self.codec.encode(&text)?;
+        self.submit(ids, params)
+    }
+
+    /// Generates to the end and returns the text and its numbers.
+    pub async fn generate(
+        &self,
+        messages: &[ChatMessage],
+        params: GenParams,
+    ) -> Result<(String, GenStats), InferError> {
+        let mut rx = self.submit_chat(messages, params)?;
+        collect(&mut rx).await
+    }
+}
+
+/// Waits for the end of a request.
+pub async fn collect(
+    rx: &mut mpsc::UnboundedReceiver<GenEvent>,
+) -> Result<(String, GenStats), InferError> {
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            GenEvent::Delta(_) => {}
+            GenEvent::Done(text, stats) => return Ok((text, stats)),
+            GenEvent::Error(e) => return Err(InferError::Model(e)),
+        }
+    }
+    Err(InferError::Model("the engine dropped the request".into()))
+}
+
+fn sampler(p: &GenParams) -> LogitsProcessor {
+    let seed = p.seed.unwrap_or_else(rand_seed);
+    let t = p.temperature;
+    let s = if t <= 0.0 {
+        Sampling::ArgMax
+    } else {
+        match (p.top_k, p.top_p) {
+            (Some(k), Some(pp)) => Sampling::TopKThenTopP { k, p: pp, temperature: t },
+            (Some(k), None) => Sampling::TopK { k, temperature: t },
+            (None, Some(pp)) => Sampling::TopP { p: pp, temperature: t },
+            (None, None) => Sampling::All { temperature: t },
+        }
+    };
+    LogitsProcessor::from_sampling(seed, s)
+}
+
+fn rand_seed() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+fn schedule(
+    model: Model,
+    codec: Arc<TextCodec>,
+    cfg: EngineConfig,
+    rx: std::sync::mpsc::Receiver<Job>,
+    stats: Arc<EngineStats>,
+) {
+    let mut waiting: VecDeque<Job> = VecDeque::new();
+    let mut running: Vec<Seq> = Vec::new();
+    let mut reserved = 0usize;
+    let context = model.cfg.context;
+    loop {
+        if running.is_empty() && waiting.is_empty() {
+            match rx.recv() {
+                Ok(j) => waiting.push_back(j),
+                Err(_) => return,
+            }
+        }
+        while let Ok(j) = rx.try_recv() {
+            waiting.push_back(j);
+        }
+        // Admit at this token boundary.
+        while running.len() < cfg.max_batch {
+            let Some(front) = waiting.front() else { break };
+            let need = (front.prompt.len() + front.params.max_tokens as usize).min(context);
+            if reserved + need > cfg.kv_budget_tokens && !running.is_empty() {
+                break;
+            }
+            let Some(job) = waiting.pop_front() else { break };
+            stats.waiting.fetch_sub(1, Ordering::Relaxed);
+            if job.events.is_closed() {
+                stats.disconnected.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let mut cache = model.new_cache();
+            let logits = match model.prefill(&mut cache, &job.prompt) {
+                Ok(l) => l,
+                Err(e) => {
+                    let _ = job.events.send(GenEvent::Error(format!("prefill failed: {e}")));
+                    continue;
+                }
+            };
+            stats
+                .prompt_tokens
+                .fetch_add(job.prompt.len() as u64, Ordering::Relaxed);
+            let mut s = sampler(&job.params);
+            let next = match s.sample(&logits) {
+                Ok(t) => t,
+                Err(e) => {
+                    let _ = job.events.send(GenEvent::Error(format!("sampling failed: {e}")));
+                    continue;
+                }
+            };
+            let max_new = (job.params.max_tokens as usize).min(context - job.prompt.len());
+            reserved += need;
+            let now = Instant::now();
+            let mut seq = Seq {
+                job,
+                cache,
+                sampler: s,
+                out: Vec::new(),
+                next,
+                emitted: 0,
+                first_at: None,
+                last_at: now,
+                reserve: need,
+                max_new,
+            };
+            if accept(&codec, &mut seq, &stats) {
+                reserved -= seq.reserve;
+            } else {
+                running.push(seq);
+            }
+        }
+        stats.running.store(running.len(), Ordering::Relaxed);
+        if running.is_empty() {
+            continue;
+        }
+        // Drop sequences whose client went away.
+        running.retain(|s| {
+            let gone = s.job.events.is_closed();
+            if gone {
+                stats.disconnected.fetch_add(1, Ordering::Relaxed);
+                reserved -= s.reserve;
+            }
+            !gone
+        });
+        if running.is_empty() {
+            continue;
+        }
+        // One decode step for every running sequence.
+        let tokens: Vec<u32> = running.iter().map(|s| s.next).collect();
+        let result = {
+            let mut caches: Vec<&mut SeqCache> = running.iter_mut().map(|s| &mut s.cache).collect();
+            model.decode(&mut caches, &tokens)
+        };
+        stats.steps.fetch_add(1, Ordering::Relaxed);
+        let logits = match result {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(error = %e, "decode step failed; failing its sequences");
+                for s in running.drain(..) {
+                    let _ = s.job.events.send(GenEvent::Error(format!("decode failed: {e}")));
+                }
+                reserved = 0;
+                continue;
+            }
+        };
+        let mut finished = Vec::new();
+        for (i, s) in running.iter_mut().enumerate() {
+            let row = match logits.get(i) {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = s.job.events.send(GenEvent::Error(e.to_string()));
+                    finished.push(i);
+                    continue;
+                }
+            };
+            match s.sampler.sample(&row) {
+                Ok(t) => s.next = t,
+                Err(e) => {
+                    let _ = s.job.events.send(GenEvent::Error(e.to_string()));
+                    finished.push(i);
+                    continue;
+                }
+            }
+            if accept(&codec, s, &stats) {
+                finished.push(i);
+            }
+        }
+        for i in finished.into_iter().rev() {
+            let s = running.swap_remove(i);
+            reserved -= s.reserve;
+        }
+        stats.running.store(running.len(), Ordering::Relaxed);
+    }
+}
+
+/// Takes `s.next` as the sequence's newest token; streams new text; returns whether the
+/// sequence is finished (and then has sent its `Done`).
+fn accept(codec: &TextCodec, s: &mut Seq, stats: &EngineStats) -> bool {
+    let now = Instant::now();
+    if s.first_at.is_none() {
+        s.first_at = Some(now);
+    }
+    s.last_at = now;
+    let mut finish = None;
+    if codec.stop_ids.contains(&s.next) {
+        finish = Some(FinishReason::Stop);
+    } else {
+        s.out.push(s.next);
+        stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
+    }
+    let mut text = codec.decode(&s.out).unwrap_or_default();
+    if finish.is_none() {
+        if let Some(cut) = s
+            .job
+            .params
+            .stop
+            .iter()
+            .filter(|x| !x.is_empty())
+            .filter_map(|x| text.find(x.as_str()))
+            .min()
+        {
+            text.truncate(cut);
+            finish = Some(FinishReason::Stop);
+        } else if s.out.len() >= s.max_new {
+            finish = Some(FinishReason::Length);
+        }
+    }
+    // Stream what is safe: not a partial UTF-8 character, not a possible stop-string prefix.
+    let mut safe = text.len();
+    if finish.is_none() {
+        if text.ends_with('\u{FFFD}') {
+            safe = text.len() - '\u{FFFD}'.len_utf8();
+        }
+        for st in &s.job.params.stop {
+            for k in (1..st.len()).rev() {
+                if st.is_char_boundary(k) && text[..safe].ends_with(&st[..k]) {
+                    safe = safe.min(text.len() - k);
+                    break;
+                }
+            }
+        }
+    }
+    while !text.is_char_boundary(safe) {
+        safe -= 1;
+    }
+    if safe > s.emitted && text.is_char_boundary(s.emitted) {
+        let _ = s
+            .job
+            .events
+            .send(GenEvent::Delta(text[s.emitted..safe].to_string()));
+        s.emitted = safe;
+    }
+    let Some(reason) = finish else {
+        return false;
+    };
+    let first = s.first_at.unwrap_or(now);
+    let ttft = first.duration_since(s.job.submitted).as_secs_f64() * 1000.0;
+    let span = s.last_at.duration_since(first).as_secs_f64();
+    let stats_out = GenStats {
+        finish_reason: reason,
+        prompt_tokens: s.job.prompt.len(),
+        generated_tokens: s.out.len(),
+        ttft_ms: ttft,
+        decode_tok_s: if span > 0.0 && s.out.len() > 1 {
+            (s.out.len() - 1) as f64 / span
+        } else {
+            0.0
+        },
+    };
+    debug!(tokens = s.out.len(), ?reason, "sequence finished");
+    let _ = s.job.events.send(GenEvent::Done(text, stats_out));
+    true
+}

@@ -1,0 +1,560 @@
+//! Llama-family and Qwen2-family decoders over candle, with one KV cache per sequence so
+//! sequences at different positions decode together in one batch.
+//!
+//! Weights load from GGUF (quantized matmuls stay quantized: Q4_K_M, Q4_1, Q8_0, ...) or
+//! from a Hugging Face safetensors directory. Projections and the MLP run batched over all
+//! sequences of a step; attention runs per sequence against its own cache.
+
+use candle_core::quantized::{gguf_file, QMatMul, QTensor};
+use candle_core::{DType, Device, IndexOp, Module, Tensor};
+use candle_nn::kv_cache::KvCache;
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::InferError;
+
+/// Architecture of a loaded model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arch {
+    /// Llama, SmolLM2, Mistral-style.
+    Llama,
+    /// Qwen2 and Qwen2.5 (biases on q, k, v).
+    Qwen2,
+}
+
+/// Shape and numerics of a model.
+#[derive(Clone, Debug)]
+pub struct ModelConfig {
+    /// Architecture.
+    pub arch: Arch,
+    /// Hidden size.
+    pub hidden: usize,
+    /// Layers.
+    pub layers: usize,
+    /// Attention heads.
+    pub heads: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// Size of one head.
+    pub head_dim: usize,
+    /// Vocabulary size.
+    pub vocab: usize,
+    /// RMSNorm epsilon.
+    pub eps: f64,
+    /// RoPE base.
+    pub rope_theta: f32,
+    /// Longest context.
+    pub context: usize,
+    /// Whether RoPE rotates halves (NeoX) rather than adjacent pairs.
+    pub rope_neox: bool,
+}
+
+/// A weight that multiplies: quantized or dense, with an optional bias.
+#[derive(Debug, Clone)]
+struct Proj {
+    w: QMatMul,
+    b: Option<Tensor>,
+}
+
+impl Proj {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = self.w.forward(x)?;
+        match &self.b {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Layer {
+    attn_norm: Tensor,
+    q: Proj,
+    k: Proj,
+    v: Proj,
+    o: Proj,
+    ffn_norm: Tensor,
+    gate: Proj,
+    up: Proj,
+    down: Proj,
+}
+
+/// A loaded model.
+#[derive(Debug)]
+pub struct Model {
+    /// Its configuration.
+    pub cfg: ModelConfig,
+    embed: Arc<QTensor>,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: QMatMul,
+    cos: Tensor,
+    sin: Tensor,
+    device: Device,
+    dtype: DType,
+}
+
+/// The KV cache of one sequence.
+#[derive(Debug, Clone)]
+pub struct SeqCache {
+    layers: Vec<KvCache>,
+    len: usize,
+}
+
+impl SeqCache {
+    /// Tokens in the cache.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether it is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+fn bad(path: &Path, msg: impl std::fmt::Display) -> InferError {
+    InferError::Model(format!("{}: {msg}", path.display()))
+}
+
+/// Weight source: a GGUF file or a safetensors directory.
+enum Source {
+    Gguf {
+        content: gguf_file::Content,
+        file: std::fs::File,
+    },
+    St(HashMap<String, Tensor>),
+}
+
+impl Source {
+    /// Loads the weight `gguf_name` (GGUF) / `hf_name` (safetensors).
+    fn get(
+        &mut self,
+        gguf_name: &str,
+        hf_name: &str,
+        dev: &Device,
+    ) -> Result<Option<Arc<QTensor>>, String> {
+        match self {
+            Source::Gguf { content, file } => {
+                if !content.tensor_infos.contains_key(gguf_name) {
+                    return Ok(None);
+                }
+                content
+                    .tensor(file, gguf_name, dev)
+                    .map(|t| Some(Arc::new(t)))
+                    .map_err(|e| format!("tensor `{gguf_name}`: {e}"))
+            }
+            Source::St(map) => match map.get(hf_name) {
+                None => Ok(None),
+                Some(t) => {
+                    let t = t
+                        .to_device(dev)
+                        .and_then(|t| t.to_dtype(DType::F32))
+                        .map_err(|e| format!("tensor `{hf_name}`: {e}"))?;
+                    QTensor::quantize(&t, candle_core::quantized::GgmlDType::F32)
+                        .map(|q| Some(Arc::new(q)))
+                        .map_err(|e| format!("tensor `{hf_name}`: {e}"))
+                }
+            },
+        }
+    }
+}
+
+impl Model {
+    /// Loads a model from a `.gguf` file or a safetensors directory (config.json plus
+    /// `*.safetensors`). Pickle checkpoints (`.bin`, `.pt`, `.pth`) are refused: loading them
+    /// can run code.
+    pub fn load(path: &Path, device: &Device) -> Result<Self, InferError> {
+        if !path.exists() {
+            return Err(bad(path, "no such model file or directory"));
+        }
+        if path.is_dir() {
+            return Self::load_safetensors(path, device);
+        }
+        let ext = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .unwrap_or("")
+            .to_ascii_lowercase();
+        if matches!(ext.as_str(), "bin" | "pt" | "pth" | "pkl" | "ckpt") {
+            return Err(bad(
+                path,
+                "pickle checkpoints are refused (loading one can execute code); convert it to safetensors or GGUF",
+            ));
+        }
+        let mut file = std::fs::File::open(path).map_err(|e| bad(path, e))?;
+        let content = gguf_file::Content::read(&mut file).map_err(|e| {
+            bad(
+                path,
+                format!("not a readable GGUF file ({e}); expected a GGUF v2/v3 model"),
+            )
+        })?;
+        let md = &content.metadata;
+        let arch_name = md
+            .get("general.architecture")
+            .and_then(|v| v.to_string().ok())
+            .cloned()
+            .unwrap_or_default();
+        let arch = match arch_name.as_str() {
+            "llama" => Arch::Llama,
+            "qwen2" => Arch::Qwen2,
+            other => {
+                return Err(bad(
+                    path,
+                    format!("unsupported architecture `{other}`; supported: llama, qwen2"),
+                ))
+            }
+        };
+        let get = |k: &str| -> Result<&gguf_file::Value, InferError> {
+            md.get(&format!("{arch_name}.{k}"))
+                .ok_or_else(|| bad(path, format!("metadata `{arch_name}.{k}` is missing")))
+        };
+        let u = |k: &str| -> Result<usize, InferError> {
+            let v = get(k)?;
+            v.to_u32()
+                .map(|v| v as usize)
+                .or_else(|_| v.to_u64().map(|v| v as usize))
+                .map_err(|e| bad(path, format!("{k}: {e}")))
+        };
+        let hidden = u("embedding_length")?;
+        let heads = u("attention.head_count")?;
+        let kv_heads = u("attention.head_count_kv").unwrap_or(heads);
+        let head_dim = u("rope.dimension_count").unwrap_or(hidden / heads);
+        let file_len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let needed = content
+            .tensor_infos
+            .values()
+            .map(|t| t.offset + (t.shape.elem_count() / t.ggml_dtype.block_size() * t.ggml_dtype.type_size()) as u64)
+            .max()
+            .unwrap_or(0)
+            + content.tensor_data_offset;
+        if file_len < needed {
+            return Err(bad(
+                path,
+                format!("truncated GGUF: the tensors need {needed} bytes, the file has {file_len}"),
+            ));
+        }
+        let cfg = ModelConfig {
+            arch,
+            hidden,
+            layers: u("block_count")?,
+            heads,
+            kv_heads,
+            head_dim,
+            vocab: content
+                .tensor_infos
+                .get("token_embd.weight")
+                .map(|t| t.shape.dims()[0])
+                .ok_or_else(|| bad(path, "tensor `token_embd.weight` is missing"))?,
+            eps: get("attention.layer_norm_rms_epsilon")?
+                .to_f32()
+                .map_err(|e| bad(path, e))? as f64,
+            rope_theta: get("rope.freq_base")
+                .and_then(|v| v.to_f32().map_err(|e| bad(path, e)))
+                .unwrap_or(10_000.0),
+            context: u("context_length").unwrap_or(4096),
+            // llama.cpp's converter permutes Llama q/k for interleaved RoPE; Qwen2 is NeoX.
+            rope_neox: arch == Arch::Qwen2,
+        };
+        Self::build(path, cfg, Source::Gguf { content, file }, device)
+    }
+
+    fn load_safetensors(dir: &Path, device: &Device) -> Result<Self, InferError> {
+        let cfg_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&cfg_path)
+            .map_err(|e| bad(&cfg_path, format!("cannot read ({e}); a model directory needs config.json")))?;
+        let c: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(&cfg_path, e))?;
+        let arch = match c["model_type"].as_str().unwrap_or("") {
+            "llama" => Arch::Llama,
+            "qwen2" => Arch::Qwen2,
+            other => {
+                return Err(bad(
+                    &cfg_path,
+                    format!("unsupported model_type `{other}`; supported: llama, qwen2"),
+                ))
+            }
+        };
+        let n = |k: &str| -> Result<usize, InferError> {
+            c[k].as_u64()
+                .map(|v| v as usize)
+                .ok_or_else(|| bad(&cfg_path, format!("`{k}` is missing")))
+        };
+        let hidden = n("hidden_size")?;
+        let heads = n("num_attention_heads")?;
+        let rope_theta = c["rope_theta"]
+            .as_f64()
+            .or_else(|| c["rope_parameters"]["rope_theta"].as_f64())
+            .unwrap_or(10_000.0) as f32;
+        let cfg = ModelConfig {
+            arch,
+            hidden,
+            layers: n("num_hidden_layers")?,
+            heads,
+            kv_heads: n("num_key_value_heads").unwrap_or(heads),
+            head_dim: c["head_dim"].as_u64().map(|v| v as usize).unwrap_or(hidden / heads),
+            vocab: n("vocab_size")?,
+            eps: c["rms_norm_eps"].as_f64().unwrap_or(1e-6),
+            rope_theta,
+            context: n("max_position_embeddings").unwrap_or(4096),
+            rope_neox: true,
+        };
+        let mut files: Vec<_> = std::fs::read_dir(dir)
+            .map_err(|e| bad(dir, e))?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            let pickles = std::fs::read_dir(dir)
+                .map_err(|e| bad(dir, e))?
+                .flatten()
+                .any(|e| e.path().extension().is_some_and(|x| x == "bin" || x == "pt"));
+            return Err(bad(
+                dir,
+                if pickles {
+                    "only pickle checkpoints here, which are refused (loading one can execute code); convert them to safetensors"
+                } else {
+                    "no *.safetensors files"
+                },
+            ));
+        }
+        let mut map = HashMap::new();
+        for f in &files {
+            map.extend(candle_core::safetensors::load(f, &Device::Cpu).map_err(|e| bad(f, e))?);
+        }
+        Self::build(dir, cfg, Source::St(map), device)
+    }
+
+    fn build(
+        path: &Path,
+        cfg: ModelConfig,
+        mut src: Source,
+        device: &Device,
+    ) -> Result<Self, InferError> {
+        let dtype = if device.is_cpu() { DType::F32 } else { DType::BF16 };
+        let mut need = |g: &str, h: &str| -> Result<Arc<QTensor>, InferError> {
+            src.get(g, h, device)
+                .map_err(|e| bad(path, e))?
+                .ok_or_else(|| bad(path, format!("weight `{g}` (`{h}`) is missing")))
+        };
+        let dense = |q: Arc<QTensor>| -> Result<Tensor, InferError> {
+            q.dequantize(device)
+                .and_then(|t| t.to_dtype(dtype))
+                .map_err(|e| bad(path, e))
+        };
+        let qm = |q: Arc<QTensor>| QMatMul::from_arc(q).map_err(|e| bad(path, e));
+        let embed_q = need("token_embd.weight", "model.embed_tokens.weight")?;
+        let embed = embed_q.clone();
+        let mut layers = Vec::with_capacity(cfg.layers);
+        for i in 0..cfg.layers {
+            let g = |n: &str| format!("blk.{i}.{n}");
+            let h = |n: &str| format!("model.layers.{i}.{n}");
+            let mut proj = |gn: &str, hn: &str, bias: bool| -> Result<Proj, InferError> {
+                let w = qm(need(&g(&format!("{gn}.weight")), &h(&format!("{hn}.weight")))?)?;
+                let b = if bias {
+                    Some(dense(need(&g(&format!("{gn}.bias")), &h(&format!("{hn}.bias")))?)?)
+                } else {
+                    None
+                };
+                Ok(Proj { w, b })
+            };
+            let qwen = cfg.arch == Arch::Qwen2;
+            let q = proj("attn_q", "self_attn.q_proj", qwen)?;
+            let k = proj("attn_k", "self_attn.k_proj", qwen)?;
+            let v = proj("attn_v", "self_attn.v_proj", qwen)?;
+            let o = proj("attn_output", "self_attn.o_proj", false)?;
+            let gate = proj("ffn_gate", "mlp.gate_proj", false)?;
+            let up = proj("ffn_up", "mlp.up_proj", false)?;
+            let down = proj("ffn_down", "mlp.down_proj", false)?;
+            let attn_norm = dense(need(&g("attn_norm.weight"), &h("input_layernorm.weight"))?)?;
+            let ffn_norm = dense(need(
+                &g("ffn_norm.weight"),
+                &h("post_attention_layernorm.weight"),
+            )?)?;
+            layers.push(Layer {
+                attn_norm,
+                q,
+                k,
+                v,
+                o,
+                ffn_norm,
+                gate,
+                up,
+                down,
+            });
+        }
+        let norm = dense(need("output_norm.weight", "model.norm.weight")?)?;
+        let lm_head = match src
+            .get("output.weight", "lm_head.weight", device)
+            .map_err(|e| bad(path, e))?
+        {
+            Some(q) => qm(q)?,
+            None => qm(embed_q)?, // tied embeddings
+        };
+        // RoPE tables.
+        let half = cfg.head_dim / 2;
+        let inv: Vec<f32> = (0..half)
+            .map(|i| 1f32 / cfg.rope_theta.powf(2.0 * i as f32 / cfg.head_dim as f32))
+            .collect();
+        let inv = Tensor::from_vec(inv, (1, half), device).map_err(|e| bad(path, e))?;
+        let pos = Tensor::arange(0u32, cfg.context as u32, device)
+            .and_then(|t| t.to_dtype(DType::F32))
+            .and_then(|t| t.reshape((cfg.context, 1)))
+            .map_err(|e| bad(path, e))?;
+        let freqs = pos.matmul(&inv).map_err(|e| bad(path, e))?;
+        let cos = freqs.cos().and_then(|t| t.to_dtype(dtype)).map_err(|e| bad(path, e))?;
+        let sin = freqs.sin().and_then(|t| t.to_dtype(dtype)).map_err(|e| bad(path, e))?;
+        Ok(Self {
+            cfg,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            cos,
+            sin,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    /// An empty cache for one sequence.
+    pub fn new_cache(&self) -> SeqCache {
+        SeqCache {
+            layers: (0..self.cfg.layers).map(|_| KvCache::new(2, 256)).collect(),
+            len: 0,
+        }
+    }
+
+    /// The device the model runs on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+        if self.cfg.rope_neox {
+            candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin)
+        } else {
+            candle_nn::rotary_emb::rope_i(&x.contiguous()?, cos, sin)
+        }
+    }
+
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        cache: &mut KvCache,
+        causal_from: Option<usize>,
+    ) -> candle_core::Result<Tensor> {
+        // q: [1, h, t, d]; k, v: [1, kvh, t, d]
+        let (k, v) = cache.append(&k.contiguous()?, &v.contiguous()?)?;
+        let rep = self.cfg.heads / self.cfg.kv_heads;
+        let k = candle_transformers::utils::repeat_kv(k, rep)?.contiguous()?;
+        let v = candle_transformers::utils::repeat_kv(v, rep)?.contiguous()?;
+        let scale = 1.0 / (self.cfg.head_dim as f64).sqrt();
+        let att = (q.contiguous()?.matmul(&k.t()?)? * scale)?;
+        let att = match causal_from {
+            Some(past) => {
+                let t = q.dim(2)?;
+                let total = past + t;
+                let mask: Vec<u8> = (0..t)
+                    .flat_map(|i| (0..total).map(move |j| u8::from(j > past + i)))
+                    .collect();
+                let mask = Tensor::from_slice(&mask, (t, total), q.device())?;
+                let neg = Tensor::new(f32::NEG_INFINITY, q.device())?
+                    .to_dtype(att.dtype())?
+                    .broadcast_as(att.shape())?;
+                mask.broadcast_as(att.shape())?.where_cond(&neg, &att)?
+            }
+            None => att,
+        };
+        let att = candle_nn::ops::softmax_last_dim(&att.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
+        att.matmul(&v)
+    }
+
+    /// Runs a prompt (or its uncached rest) through one sequence and returns the logits of
+    /// its last position, `[vocab]` in f32.
+    pub fn prefill(&self, cache: &mut SeqCache, tokens: &[u32]) -> candle_core::Result<Tensor> {
+        let t = tokens.len();
+        let past = cache.len;
+        let ids = Tensor::new(tokens, &self.device)?;
+        let mut x = self.embed.embedding(&ids)?.to_dtype(self.dtype)?.unsqueeze(0)?; // [1, t, hidden]
+        let cos = self.cos.narrow(0, past, t)?;
+        let sin = self.sin.narrow(0, past, t)?;
+        let (h, kvh, d) = (self.cfg.heads, self.cfg.kv_heads, self.cfg.head_dim);
+        for (l, layer) in self.layers.iter().enumerate() {
+            let r = x.clone();
+            let xn = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.cfg.eps as f32)?;
+            let q = layer.q.forward(&xn)?.reshape((1, t, h, d))?.transpose(1, 2)?;
+            let k = layer.k.forward(&xn)?.reshape((1, t, kvh, d))?.transpose(1, 2)?;
+            let v = layer.v.forward(&xn)?.reshape((1, t, kvh, d))?.transpose(1, 2)?;
+            let q = self.rope(&q, &cos, &sin)?;
+            let k = self.rope(&k, &cos, &sin)?;
+            let y = self.attend(&q, &k, &v, &mut cache.layers[l], Some(past))?;
+            let y = y.transpose(1, 2)?.reshape((1, t, h * d))?;
+            x = (layer.o.forward(&y)? + r)?;
+            x = (self.mlp(layer, &x)? + x)?;
+        }
+        cache.len += t;
+        let last = x.i((.., t - 1..t, ..))?;
+        let last = candle_nn::ops::rms_norm(&last, &self.norm, self.cfg.eps as f32)?;
+        self.lm_head.forward(&last)?.flatten_all()?.to_dtype(DType::F32)
+    }
+
+    fn mlp(&self, layer: &Layer, x: &Tensor) -> candle_core::Result<Tensor> {
+        let xn = candle_nn::ops::rms_norm(x, &layer.ffn_norm, self.cfg.eps as f32)?;
+        let g = candle_nn::ops::silu(&layer.gate.forward(&xn)?)?;
+        layer.down.forward(&(g * layer.up.forward(&xn)?)?)
+    }
+
+    /// One decode step for several sequences at once: `tokens[i]` is the next input of
+    /// `caches[i]`. Returns logits `[n, vocab]` in f32.
+    pub fn decode(
+        &self,
+        caches: &mut [&mut SeqCache],
+        tokens: &[u32],
+    ) -> candle_core::Result<Tensor> {
+        let n = tokens.len();
+        let (h, kvh, d) = (self.cfg.heads, self.cfg.kv_heads, self.cfg.head_dim);
+        let ids = Tensor::new(tokens, &self.device)?;
+        let mut x = self.embed.embedding(&ids)?.to_dtype(self.dtype)?.unsqueeze(1)?; // [n, 1, hidden]
+        let pos: Vec<u32> = caches.iter().map(|c| c.len as u32).collect();
+        let pos = Tensor::new(pos.as_slice(), &self.device)?;
+        let cos = self.cos.index_select(&pos, 0)?.unsqueeze(1)?.contiguous()?; // [n, 1, d/2]
+        let sin = self.sin.index_select(&pos, 0)?.unsqueeze(1)?.contiguous()?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let r = x.clone();
+            let xn = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.cfg.eps as f32)?;
+            let q = layer.q.forward(&xn)?.reshape((n, 1, h, d))?.transpose(1, 2)?;
+            let k = layer.k.forward(&xn)?.reshape((n, 1, kvh, d))?.transpose(1, 2)?;
+            let v = layer.v.forward(&xn)?.reshape((n, 1, kvh, d))?.transpose(1, 2)?;
+            let q = self.rope(&q, &cos, &sin)?;
+            let k = self.rope(&k, &cos, &sin)?;
+            let mut ys = Vec::with_capacity(n);
+            for (i, c) in caches.iter_mut().enumerate() {
+                ys.push(self.attend(
+                    &q.narrow(0, i, 1)?,
+                    &k.narrow(0, i, 1)?,
+                    &v.narrow(0, i, 1)?,
+                    &mut c.layers[l],
+                    None,
+                )?);
+            }
+            let y = Tensor::cat(&ys, 0)?.transpose(1, 2)?.reshape((n, 1, h * d))?;
+            x = (layer.o.forward(&y)? + r)?;
+            x = (self.mlp(layer, &x)? + x)?;
+        }
+        for c in caches.iter_mut() {
+            c.len += 1;
+        }
+        let x = candle_nn::ops::rms_norm(&x, &self.norm, self.cfg.eps as f32)?;
+        self.lm_head.forward(&x)?.squeeze(1)?.to_dtype(DType::F32)
+    }
+
+    /// The activation dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+}

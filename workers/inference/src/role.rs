@@ -1,0 +1,270 @@
+//! Inference-batch jobs: read a row range of a JSONL of chat requests, generate with
+//! continuous batching, write `generations.jsonl` (one row per request, in the shape the
+//! judge reads) and `summary.json`.
+
+use bytes::Bytes;
+use dagfleet_protocol::jobs::InferBatch;
+use dagfleet_protocol::{Envelope, Job, Role};
+use dagfleet_runtime::{Handler, JobContext, JobError, JobOutput};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use crate::engine::{collect, GenParams};
+use crate::{ChatMessage, Engine};
+
+pub use dagfleet_runtime::config::InferenceSettings;
+
+/// Device and model-path resolution of [`InferenceSettings`].
+pub trait SettingsExt {
+    /// The device named by `device`.
+    fn device(&self) -> Result<candle_core::Device, String>;
+    /// The file or directory a model name refers to.
+    fn resolve(&self, model: &str) -> PathBuf;
+}
+
+impl SettingsExt for InferenceSettings {
+    fn device(&self) -> Result<candle_core::Device, String> {
+        match self.device.as_str() {
+            "auto" => Ok(crate::default_device()),
+            "cpu" => Ok(candle_core::Device::Cpu),
+            "cuda" => candle_core::Device::new_cuda(0)
+                .map_err(|e| format!("inference.device = \"cuda\": {e} (build with --features cuda)")),
+            "metal" => candle_core::Device::new_metal(0)
+                .map_err(|e| format!("inference.device = \"metal\": {e} (build with --features metal on macOS)")),
+            other => Err(format!(
+                "inference.device `{other}` must be auto, cpu, cuda or metal"
+            )),
+        }
+    }
+
+    fn resolve(&self, model: &str) -> PathBuf {
+        let p = Path::new(model);
+        if p.is_absolute() || p.exists() {
+            p.to_path_buf()
+        } else {
+            Path::new(&self.models_dir).join(model)
+        }
+    }
+}
+
+/// Handler of the `inference` role. Keeps one engine per model it has loaded.
+#[derive(Clone)]
+pub struct InferHandler {
+    settings: InferenceSettings,
+    engines: Arc<Mutex<HashMap<PathBuf, Engine>>>,
+}
+
+impl std::fmt::Debug for InferHandler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InferHandler")
+            .field("settings", &self.settings)
+            .finish()
+    }
+}
+
+/// One request row: `{"id", "messages"}` or a ChatML dataset row (its assistant turn is the
+/// reference answer and is not sent).
+#[derive(Deserialize)]
+struct RequestRow {
+    #[serde(default)]
+    id: Option<String>,
+    messages: Vec<ChatMessage>,
+    #[serde(default)]
+    meta: Option<Value>,
+    #[serde(default)]
+    max_tokens: Option<u32>,
+}
+
+impl InferHandler {
+    /// A handler with these settings; loads `preload` now when set.
+    pub fn new(settings: InferenceSettings) -> Result<Self, String> {
+        let h = Self {
+            settings,
+            engines: Arc::default(),
+        };
+        if let Some(m) = h.settings.preload.clone() {
+            h.engine(&m).map_err(|e| e.to_string())?;
+        }
+        Ok(h)
+    }
+
+    /// The engine of `model`, loading it on first use.
+    pub fn engine(&self, model: &str) -> Result<Engine, JobError> {
+        let path = self.settings.resolve(model);
+        if let Some(e) = self
+            .engines
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&path)
+        {
+            return Ok(e.clone());
+        }
+        let device = self.settings.device().map_err(JobError::fatal)?;
+        let (m, codec) =
+            crate::load(&path, &device).map_err(|e| JobError::fatal(e.to_string()))?;
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_else(|| model.to_string());
+        let engine = Engine::start(m, codec, self.settings.engine.clone(), name);
+        self.engines
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(path, engine.clone());
+        Ok(engine)
+    }
+
+    async fn run(&self, job: &InferBatch, ctx: &JobContext) -> Result<JobOutput, JobError> {
+        if job.adapter.is_some() {
+            return Err(JobError::fatal(
+                "LoRA adapters are applied by the trainer's merged export for now; point the job at the merged model",
+            ));
+        }
+        let engine = self.engine(&job.model.model)?;
+        let data = ctx.read(&job.input).await?;
+        let text = String::from_utf8_lossy(&data);
+        let (start, end) = job.rows;
+        let mut pending = Vec::new();
+        let mut bad = Vec::new();
+        for (i, line) in text.lines().filter(|l| !l.trim().is_empty()).enumerate() {
+            let n = i as u64;
+            if n < start || n >= end {
+                continue;
+            }
+            let row: RequestRow = match serde_json::from_str(line) {
+                Ok(r) => r,
+                Err(e) => {
+                    bad.push(json!({"row": n, "error": format!("not a chat request: {e}")}));
+                    continue;
+                }
+            };
+            let mut messages = row.messages.clone();
+            let reference = if messages.last().is_some_and(|m| m.role == "assistant") {
+                messages.pop().map(|m| m.content)
+            } else {
+                None
+            };
+            let system = messages
+                .iter()
+                .find(|m| m.role == "system")
+                .map(|m| m.content.clone());
+            let instruction = messages
+                .iter()
+                .rev()
+                .find(|m| m.role == "user")
+                .map(|m| m.content.clone())
+                .unwrap_or_default();
+            let id = row
+                .id
+                .clone()
+                .or_else(|| {
+                    row.meta
+                        .as_ref()
+                        .and_then(|m| m["id"].as_str().map(String::from))
+                })
+                .unwrap_or_else(|| format!("row-{n}"));
+            let params = GenParams {
+                max_tokens: row.max_tokens.unwrap_or(job.spec.max_tokens),
+                temperature: job.spec.temperature,
+                seed: Some(job.spec.seed.wrapping_add(n)),
+                ..Default::default()
+            };
+            match engine.submit_chat(&messages, params) {
+                Ok(rx) => pending.push((n, id, system, instruction, reference, rx)),
+                Err(e) => bad.push(json!({"row": n, "id": id, "error": e.to_string()})),
+            }
+        }
+        let total = pending.len() as u64;
+        let mut out = Vec::new();
+        let (mut tokens, mut length, mut done) = (0u64, 0u64, 0u64);
+        let mut ttfts = Vec::new();
+        for (n, id, system, instruction, reference, mut rx) in pending {
+            let res = tokio::select! {
+                r = collect(&mut rx) => r,
+                _ = ctx.cancelled().cancelled() => {
+                    return Err(JobError::retry("worker stopping; the batch is handed back"));
+                }
+            };
+            match res {
+                Ok((output, st)) => {
+                    tokens += st.generated_tokens as u64;
+                    if st.finish_reason == crate::FinishReason::Length {
+                        length += 1;
+                    }
+                    ttfts.push(st.ttft_ms);
+                    let row = json!({
+                        "id": id,
+                        "model": job.model.model,
+                        "system": system,
+                        "instruction": instruction,
+                        "reference": reference,
+                        "output": output,
+                        "finish_reason": st.finish_reason,
+                        "prompt_tokens": st.prompt_tokens,
+                        "generated_tokens": st.generated_tokens,
+                        "ttft_ms": st.ttft_ms,
+                        "decode_tok_s": st.decode_tok_s,
+                    });
+                    out.extend_from_slice(row.to_string().as_bytes());
+                    out.push(b'\n');
+                }
+                Err(e) => bad.push(json!({"row": n, "id": id, "error": e.to_string()})),
+            }
+            done += 1;
+            if done.is_multiple_of(16) || done == total {
+                ctx.progress(done, total, "generations").await;
+            }
+        }
+        let rows = done - bad.iter().filter(|b| b.get("id").is_some()).count() as u64;
+        ctx.put("generations.jsonl", Bytes::from(out)).await?;
+        ttfts.sort_by(|a, b| a.total_cmp(b));
+        let p50 = ttfts.get(ttfts.len() / 2).copied().unwrap_or(0.0);
+        let summary = json!({
+            "model": job.model.model,
+            "rows": rows,
+            "failed_rows": bad,
+            "generated_tokens": tokens,
+            "finish_length": length,
+            "ttft_ms_p50": p50,
+        });
+        ctx.put(
+            "summary.json",
+            Bytes::from(serde_json::to_vec_pretty(&summary).unwrap_or_default()),
+        )
+        .await?;
+        Ok(JobOutput::default()
+            .metric("rows", rows as f64)
+            .metric("generated_tokens", tokens as f64)
+            .metric("finish_length", length as f64)
+            .metric("failed_rows", summary["failed_rows"].as_array().map_or(0, Vec::len) as f64))
+    }
+}
+
+impl Handler for InferHandler {
+    fn role(&self) -> Role {
+        Role::Inference
+    }
+
+    fn capacity(&self) -> Option<Value> {
+        let engines = self.engines.lock().unwrap_or_else(|p| p.into_inner());
+        Some(json!({
+            "models": engines.values().map(|e| e.model_name.clone()).collect::<Vec<_>>(),
+            "device": self.settings.device,
+            "max_batch": self.settings.engine.max_batch,
+            "kv_budget_tokens": self.settings.engine.kv_budget_tokens,
+        }))
+    }
+
+    async fn handle(&self, env: &Envelope, ctx: &JobContext) -> Result<JobOutput, JobError> {
+        match &env.job {
+            Job::Infer(job) => self.run(job, ctx).await,
+            other => Err(JobError::fatal(format!(
+                "the inference role got a `{}` job, which it does not run",
+                other.stage()
+            ))),
+        }
+    }
+}

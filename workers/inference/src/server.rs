@@ -1,0 +1,333 @@
+//! The OpenAI-compatible HTTP server: `/v1/chat/completions` (with SSE streaming),
+//! `/v1/completions`, `/v1/models`, `/health` and `/metrics` (Prometheus text).
+//!
+//! Overload answers 429 with `retry-after` at once; a client that disconnects mid-stream
+//! drops its channel, and the engine frees its slot at the next token boundary.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures::stream::{self, Stream};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use tokio::sync::mpsc;
+
+use crate::engine::{collect, GenEvent, GenParams};
+use crate::{ChatMessage, Engine, InferError};
+
+/// The server's routes over `engine`.
+pub fn router(engine: Engine) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(models))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .with_state(engine)
+}
+
+/// Serves `engine` on `listener` until `shutdown`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    engine: Engine,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(engine))
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+struct Common {
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    max_tokens: Option<u32>,
+    #[serde(default)]
+    max_completion_tokens: Option<u32>,
+    #[serde(default)]
+    temperature: Option<f64>,
+    #[serde(default)]
+    top_p: Option<f64>,
+    #[serde(default)]
+    top_k: Option<usize>,
+    #[serde(default)]
+    seed: Option<u64>,
+    #[serde(default)]
+    stop: Option<Stop>,
+    #[serde(default)]
+    stream: bool,
+}
+
+impl Common {
+    fn params(&self) -> GenParams {
+        GenParams {
+            max_tokens: self.max_completion_tokens.or(self.max_tokens).unwrap_or(256),
+            // OpenAI's default temperature is 1.
+            temperature: self.temperature.unwrap_or(1.0),
+            top_p: self.top_p,
+            top_k: self.top_k,
+            seed: self.seed,
+            stop: match &self.stop {
+                None => Vec::new(),
+                Some(Stop::One(s)) => vec![s.clone()],
+                Some(Stop::Many(v)) => v.clone(),
+            },
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct ChatBody {
+    messages: Vec<ChatMessage>,
+    #[serde(flatten)]
+    common: Common,
+}
+
+#[derive(Deserialize)]
+struct CompletionBody {
+    prompt: String,
+    #[serde(flatten)]
+    common: Common,
+}
+
+fn error(status: StatusCode, kind: &str, message: String) -> Response {
+    let mut r = (
+        status,
+        Json(json!({"error": {"message": message, "type": kind}})),
+    )
+        .into_response();
+    if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
+        r.headers_mut()
+            .insert("retry-after", axum::http::HeaderValue::from_static("1"));
+    }
+    r
+}
+
+fn infer_error(e: InferError) -> Response {
+    match e {
+        InferError::Request(m) => error(StatusCode::BAD_REQUEST, "invalid_request_error", m),
+        InferError::Overloaded(m) => error(StatusCode::TOO_MANY_REQUESTS, "overloaded", m),
+        InferError::Model(m) => error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", m),
+    }
+}
+
+fn check_model(engine: &Engine, c: &Common) -> Option<Response> {
+    match &c.model {
+        Some(m) if !m.is_empty() && *m != engine.model_name => Some(error(
+            StatusCode::NOT_FOUND,
+            "model_not_found",
+            format!("model `{m}` is not served here; this server serves `{}`", engine.model_name),
+        )),
+        _ => None,
+    }
+}
+
+fn now_s() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn request_id(prefix: &str) -> String {
+    format!(
+        "{prefix}-{:x}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    )
+}
+
+fn sse(
+    rx: mpsc::UnboundedReceiver<GenEvent>,
+    chunk: impl Fn(Option<&str>, Option<&str>) -> Value + Send + Sync + 'static,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let chunk = std::sync::Arc::new(chunk);
+    let s = stream::unfold((rx, false), move |(mut rx, done)| {
+        let chunk = chunk.clone();
+        async move {
+            if done {
+                return None;
+            }
+            match rx.recv().await {
+                Some(GenEvent::Delta(d)) => Some((
+                    Event::default().data(chunk(Some(&d), None).to_string()),
+                    (rx, false),
+                )),
+                Some(GenEvent::Done(_, st)) => {
+                    let reason = serde_json::to_value(st.finish_reason)
+                        .ok()
+                        .and_then(|v| v.as_str().map(String::from))
+                        .unwrap_or_else(|| "stop".into());
+                    let mut last = chunk(None, Some(&reason));
+                    last["usage"] = json!({
+                        "prompt_tokens": st.prompt_tokens,
+                        "completion_tokens": st.generated_tokens,
+                        "total_tokens": st.prompt_tokens + st.generated_tokens,
+                    });
+                    last["timings"] = json!({"ttft_ms": st.ttft_ms, "decode_tok_s": st.decode_tok_s});
+                    Some((Event::default().data(last.to_string()), (rx, true)))
+                }
+                Some(GenEvent::Error(e)) => Some((
+                    Event::default().data(json!({"error": {"message": e, "type": "server_error"}}).to_string()),
+                    (rx, true),
+                )),
+                None => None,
+            }
+        }
+    });
+    let s = futures::StreamExt::chain(
+        futures::StreamExt::map(s, Ok),
+        stream::once(async { Ok(Event::default().data("[DONE]")) }),
+    );
+    Sse::new(s).keep_alive(KeepAlive::default())
+}
+
+async fn chat(State(engine): State<Engine>, Json(body): Json<ChatBody>) -> Response {
+    if let Some(r) = check_model(&engine, &body.common) {
+        return r;
+    }
+    if body.messages.is_empty() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "messages must not be empty".into(),
+        );
+    }
+    let mut rx = match engine.submit_chat(&body.messages, body.common.params()) {
+        Ok(rx) => rx,
+        Err(e) => return infer_error(e),
+    };
+    let id = request_id("chatcmpl");
+    let model = engine.model_name.clone();
+    let created = now_s();
+    if body.common.stream {
+        let first = std::sync::atomic::AtomicBool::new(true);
+        return sse(rx, move |delta, finish| {
+            let mut d = json!({});
+            if first.swap(false, Ordering::Relaxed) {
+                d["role"] = json!("assistant");
+            }
+            if let Some(t) = delta {
+                d["content"] = json!(t);
+            }
+            json!({
+                "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": 0, "delta": d, "finish_reason": finish}],
+            })
+        })
+        .into_response();
+    }
+    match collect(&mut rx).await {
+        Ok((text, st)) => Json(json!({
+            "id": id, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": st.finish_reason}],
+            "usage": {"prompt_tokens": st.prompt_tokens, "completion_tokens": st.generated_tokens, "total_tokens": st.prompt_tokens + st.generated_tokens},
+            "timings": {"ttft_ms": st.ttft_ms, "decode_tok_s": st.decode_tok_s},
+        }))
+        .into_response(),
+        Err(e) => infer_error(e),
+    }
+}
+
+async fn completions(State(engine): State<Engine>, Json(body): Json<CompletionBody>) -> Response {
+    if let Some(r) = check_model(&engine, &body.common) {
+        return r;
+    }
+    let ids = match engine.codec().encode(&body.prompt) {
+        Ok(i) => i,
+        Err(e) => return infer_error(e),
+    };
+    let mut rx = match engine.submit(ids, body.common.params()) {
+        Ok(rx) => rx,
+        Err(e) => return infer_error(e),
+    };
+    let id = request_id("cmpl");
+    let model = engine.model_name.clone();
+    let created = now_s();
+    if body.common.stream {
+        return sse(rx, move |delta, finish| {
+            json!({
+                "id": id, "object": "text_completion", "created": created, "model": model,
+                "choices": [{"index": 0, "text": delta.unwrap_or(""), "finish_reason": finish}],
+            })
+        })
+        .into_response();
+    }
+    match collect(&mut rx).await {
+        Ok((text, st)) => Json(json!({
+            "id": id, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": 0, "text": text, "finish_reason": st.finish_reason}],
+            "usage": {"prompt_tokens": st.prompt_tokens, "completion_tokens": st.generated_tokens, "total_tokens": st.prompt_tokens + st.generated_tokens},
+            "timings": {"ttft_ms": st.ttft_ms, "decode_tok_s": st.decode_tok_s},
+        }))
+        .into_response(),
+        Err(e) => infer_error(e),
+    }
+}
+
+async fn models(State(engine): State<Engine>) -> Response {
+    Json(json!({
+        "object": "list",
+        "data": [{"id": engine.model_name, "object": "model", "created": 0, "owned_by": "dagfleet",
+                  "context_length": engine.context()}],
+    }))
+    .into_response()
+}
+
+async fn health(State(engine): State<Engine>) -> Response {
+    let s = &engine.stats;
+    Json(json!({
+        "status": "ok",
+        "model": engine.model_name,
+        "running": s.running.load(Ordering::Relaxed),
+        "waiting": s.waiting.load(Ordering::Relaxed),
+    }))
+    .into_response()
+}
+
+async fn metrics(State(engine): State<Engine>) -> Response {
+    let s = &engine.stats;
+    let c = engine.config();
+    let body = format!(
+        "# HELP dagfleet_infer_requests_total Requests accepted.\n# TYPE dagfleet_infer_requests_total counter\ndagfleet_infer_requests_total {}\n\
+# HELP dagfleet_infer_rejected_total Requests refused (overload, too long).\n# TYPE dagfleet_infer_rejected_total counter\ndagfleet_infer_rejected_total {}\n\
+# HELP dagfleet_infer_disconnected_total Requests whose client went away.\n# TYPE dagfleet_infer_disconnected_total counter\ndagfleet_infer_disconnected_total {}\n\
+# HELP dagfleet_infer_prompt_tokens_total Prompt tokens processed.\n# TYPE dagfleet_infer_prompt_tokens_total counter\ndagfleet_infer_prompt_tokens_total {}\n\
+# HELP dagfleet_infer_generated_tokens_total Tokens generated.\n# TYPE dagfleet_infer_generated_tokens_total counter\ndagfleet_infer_generated_tokens_total {}\n\
+# HELP dagfleet_infer_decode_steps_total Batched decode steps.\n# TYPE dagfleet_infer_decode_steps_total counter\ndagfleet_infer_decode_steps_total {}\n\
+# HELP dagfleet_infer_running Sequences decoding.\n# TYPE dagfleet_infer_running gauge\ndagfleet_infer_running {}\n\
+# HELP dagfleet_infer_waiting Requests waiting.\n# TYPE dagfleet_infer_waiting gauge\ndagfleet_infer_waiting {}\n\
+# HELP dagfleet_infer_max_batch Most sequences per step.\n# TYPE dagfleet_infer_max_batch gauge\ndagfleet_infer_max_batch {}\n\
+# HELP dagfleet_infer_kv_budget_tokens KV cache budget.\n# TYPE dagfleet_infer_kv_budget_tokens gauge\ndagfleet_infer_kv_budget_tokens {}\n",
+        s.requests.load(Ordering::Relaxed),
+        s.rejected.load(Ordering::Relaxed),
+        s.disconnected.load(Ordering::Relaxed),
+        s.prompt_tokens.load(Ordering::Relaxed),
+        s.generated_tokens.load(Ordering::Relaxed),
+        s.steps.load(Ordering::Relaxed),
+        s.running.load(Ordering::Relaxed),
+        s.waiting.load(Ordering::Relaxed),
+        c.max_batch,
+        c.kv_budget_tokens,
+    );
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        body,
+    )
+        .into_response()
+}

