@@ -44,6 +44,9 @@ pub enum BenchCmd {
         #[arg(long, default_value = "python3")]
         python: String,
     },
+    /// Generation throughput and latency of the inference engine over a concurrency sweep.
+    #[cfg(feature = "inference")]
+    Infer(crate::bench_infer::InferArgs),
 }
 
 /// Settings of `dagfleet bench queue`.
@@ -142,6 +145,8 @@ pub async fn run(cmd: BenchCmd, cfg: &Config) -> Result<()> {
             passes,
             python,
         } => return bench_judge(&corpus, passes, &python),
+        #[cfg(feature = "inference")]
+        BenchCmd::Infer(a) => return crate::bench_infer::run(a, cfg).await,
     };
     let QueueArgs {
         jobs,

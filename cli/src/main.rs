@@ -15,6 +15,8 @@
 //! `runs/<run>/manifest.json`.
 
 mod bench;
+#[cfg(feature = "inference")]
+mod bench_infer;
 mod config;
 #[cfg(feature = "judge")]
 mod judge;
@@ -276,7 +278,7 @@ async fn real_main() -> Result<std::process::ExitCode> {
             let s = &cfg.inference;
             let device = s.device().map_err(anyhow::Error::msg)?;
             let path = s.resolve(&model);
-            let (m, codec) = dagfleet_inference::load(&path, &device)?;
+            let (m, codec) = dagfleet_inference::load_with(&path, &device, &s.load_options())?;
             let name = path
                 .file_name()
                 .map(|n| n.to_string_lossy().to_string())

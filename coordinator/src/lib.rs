@@ -118,7 +118,12 @@ pub async fn submit(
             }
         })?;
     // Local input files travel with the run: the coordinator and workers may be elsewhere.
-    if let Some(p) = spec.infer.prompts.clone().filter(|p| !p.starts_with("store:")) {
+    if let Some(p) = spec
+        .infer
+        .prompts
+        .clone()
+        .filter(|p| !p.starts_with("store:"))
+    {
         let data = std::fs::read(&p).map_err(|e| {
             CoordinatorError::Spec(dagfleet_protocol::SpecError::Invalid {
                 key: "infer.prompts".into(),

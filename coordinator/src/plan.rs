@@ -77,14 +77,27 @@ pub async fn plan_stage(
             let inputs = match &state.spec.infer.prompts {
                 Some(p) => {
                     let key = p.strip_prefix("store:").ok_or_else(|| {
-                        PlanError::Store(stage, format!("infer.prompts `{p}` was not uploaded when the run was submitted"))
+                        PlanError::Store(
+                            stage,
+                            format!(
+                                "infer.prompts `{p}` was not uploaded when the run was submitted"
+                            ),
+                        )
                     })?;
                     let data = store
                         .get_opt(key)
                         .await
                         .map_err(|e| PlanError::Store(stage, e.to_string()))?
-                        .ok_or_else(|| PlanError::Store(stage, format!("prompts `{key}` are missing from the store")))?;
-                    let rows = data.split(|b| *b == b'\n').filter(|l| !l.is_empty()).count() as u64;
+                        .ok_or_else(|| {
+                            PlanError::Store(
+                                stage,
+                                format!("prompts `{key}` are missing from the store"),
+                            )
+                        })?;
+                    let rows = data
+                        .split(|b| *b == b'\n')
+                        .filter(|l| !l.is_empty())
+                        .count() as u64;
                     vec![(
                         ArtifactRef {
                             key: key.to_string(),

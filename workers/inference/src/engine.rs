@@ -30,6 +30,8 @@ pub struct GenParams {
     pub seed: Option<u64>,
     /// Strings that end generation; they are not part of the output.
     pub stop: Vec<String>,
+    /// Keep generating through end-of-turn tokens (benchmarks: exactly `max_tokens`).
+    pub ignore_eos: bool,
 }
 
 impl Default for GenParams {
@@ -41,6 +43,7 @@ impl Default for GenParams {
             top_k: None,
             seed: None,
             stop: Vec::new(),
+            ignore_eos: false,
         }
     }
 }
@@ -275,9 +278,16 @@ fn sampler(p: &GenParams) -> LogitsProcessor {
         Sampling::ArgMax
     } else {
         match (p.top_k, p.top_p) {
-            (Some(k), Some(pp)) => Sampling::TopKThenTopP { k, p: pp, temperature: t },
+            (Some(k), Some(pp)) => Sampling::TopKThenTopP {
+                k,
+                p: pp,
+                temperature: t,
+            },
             (Some(k), None) => Sampling::TopK { k, temperature: t },
-            (None, Some(pp)) => Sampling::TopP { p: pp, temperature: t },
+            (None, Some(pp)) => Sampling::TopP {
+                p: pp,
+                temperature: t,
+            },
             (None, None) => Sampling::All { temperature: t },
         }
     };
@@ -319,7 +329,9 @@ fn schedule(
             if reserved + need > cfg.kv_budget_tokens && !running.is_empty() {
                 break;
             }
-            let Some(job) = waiting.pop_front() else { break };
+            let Some(job) = waiting.pop_front() else {
+                break;
+            };
             stats.waiting.fetch_sub(1, Ordering::Relaxed);
             if job.events.is_closed() {
                 stats.disconnected.fetch_add(1, Ordering::Relaxed);
@@ -329,7 +341,9 @@ fn schedule(
             let logits = match model.prefill(&mut cache, &job.prompt) {
                 Ok(l) => l,
                 Err(e) => {
-                    let _ = job.events.send(GenEvent::Error(format!("prefill failed: {e}")));
+                    let _ = job
+                        .events
+                        .send(GenEvent::Error(format!("prefill failed: {e}")));
                     continue;
                 }
             };
@@ -340,7 +354,9 @@ fn schedule(
             let next = match s.sample(&logits) {
                 Ok(t) => t,
                 Err(e) => {
-                    let _ = job.events.send(GenEvent::Error(format!("sampling failed: {e}")));
+                    let _ = job
+                        .events
+                        .send(GenEvent::Error(format!("sampling failed: {e}")));
                     continue;
                 }
             };
@@ -393,7 +409,10 @@ fn schedule(
             Err(e) => {
                 warn!(error = %e, "decode step failed; failing its sequences");
                 for s in running.drain(..) {
-                    let _ = s.job.events.send(GenEvent::Error(format!("decode failed: {e}")));
+                    let _ = s
+                        .job
+                        .events
+                        .send(GenEvent::Error(format!("decode failed: {e}")));
                 }
                 reserved = 0;
                 continue;
@@ -438,7 +457,7 @@ fn accept(codec: &TextCodec, s: &mut Seq, stats: &EngineStats) -> bool {
     }
     s.last_at = now;
     let mut finish = None;
-    if codec.stop_ids.contains(&s.next) {
+    if !s.job.params.ignore_eos && codec.stop_ids.contains(&s.next) {
         finish = Some(FinishReason::Stop);
     } else {
         s.out.push(s.next);

@@ -17,8 +17,8 @@ pub mod tokenizer;
 use std::path::Path;
 
 pub use engine::{Engine, EngineConfig, FinishReason, GenEvent, GenParams, GenStats};
-pub use role::{InferHandler, InferenceSettings, SettingsExt};
 pub use model::Model;
+pub use role::{InferHandler, InferenceSettings, SettingsExt};
 pub use tokenizer::{ChatMessage, TextCodec};
 
 /// Why inference failed.
@@ -51,7 +51,16 @@ pub fn default_device() -> candle_core::Device {
 
 /// Loads a model and its tokenizer from a `.gguf` file or a safetensors directory.
 pub fn load(path: &Path, device: &candle_core::Device) -> Result<(Model, TextCodec), InferError> {
-    let model = Model::load(path, device)?;
+    load_with(path, device, &model::LoadOptions::default())
+}
+
+/// [`load`] with options (e.g. quantizing a safetensors model on load).
+pub fn load_with(
+    path: &Path,
+    device: &candle_core::Device,
+    opts: &model::LoadOptions,
+) -> Result<(Model, TextCodec), InferError> {
+    let model = Model::load_with(path, device, opts)?;
     let codec = if path.is_dir() {
         TextCodec::from_dir(path)?
     } else {

@@ -5,7 +5,7 @@
 //! from a Hugging Face safetensors directory. Projections and the MLP run batched over all
 //! sequences of a step; attention runs per sequence against its own cache.
 
-use candle_core::quantized::{gguf_file, QMatMul, QTensor};
+use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
 use candle_nn::kv_cache::KvCache;
 use std::collections::HashMap;
@@ -80,12 +80,28 @@ struct Layer {
     down: Proj,
 }
 
+/// The token embedding table.
+#[derive(Debug, Clone)]
+enum Embed {
+    Q(Arc<QTensor>),
+    D(Tensor),
+}
+
+impl Embed {
+    fn lookup(&self, ids: &Tensor, dtype: DType) -> candle_core::Result<Tensor> {
+        match self {
+            Embed::Q(q) => q.embedding(ids)?.to_dtype(dtype),
+            Embed::D(t) => t.index_select(ids, 0),
+        }
+    }
+}
+
 /// A loaded model.
 #[derive(Debug)]
 pub struct Model {
     /// Its configuration.
     pub cfg: ModelConfig,
-    embed: Arc<QTensor>,
+    embed: Embed,
     layers: Vec<Layer>,
     norm: Tensor,
     lm_head: QMatMul,
@@ -124,17 +140,35 @@ enum Source {
         content: gguf_file::Content,
         file: std::fs::File,
     },
-    St(HashMap<String, Tensor>),
+    St {
+        map: HashMap<String, Tensor>,
+        quantize: Option<GgmlDType>,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum SrcKind {
+    Gguf,
+    St,
+}
+
+/// A weight as loaded: quantized (GGUF, or quantized on load) or dense.
+#[derive(Clone)]
+enum W {
+    Q(Arc<QTensor>),
+    D(Tensor),
 }
 
 impl Source {
-    /// Loads the weight `gguf_name` (GGUF) / `hf_name` (safetensors).
+    /// Loads the weight `gguf_name` (GGUF) / `hf_name` (safetensors); `matmul` weights are
+    /// quantized on load when asked.
     fn get(
         &mut self,
         gguf_name: &str,
         hf_name: &str,
         dev: &Device,
-    ) -> Result<Option<Arc<QTensor>>, String> {
+        matmul: bool,
+    ) -> Result<Option<W>, String> {
         match self {
             Source::Gguf { content, file } => {
                 if !content.tensor_infos.contains_key(gguf_name) {
@@ -142,23 +176,108 @@ impl Source {
                 }
                 content
                     .tensor(file, gguf_name, dev)
-                    .map(|t| Some(Arc::new(t)))
+                    .map(|t| Some(W::Q(Arc::new(t))))
                     .map_err(|e| format!("tensor `{gguf_name}`: {e}"))
             }
-            Source::St(map) => match map.get(hf_name) {
+            Source::St { map, quantize } => match map.get(hf_name) {
                 None => Ok(None),
                 Some(t) => {
-                    let t = t
-                        .to_device(dev)
-                        .and_then(|t| t.to_dtype(DType::F32))
-                        .map_err(|e| format!("tensor `{hf_name}`: {e}"))?;
-                    QTensor::quantize(&t, candle_core::quantized::GgmlDType::F32)
-                        .map(|q| Some(Arc::new(q)))
-                        .map_err(|e| format!("tensor `{hf_name}`: {e}"))
+                    let err = |e: candle_core::Error| format!("tensor `{hf_name}`: {e}");
+                    match quantize {
+                        Some(q) if matmul => {
+                            let f = t.to_dtype(DType::F32).map_err(err)?;
+                            QTensor::quantize_onto(&f, *q, dev)
+                                .map(|q| Some(W::Q(Arc::new(q))))
+                                .map_err(err)
+                        }
+                        _ => t.to_device(dev).map(|t| Some(W::D(t))).map_err(err),
+                    }
                 }
             },
         }
     }
+}
+
+/// How to load a model.
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions {
+    /// Quantize a safetensors model's matmul weights on load: `q4k`, `q8_0`, `q4_0`.
+    pub quantize: Option<String>,
+    /// A LoRA adapter in PEFT layout (`adapter_config.json`, `adapter_model.safetensors`),
+    /// merged into the weights on load.
+    pub adapter: Option<std::path::PathBuf>,
+}
+
+/// A PEFT LoRA adapter: per module (HF name without `.weight`), `(A [r, in], B [out, r])`.
+struct Adapter {
+    scale: f64,
+    deltas: HashMap<String, (Tensor, Tensor)>,
+}
+
+impl Adapter {
+    fn load(dir: &Path) -> Result<Self, InferError> {
+        let cfg_path = dir.join("adapter_config.json");
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| {
+            bad(
+                &cfg_path,
+                format!("cannot read ({e}); a PEFT adapter needs adapter_config.json"),
+            )
+        })?;
+        let c: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(&cfg_path, e))?;
+        let r = c["r"]
+            .as_f64()
+            .ok_or_else(|| bad(&cfg_path, "`r` is missing"))?;
+        let alpha = c["lora_alpha"].as_f64().unwrap_or(r);
+        let scale = if c["use_rslora"].as_bool().unwrap_or(false) {
+            alpha / r.sqrt()
+        } else {
+            alpha / r
+        };
+        let st = dir.join("adapter_model.safetensors");
+        if !st.exists() && dir.join("adapter_model.bin").exists() {
+            return Err(bad(
+                dir,
+                "adapter_model.bin is a pickle checkpoint and is refused (loading one can execute code); save the adapter with safe_serialization=True",
+            ));
+        }
+        let tensors = candle_core::safetensors::load(&st, &Device::Cpu).map_err(|e| bad(&st, e))?;
+        let mut a: HashMap<String, Tensor> = HashMap::new();
+        let mut b: HashMap<String, Tensor> = HashMap::new();
+        for (k, t) in tensors {
+            // base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight
+            let k = k
+                .strip_prefix("base_model.model.")
+                .unwrap_or(&k)
+                .to_string();
+            if let Some(m) = k.strip_suffix(".lora_A.weight") {
+                a.insert(m.to_string(), t);
+            } else if let Some(m) = k.strip_suffix(".lora_B.weight") {
+                b.insert(m.to_string(), t);
+            }
+        }
+        let mut deltas = HashMap::new();
+        for (m, ta) in a {
+            let tb = b
+                .remove(&m)
+                .ok_or_else(|| bad(&st, format!("`{m}` has lora_A but no lora_B")))?;
+            deltas.insert(m, (ta, tb));
+        }
+        if deltas.is_empty() {
+            return Err(bad(&st, "no lora_A/lora_B tensors"));
+        }
+        Ok(Self { scale, deltas })
+    }
+}
+
+fn ggml_dtype(name: &str) -> Option<GgmlDType> {
+    Some(match name.to_ascii_lowercase().as_str() {
+        "q4k" | "q4_k" | "q4_k_m" => GgmlDType::Q4K,
+        "q8_0" => GgmlDType::Q8_0,
+        "q4_0" => GgmlDType::Q4_0,
+        "q4_1" => GgmlDType::Q4_1,
+        "q6k" | "q6_k" => GgmlDType::Q6K,
+        _ => return None,
+    })
 }
 
 impl Model {
@@ -166,11 +285,25 @@ impl Model {
     /// `*.safetensors`). Pickle checkpoints (`.bin`, `.pt`, `.pth`) are refused: loading them
     /// can run code.
     pub fn load(path: &Path, device: &Device) -> Result<Self, InferError> {
+        Self::load_with(path, device, &LoadOptions::default())
+    }
+
+    /// [`Model::load`] with options.
+    pub fn load_with(path: &Path, device: &Device, opts: &LoadOptions) -> Result<Self, InferError> {
         if !path.exists() {
             return Err(bad(path, "no such model file or directory"));
         }
         if path.is_dir() {
-            return Self::load_safetensors(path, device);
+            let quantize = match &opts.quantize {
+                None => None,
+                Some(q) => Some(ggml_dtype(q).ok_or_else(|| {
+                    bad(
+                        path,
+                        format!("quantize `{q}` must be one of q4k, q6k, q8_0, q4_0, q4_1"),
+                    )
+                })?),
+            };
+            return Self::load_safetensors(path, device, quantize, opts);
         }
         let ext = path
             .extension()
@@ -225,7 +358,11 @@ impl Model {
         let needed = content
             .tensor_infos
             .values()
-            .map(|t| t.offset + (t.shape.elem_count() / t.ggml_dtype.block_size() * t.ggml_dtype.type_size()) as u64)
+            .map(|t| {
+                t.offset
+                    + (t.shape.elem_count() / t.ggml_dtype.block_size() * t.ggml_dtype.type_size())
+                        as u64
+            })
             .max()
             .unwrap_or(0)
             + content.tensor_data_offset;
@@ -257,13 +394,22 @@ impl Model {
             // llama.cpp's converter permutes Llama q/k for interleaved RoPE; Qwen2 is NeoX.
             rope_neox: arch == Arch::Qwen2,
         };
-        Self::build(path, cfg, Source::Gguf { content, file }, device)
+        Self::build(path, cfg, Source::Gguf { content, file }, device, opts)
     }
 
-    fn load_safetensors(dir: &Path, device: &Device) -> Result<Self, InferError> {
+    fn load_safetensors(
+        dir: &Path,
+        device: &Device,
+        quantize: Option<GgmlDType>,
+        opts: &LoadOptions,
+    ) -> Result<Self, InferError> {
         let cfg_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&cfg_path)
-            .map_err(|e| bad(&cfg_path, format!("cannot read ({e}); a model directory needs config.json")))?;
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| {
+            bad(
+                &cfg_path,
+                format!("cannot read ({e}); a model directory needs config.json"),
+            )
+        })?;
         let c: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(&cfg_path, e))?;
         let arch = match c["model_type"].as_str().unwrap_or("") {
             "llama" => Arch::Llama,
@@ -292,7 +438,10 @@ impl Model {
             layers: n("num_hidden_layers")?,
             heads,
             kv_heads: n("num_key_value_heads").unwrap_or(heads),
-            head_dim: c["head_dim"].as_u64().map(|v| v as usize).unwrap_or(hidden / heads),
+            head_dim: c["head_dim"]
+                .as_u64()
+                .map(|v| v as usize)
+                .unwrap_or(hidden / heads),
             vocab: n("vocab_size")?,
             eps: c["rms_norm_eps"].as_f64().unwrap_or(1e-6),
             rope_theta,
@@ -310,7 +459,11 @@ impl Model {
             let pickles = std::fs::read_dir(dir)
                 .map_err(|e| bad(dir, e))?
                 .flatten()
-                .any(|e| e.path().extension().is_some_and(|x| x == "bin" || x == "pt"));
+                .any(|e| {
+                    e.path()
+                        .extension()
+                        .is_some_and(|x| x == "bin" || x == "pt")
+                });
             return Err(bad(
                 dir,
                 if pickles {
@@ -324,7 +477,7 @@ impl Model {
         for f in &files {
             map.extend(candle_core::safetensors::load(f, &Device::Cpu).map_err(|e| bad(f, e))?);
         }
-        Self::build(dir, cfg, Source::St(map), device)
+        Self::build(dir, cfg, Source::St { map, quantize }, device, opts)
     }
 
     fn build(
@@ -332,29 +485,128 @@ impl Model {
         cfg: ModelConfig,
         mut src: Source,
         device: &Device,
+        opts: &LoadOptions,
     ) -> Result<Self, InferError> {
-        let dtype = if device.is_cpu() { DType::F32 } else { DType::BF16 };
-        let mut need = |g: &str, h: &str| -> Result<Arc<QTensor>, InferError> {
-            src.get(g, h, device)
+        let mut adapter = match &opts.adapter {
+            Some(dir) => Some(Adapter::load(dir)?),
+            None => None,
+        };
+        let src_kind = match &src {
+            Source::Gguf { .. } => SrcKind::Gguf,
+            Source::St { .. } => SrcKind::St,
+        };
+        // Quantized matmuls take f32 activations; dense GPU weights run in bf16.
+        let dtype = match &src {
+            Source::St { quantize: None, .. } if !device.is_cpu() => DType::BF16,
+            _ => DType::F32,
+        };
+        let mut need = |g: &str, h: &str, matmul: bool| -> Result<W, InferError> {
+            src.get(g, h, device, matmul)
                 .map_err(|e| bad(path, e))?
                 .ok_or_else(|| bad(path, format!("weight `{g}` (`{h}`) is missing")))
         };
-        let dense = |q: Arc<QTensor>| -> Result<Tensor, InferError> {
-            q.dequantize(device)
-                .and_then(|t| t.to_dtype(dtype))
-                .map_err(|e| bad(path, e))
+        let dense = |w: W| -> Result<Tensor, InferError> {
+            match w {
+                W::Q(q) => q.dequantize(device),
+                W::D(t) => Ok(t),
+            }
+            .and_then(|t| t.to_dtype(dtype))
+            .map_err(|e| bad(path, e))
         };
-        let qm = |q: Arc<QTensor>| QMatMul::from_arc(q).map_err(|e| bad(path, e));
-        let embed_q = need("token_embd.weight", "model.embed_tokens.weight")?;
-        let embed = embed_q.clone();
+        let qm = |w: W| -> Result<QMatMul, InferError> {
+            match w {
+                W::Q(q) => QMatMul::from_arc(q),
+                W::D(t) => t.to_dtype(dtype).map(QMatMul::Tensor),
+            }
+            .map_err(|e| bad(path, e))
+        };
+        let embed_w = need("token_embd.weight", "model.embed_tokens.weight", false)?;
+        let embed = match &embed_w {
+            W::Q(q) => Embed::Q(q.clone()),
+            W::D(t) => Embed::D(t.to_dtype(dtype).map_err(|e| bad(path, e))?),
+        };
         let mut layers = Vec::with_capacity(cfg.layers);
         for i in 0..cfg.layers {
             let g = |n: &str| format!("blk.{i}.{n}");
             let h = |n: &str| format!("model.layers.{i}.{n}");
             let mut proj = |gn: &str, hn: &str, bias: bool| -> Result<Proj, InferError> {
-                let w = qm(need(&g(&format!("{gn}.weight")), &h(&format!("{hn}.weight")))?)?;
+                let mut w = need(
+                    &g(&format!("{gn}.weight")),
+                    &h(&format!("{hn}.weight")),
+                    true,
+                )?;
+                if let Some(ad) = adapter.as_mut() {
+                    if let Some((a, b)) = ad.deltas.remove(&h(hn)) {
+                        // W' = W + scale * B A, merged in f32.
+                        let base = match &w {
+                            W::Q(q) => q.dequantize(device),
+                            W::D(t) => t.to_dtype(DType::F32),
+                        }
+                        .map_err(|e| bad(path, e))?;
+                        let delta = b
+                            .to_dtype(DType::F32)
+                            .and_then(|b| b.matmul(&a.to_dtype(DType::F32)?))
+                            .and_then(|d| d.to_device(device))
+                            .and_then(|d| d * ad.scale)
+                            .map_err(|e| bad(path, format!("adapter for `{}`: {e}", h(hn))))?;
+                        // llama.cpp's converter permutes Llama q/k rows for interleaved RoPE;
+                        // an HF-layout delta must be permuted the same way.
+                        let delta = match (&src_kind, gn) {
+                            (SrcKind::Gguf, "attn_q" | "attn_k") if cfg.arch == Arch::Llama => {
+                                let heads = if gn == "attn_q" {
+                                    cfg.heads
+                                } else {
+                                    cfg.kv_heads
+                                };
+                                let (o, i) = delta.dims2().map_err(|e| bad(path, e))?;
+                                delta
+                                    .reshape((heads, 2, o / heads / 2, i))
+                                    .and_then(|d| d.transpose(1, 2))
+                                    .and_then(|d| d.contiguous())
+                                    .and_then(|d| d.reshape((o, i)))
+                                    .map_err(|e| bad(path, e))?
+                            }
+                            _ => delta,
+                        };
+                        if delta.dims() != base.dims() {
+                            return Err(bad(
+                                path,
+                                format!(
+                                    "adapter for `{}` has shape {:?}, the weight {:?}",
+                                    h(hn),
+                                    delta.dims(),
+                                    base.dims()
+                                ),
+                            ));
+                        }
+                        let merged = (base + delta).map_err(|e| bad(path, e))?;
+                        // A quantized weight stays quantized in its own format, so memory and
+                        // numerics match the base model's (a zero delta changes nothing).
+                        w = match &w {
+                            W::Q(q)
+                                if !matches!(
+                                    q.dtype(),
+                                    GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
+                                ) =>
+                            {
+                                let cpu =
+                                    merged.to_device(&Device::Cpu).map_err(|e| bad(path, e))?;
+                                W::Q(Arc::new(
+                                    QTensor::quantize_onto(&cpu, q.dtype(), device)
+                                        .map_err(|e| bad(path, e))?,
+                                ))
+                            }
+                            _ => W::D(merged),
+                        };
+                    }
+                }
+                let w = qm(w)?;
                 let b = if bias {
-                    Some(dense(need(&g(&format!("{gn}.bias")), &h(&format!("{hn}.bias")))?)?)
+                    Some(dense(need(
+                        &g(&format!("{gn}.bias")),
+                        &h(&format!("{hn}.bias")),
+                        false,
+                    )?)?)
                 } else {
                     None
                 };
@@ -368,10 +620,15 @@ impl Model {
             let gate = proj("ffn_gate", "mlp.gate_proj", false)?;
             let up = proj("ffn_up", "mlp.up_proj", false)?;
             let down = proj("ffn_down", "mlp.down_proj", false)?;
-            let attn_norm = dense(need(&g("attn_norm.weight"), &h("input_layernorm.weight"))?)?;
+            let attn_norm = dense(need(
+                &g("attn_norm.weight"),
+                &h("input_layernorm.weight"),
+                false,
+            )?)?;
             let ffn_norm = dense(need(
                 &g("ffn_norm.weight"),
                 &h("post_attention_layernorm.weight"),
+                false,
             )?)?;
             layers.push(Layer {
                 attn_norm,
@@ -385,13 +642,21 @@ impl Model {
                 down,
             });
         }
-        let norm = dense(need("output_norm.weight", "model.norm.weight")?)?;
+        if let Some(ad) = &adapter {
+            if let Some(m) = ad.deltas.keys().next() {
+                return Err(bad(
+                    path,
+                    format!("the adapter targets `{m}`, which this model does not have"),
+                ));
+            }
+        }
+        let norm = dense(need("output_norm.weight", "model.norm.weight", false)?)?;
         let lm_head = match src
-            .get("output.weight", "lm_head.weight", device)
+            .get("output.weight", "lm_head.weight", device, true)
             .map_err(|e| bad(path, e))?
         {
-            Some(q) => qm(q)?,
-            None => qm(embed_q)?, // tied embeddings
+            Some(w) => qm(w)?,
+            None => qm(embed_w)?, // tied embeddings
         };
         // RoPE tables.
         let half = cfg.head_dim / 2;
@@ -404,8 +669,14 @@ impl Model {
             .and_then(|t| t.reshape((cfg.context, 1)))
             .map_err(|e| bad(path, e))?;
         let freqs = pos.matmul(&inv).map_err(|e| bad(path, e))?;
-        let cos = freqs.cos().and_then(|t| t.to_dtype(dtype)).map_err(|e| bad(path, e))?;
-        let sin = freqs.sin().and_then(|t| t.to_dtype(dtype)).map_err(|e| bad(path, e))?;
+        let cos = freqs
+            .cos()
+            .and_then(|t| t.to_dtype(dtype))
+            .map_err(|e| bad(path, e))?;
+        let sin = freqs
+            .sin()
+            .and_then(|t| t.to_dtype(dtype))
+            .map_err(|e| bad(path, e))?;
         Ok(Self {
             cfg,
             embed,
@@ -470,7 +741,8 @@ impl Model {
             }
             None => att,
         };
-        let att = candle_nn::ops::softmax_last_dim(&att.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
+        let att =
+            candle_nn::ops::softmax_last_dim(&att.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
         att.matmul(&v)
     }
 
@@ -480,16 +752,28 @@ impl Model {
         let t = tokens.len();
         let past = cache.len;
         let ids = Tensor::new(tokens, &self.device)?;
-        let mut x = self.embed.embedding(&ids)?.to_dtype(self.dtype)?.unsqueeze(0)?; // [1, t, hidden]
+        let mut x = self.embed.lookup(&ids, self.dtype)?.unsqueeze(0)?; // [1, t, hidden]
         let cos = self.cos.narrow(0, past, t)?;
         let sin = self.sin.narrow(0, past, t)?;
         let (h, kvh, d) = (self.cfg.heads, self.cfg.kv_heads, self.cfg.head_dim);
         for (l, layer) in self.layers.iter().enumerate() {
             let r = x.clone();
             let xn = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.cfg.eps as f32)?;
-            let q = layer.q.forward(&xn)?.reshape((1, t, h, d))?.transpose(1, 2)?;
-            let k = layer.k.forward(&xn)?.reshape((1, t, kvh, d))?.transpose(1, 2)?;
-            let v = layer.v.forward(&xn)?.reshape((1, t, kvh, d))?.transpose(1, 2)?;
+            let q = layer
+                .q
+                .forward(&xn)?
+                .reshape((1, t, h, d))?
+                .transpose(1, 2)?;
+            let k = layer
+                .k
+                .forward(&xn)?
+                .reshape((1, t, kvh, d))?
+                .transpose(1, 2)?;
+            let v = layer
+                .v
+                .forward(&xn)?
+                .reshape((1, t, kvh, d))?
+                .transpose(1, 2)?;
             let q = self.rope(&q, &cos, &sin)?;
             let k = self.rope(&k, &cos, &sin)?;
             let y = self.attend(&q, &k, &v, &mut cache.layers[l], Some(past))?;
@@ -500,7 +784,10 @@ impl Model {
         cache.len += t;
         let last = x.i((.., t - 1..t, ..))?;
         let last = candle_nn::ops::rms_norm(&last, &self.norm, self.cfg.eps as f32)?;
-        self.lm_head.forward(&last)?.flatten_all()?.to_dtype(DType::F32)
+        self.lm_head
+            .forward(&last)?
+            .flatten_all()?
+            .to_dtype(DType::F32)
     }
 
     fn mlp(&self, layer: &Layer, x: &Tensor) -> candle_core::Result<Tensor> {
@@ -519,7 +806,7 @@ impl Model {
         let n = tokens.len();
         let (h, kvh, d) = (self.cfg.heads, self.cfg.kv_heads, self.cfg.head_dim);
         let ids = Tensor::new(tokens, &self.device)?;
-        let mut x = self.embed.embedding(&ids)?.to_dtype(self.dtype)?.unsqueeze(1)?; // [n, 1, hidden]
+        let mut x = self.embed.lookup(&ids, self.dtype)?.unsqueeze(1)?; // [n, 1, hidden]
         let pos: Vec<u32> = caches.iter().map(|c| c.len as u32).collect();
         let pos = Tensor::new(pos.as_slice(), &self.device)?;
         let cos = self.cos.index_select(&pos, 0)?.unsqueeze(1)?.contiguous()?; // [n, 1, d/2]
@@ -527,9 +814,21 @@ impl Model {
         for (l, layer) in self.layers.iter().enumerate() {
             let r = x.clone();
             let xn = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.cfg.eps as f32)?;
-            let q = layer.q.forward(&xn)?.reshape((n, 1, h, d))?.transpose(1, 2)?;
-            let k = layer.k.forward(&xn)?.reshape((n, 1, kvh, d))?.transpose(1, 2)?;
-            let v = layer.v.forward(&xn)?.reshape((n, 1, kvh, d))?.transpose(1, 2)?;
+            let q = layer
+                .q
+                .forward(&xn)?
+                .reshape((n, 1, h, d))?
+                .transpose(1, 2)?;
+            let k = layer
+                .k
+                .forward(&xn)?
+                .reshape((n, 1, kvh, d))?
+                .transpose(1, 2)?;
+            let v = layer
+                .v
+                .forward(&xn)?
+                .reshape((n, 1, kvh, d))?
+                .transpose(1, 2)?;
             let q = self.rope(&q, &cos, &sin)?;
             let k = self.rope(&k, &cos, &sin)?;
             let mut ys = Vec::with_capacity(n);
@@ -542,7 +841,9 @@ impl Model {
                     None,
                 )?);
             }
-            let y = Tensor::cat(&ys, 0)?.transpose(1, 2)?.reshape((n, 1, h * d))?;
+            let y = Tensor::cat(&ys, 0)?
+                .transpose(1, 2)?
+                .reshape((n, 1, h * d))?;
             x = (layer.o.forward(&y)? + r)?;
             x = (self.mlp(layer, &x)? + x)?;
         }

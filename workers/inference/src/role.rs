@@ -23,6 +23,8 @@ pub trait SettingsExt {
     fn device(&self) -> Result<candle_core::Device, String>;
     /// The file or directory a model name refers to.
     fn resolve(&self, model: &str) -> PathBuf;
+    /// Load options from the settings.
+    fn load_options(&self) -> crate::model::LoadOptions;
 }
 
 impl SettingsExt for InferenceSettings {
@@ -30,13 +32,22 @@ impl SettingsExt for InferenceSettings {
         match self.device.as_str() {
             "auto" => Ok(crate::default_device()),
             "cpu" => Ok(candle_core::Device::Cpu),
-            "cuda" => candle_core::Device::new_cuda(0)
-                .map_err(|e| format!("inference.device = \"cuda\": {e} (build with --features cuda)")),
-            "metal" => candle_core::Device::new_metal(0)
-                .map_err(|e| format!("inference.device = \"metal\": {e} (build with --features metal on macOS)")),
+            "cuda" => candle_core::Device::new_cuda(0).map_err(|e| {
+                format!("inference.device = \"cuda\": {e} (build with --features cuda)")
+            }),
+            "metal" => candle_core::Device::new_metal(0).map_err(|e| {
+                format!("inference.device = \"metal\": {e} (build with --features metal on macOS)")
+            }),
             other => Err(format!(
                 "inference.device `{other}` must be auto, cpu, cuda or metal"
             )),
+        }
+    }
+
+    fn load_options(&self) -> crate::model::LoadOptions {
+        crate::model::LoadOptions {
+            quantize: self.quantize.clone(),
+            ..Default::default()
         }
     }
 
@@ -103,8 +114,9 @@ impl InferHandler {
             return Ok(e.clone());
         }
         let device = self.settings.device().map_err(JobError::fatal)?;
+        let opts = self.settings.load_options();
         let (m, codec) =
-            crate::load(&path, &device).map_err(|e| JobError::fatal(e.to_string()))?;
+            crate::load_with(&path, &device, &opts).map_err(|e| JobError::fatal(e.to_string()))?;
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().to_string())
@@ -198,7 +210,7 @@ impl InferHandler {
                     let row = json!({
                         "id": id,
                         "model": job.model.model,
-                        "system": system,
+                        "system_prompt": system.clone().unwrap_or_default(),
                         "instruction": instruction,
                         "reference": reference,
                         "output": output,
@@ -239,7 +251,10 @@ impl InferHandler {
             .metric("rows", rows as f64)
             .metric("generated_tokens", tokens as f64)
             .metric("finish_length", length as f64)
-            .metric("failed_rows", summary["failed_rows"].as_array().map_or(0, Vec::len) as f64))
+            .metric(
+                "failed_rows",
+                summary["failed_rows"].as_array().map_or(0, Vec::len) as f64,
+            ))
     }
 }
 

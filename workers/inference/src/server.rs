@@ -69,12 +69,18 @@ struct Common {
     stop: Option<Stop>,
     #[serde(default)]
     stream: bool,
+    /// vLLM's extension: generate through end-of-turn tokens (benchmarks).
+    #[serde(default)]
+    ignore_eos: bool,
 }
 
 impl Common {
     fn params(&self) -> GenParams {
         GenParams {
-            max_tokens: self.max_completion_tokens.or(self.max_tokens).unwrap_or(256),
+            max_tokens: self
+                .max_completion_tokens
+                .or(self.max_tokens)
+                .unwrap_or(256),
             // OpenAI's default temperature is 1.
             temperature: self.temperature.unwrap_or(1.0),
             top_p: self.top_p,
@@ -85,6 +91,7 @@ impl Common {
                 Some(Stop::One(s)) => vec![s.clone()],
                 Some(Stop::Many(v)) => v.clone(),
             },
+            ignore_eos: self.ignore_eos,
         }
     }
 }
@@ -129,7 +136,10 @@ fn check_model(engine: &Engine, c: &Common) -> Option<Response> {
         Some(m) if !m.is_empty() && *m != engine.model_name => Some(error(
             StatusCode::NOT_FOUND,
             "model_not_found",
-            format!("model `{m}` is not served here; this server serves `{}`", engine.model_name),
+            format!(
+                "model `{m}` is not served here; this server serves `{}`",
+                engine.model_name
+            ),
         )),
         _ => None,
     }
@@ -179,11 +189,13 @@ fn sse(
                         "completion_tokens": st.generated_tokens,
                         "total_tokens": st.prompt_tokens + st.generated_tokens,
                     });
-                    last["timings"] = json!({"ttft_ms": st.ttft_ms, "decode_tok_s": st.decode_tok_s});
+                    last["timings"] =
+                        json!({"ttft_ms": st.ttft_ms, "decode_tok_s": st.decode_tok_s});
                     Some((Event::default().data(last.to_string()), (rx, true)))
                 }
                 Some(GenEvent::Error(e)) => Some((
-                    Event::default().data(json!({"error": {"message": e, "type": "server_error"}}).to_string()),
+                    Event::default()
+                        .data(json!({"error": {"message": e, "type": "server_error"}}).to_string()),
                     (rx, true),
                 )),
                 None => None,
@@ -325,9 +337,5 @@ async fn metrics(State(engine): State<Engine>) -> Response {
         c.max_batch,
         c.kv_budget_tokens,
     );
-    (
-        [("content-type", "text/plain; version=0.0.4")],
-        body,
-    )
-        .into_response()
+    ([("content-type", "text/plain; version=0.0.4")], body).into_response()
 }

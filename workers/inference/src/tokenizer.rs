@@ -51,10 +51,7 @@ impl std::fmt::Debug for TextCodec {
 
 fn strings(v: &gguf_file::Value) -> Option<Vec<String>> {
     match v {
-        gguf_file::Value::Array(a) => a
-            .iter()
-            .map(|x| x.to_string().ok().cloned())
-            .collect(),
+        gguf_file::Value::Array(a) => a.iter().map(|x| x.to_string().ok().cloned()).collect(),
         _ => None,
     }
 }
@@ -92,7 +89,9 @@ impl TextCodec {
         if model != "gpt2" {
             return Err(bad(
                 path,
-                format!("tokenizer model `{model}` is not supported; supported: gpt2 (byte-level BPE)"),
+                format!(
+                    "tokenizer model `{model}` is not supported; supported: gpt2 (byte-level BPE)"
+                ),
             ));
         }
         let tokens = md
@@ -104,7 +103,10 @@ impl TextCodec {
             .and_then(strings)
             .ok_or_else(|| bad(path, "tokenizer.ggml.merges is missing"))?
             .into_iter()
-            .filter_map(|m| m.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())))
+            .filter_map(|m| {
+                m.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+            })
             .collect();
         let types = md
             .get("tokenizer.ggml.token_type")
@@ -135,8 +137,14 @@ impl TextCodec {
             .into())
         };
         let seq: Vec<PreTokenizerWrapper> = match pre.as_str() {
-            "qwen2" | "deepseek-coder" => vec![split(QWEN2_SPLIT)?, ByteLevel::new(false, false, false).into()],
-            "llama-bpe" | "llama3" => vec![split(LLAMA3_SPLIT)?, ByteLevel::new(false, false, false).into()],
+            "qwen2" | "deepseek-coder" => vec![
+                split(QWEN2_SPLIT)?,
+                ByteLevel::new(false, false, false).into(),
+            ],
+            "llama-bpe" | "llama3" => vec![
+                split(LLAMA3_SPLIT)?,
+                ByteLevel::new(false, false, false).into(),
+            ],
             // SmolLM2 and StarCoder: single digits, then GPT-2's byte-level regex.
             "smollm" | "starcoder" | "refact" => vec![
                 Digits::new(true).into(),
@@ -191,7 +199,9 @@ impl TextCodec {
         let tokstr = |k: &str| -> Option<String> {
             match &cfg[k] {
                 serde_json::Value::String(s) => Some(s.clone()),
-                serde_json::Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(String::from),
+                serde_json::Value::Object(o) => {
+                    o.get("content").and_then(|c| c.as_str()).map(String::from)
+                }
                 _ => None,
             }
         };
@@ -199,7 +209,11 @@ impl TextCodec {
         let eos = tokstr("eos_token");
         let bos_id = bos.as_deref().and_then(|b| tok.token_to_id(b));
         let mut codec = Self {
-            stop_ids: eos.as_deref().and_then(|e| tok.token_to_id(e)).into_iter().collect(),
+            stop_ids: eos
+                .as_deref()
+                .and_then(|e| tok.token_to_id(e))
+                .into_iter()
+                .collect(),
             template: cfg["chat_template"].as_str().map(String::from),
             add_bos: cfg["add_bos_token"].as_bool().unwrap_or(false),
             bos,
@@ -226,7 +240,10 @@ impl TextCodec {
         let Some(t) = &self.template else {
             let mut s = String::new();
             for m in messages {
-                s.push_str(&format!("<|im_start|>{}\n{}<|im_end|>\n", m.role, m.content));
+                s.push_str(&format!(
+                    "<|im_start|>{}\n{}<|im_end|>\n",
+                    m.role, m.content
+                ));
             }
             s.push_str("<|im_start|>assistant\n");
             return Ok(s);
@@ -243,8 +260,9 @@ impl TextCodec {
                 ))
             },
         );
-        env.add_template("chat", t)
-            .map_err(|e| InferError::Request(format!("the model's chat template does not parse: {e}")))?;
+        env.add_template("chat", t).map_err(|e| {
+            InferError::Request(format!("the model's chat template does not parse: {e}"))
+        })?;
         let tpl = env
             .get_template("chat")
             .map_err(|e| InferError::Request(e.to_string()))?;

@@ -105,12 +105,36 @@ async fn chat_streams_server_sent_events_equal_to_the_full_answer() {
         .await
         .unwrap();
     assert_eq!(comp["choices"][0]["finish_reason"], "length");
-    let models: Value = c.get(format!("{url}/v1/models")).send().await.unwrap().json().await.unwrap();
+    let models: Value = c
+        .get(format!("{url}/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(models["data"][0]["id"], "smollm2");
-    let health: Value = c.get(format!("{url}/health")).send().await.unwrap().json().await.unwrap();
+    let health: Value = c
+        .get(format!("{url}/health"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(health["status"], "ok");
-    let metrics = c.get(format!("{url}/metrics")).send().await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("dagfleet_infer_requests_total 3"), "{metrics}");
+    let metrics = c
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("dagfleet_infer_requests_total 3"),
+        "{metrics}"
+    );
     // Bad requests name the problem.
     let r = c
         .post(format!("{url}/v1/chat/completions"))

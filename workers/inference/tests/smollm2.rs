@@ -50,29 +50,55 @@ fn logits_equal_candle_transformers_reference_llama() {
     use candle_core::{Device, Tensor};
     let p = model_path();
     let (model, codec) = load(&p, &Device::Cpu).unwrap();
-    let text = codec.render(&user("What is the capital of France?")).unwrap();
+    let text = codec
+        .render(&user("What is the capital of France?"))
+        .unwrap();
     let ids = codec.encode(&text).unwrap();
-    assert_eq!(ids[..3], [1, 9690, 198], "<|im_start|>system\\n as special tokens");
+    assert_eq!(
+        ids[..3],
+        [1, 9690, 198],
+        "<|im_start|>system\\n as special tokens"
+    );
     let mut f = std::fs::File::open(&p).unwrap();
     let ct = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
-    let mut reference =
-        candle_transformers::models::quantized_llama::ModelWeights::from_gguf(ct, &mut f, &Device::Cpu)
-            .unwrap();
+    let mut reference = candle_transformers::models::quantized_llama::ModelWeights::from_gguf(
+        ct,
+        &mut f,
+        &Device::Cpu,
+    )
+    .unwrap();
     // Prefill, then three decode steps, against the reference at the same positions.
     let mut cache = model.new_cache();
     let mine = model.prefill(&mut cache, &ids).unwrap();
-    let input = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let input = Tensor::new(ids.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     let theirs = reference.forward(&input, 0).unwrap().squeeze(0).unwrap();
     let close = |a: &Tensor, b: &Tensor| {
-        let d = (a - b).unwrap().abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let d = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(d < 1e-3, "max logit difference {d}");
     };
     close(&mine, &theirs);
     let mut pos = ids.len();
     let mut next = mine.argmax(0).unwrap().to_scalar::<u32>().unwrap();
     for _ in 0..3 {
-        let mine = model.decode(&mut [&mut cache], &[next]).unwrap().squeeze(0).unwrap();
-        let input = Tensor::new(&[next], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let mine = model
+            .decode(&mut [&mut cache], &[next])
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
+        let input = Tensor::new(&[next], &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
         let theirs = reference.forward(&input, pos).unwrap().squeeze(0).unwrap();
         close(&mine, &theirs);
         next = mine.argmax(0).unwrap().to_scalar::<u32>().unwrap();
@@ -84,7 +110,10 @@ fn logits_equal_candle_transformers_reference_llama() {
 async fn answers_and_reports_timings() {
     let e = engine(EngineConfig::default());
     let (text, st) = e
-        .generate(&user("Write a Python function that adds two numbers."), greedy(48))
+        .generate(
+            &user("Write a Python function that adds two numbers."),
+            greedy(48),
+        )
         .await
         .unwrap();
     assert!(text.contains("def "), "{text}");
@@ -92,10 +121,14 @@ async fn answers_and_reports_timings() {
     assert!(st.ttft_ms > 0.0);
     let rendered = e.codec().render(&user("hi")).unwrap();
     assert!(
-        rendered.starts_with("<|im_start|>system\n") && rendered.ends_with("<|im_start|>assistant\n"),
+        rendered.starts_with("<|im_start|>system\n")
+            && rendered.ends_with("<|im_start|>assistant\n"),
         "the GGUF's chat template is used: {rendered:?}"
     );
-    let ids = e.codec().encode("def f(x):\n    return x + 12345\n").unwrap();
+    let ids = e
+        .codec()
+        .encode("def f(x):\n    return x + 12345\n")
+        .unwrap();
     assert_eq!(
         e.codec().decode(&ids).unwrap(),
         "def f(x):\n    return x + 12345\n"
@@ -186,8 +219,16 @@ async fn finish_reasons_stop_strings_and_streaming() {
         seed: Some(7),
         ..greedy(20)
     };
-    let a = e.generate(&user("Tell me a story."), sampled.clone()).await.unwrap().0;
-    let b = e.generate(&user("Tell me a story."), sampled).await.unwrap().0;
+    let a = e
+        .generate(&user("Tell me a story."), sampled.clone())
+        .await
+        .unwrap()
+        .0;
+    let b = e
+        .generate(&user("Tell me a story."), sampled)
+        .await
+        .unwrap()
+        .0;
     assert_eq!(a, b);
 }
 
@@ -221,7 +262,10 @@ async fn limits_are_enforced_without_crashing() {
             Err(other) => panic!("{other}"),
         }
     }
-    assert!(refused > 0, "the queue bound refuses work instead of growing");
+    assert!(
+        refused > 0,
+        "the queue bound refuses work instead of growing"
+    );
     drop(held);
 }
 
@@ -242,4 +286,74 @@ fn unusable_model_files_are_named() {
     let cut = dir.path().join("cut.gguf");
     std::fs::write(&cut, &data[..data.len() / 2]).unwrap();
     assert!(err(&cut).contains("truncated GGUF"), "{}", err(&cut));
+}
+
+#[test]
+fn a_peft_adapter_is_merged_on_load() {
+    use candle_core::{DType, Device, Tensor};
+    use dagfleet_inference::model::{LoadOptions, Model};
+    let cpu = Device::Cpu;
+    let base = Model::load(&model_path(), &cpu).unwrap();
+    let logits = |m: &Model| {
+        let mut c = m.new_cache();
+        m.prefill(&mut c, &[1, 9690, 198, 2683, 359]).unwrap()
+    };
+    let want = logits(&base);
+    let write = |dir: &std::path::Path, b_scale: f64, module: &str| {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(
+            dir.join("adapter_config.json"),
+            r#"{"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}"#,
+        )
+        .unwrap();
+        let mut t = std::collections::HashMap::new();
+        for (m, out) in [("self_attn.q_proj", 576), ("self_attn.v_proj", 192)] {
+            let m = if module.is_empty() { m } else { module };
+            let a = Tensor::randn(0f32, 0.1, (4, 576), &cpu).unwrap();
+            let b = (Tensor::randn(0f32, 0.1, (out, 4), &cpu).unwrap() * b_scale).unwrap();
+            t.insert(
+                format!("base_model.model.model.layers.3.{m}.lora_A.weight"),
+                a,
+            );
+            t.insert(
+                format!("base_model.model.model.layers.3.{m}.lora_B.weight"),
+                b,
+            );
+        }
+        candle_core::safetensors::save(&t, dir.join("adapter_model.safetensors")).unwrap();
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let opts = |p: &std::path::Path| LoadOptions {
+        adapter: Some(p.to_path_buf()),
+        ..Default::default()
+    };
+    // B = 0: PEFT's initial state, the base model exactly.
+    write(&dir.path().join("zero"), 0.0, "");
+    let m = Model::load_with(&model_path(), &cpu, &opts(&dir.path().join("zero"))).unwrap();
+    let d = (logits(&m) - &want)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(d < 1e-3, "a zero adapter changes nothing: {d}");
+    // A trained-looking adapter changes the output.
+    write(&dir.path().join("real"), 1.0, "");
+    let m = Model::load_with(&model_path(), &cpu, &opts(&dir.path().join("real"))).unwrap();
+    let d = (logits(&m) - &want)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(d > 1e-2, "the adapter was merged: {d}");
+    assert_eq!(logits(&m).dtype(), DType::F32);
+    // An adapter for modules the model lacks is refused by name.
+    write(&dir.path().join("bad"), 1.0, "self_attn.qkv_proj");
+    let e = Model::load_with(&model_path(), &cpu, &opts(&dir.path().join("bad"))).unwrap_err();
+    assert!(e.to_string().contains("qkv_proj"), "{e}");
 }

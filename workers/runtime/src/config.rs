@@ -305,6 +305,8 @@ pub struct InferenceSettings {
     pub engine: EngineConfig,
     /// A model to load at start, so the worker advertises it before its first job.
     pub preload: Option<String>,
+    /// Quantize safetensors models' matmul weights on load: `q4k`, `q6k`, `q8_0`, `q4_0`.
+    pub quantize: Option<String>,
 }
 
 impl Default for InferenceSettings {
@@ -314,6 +316,7 @@ impl Default for InferenceSettings {
             device: "auto".into(),
             engine: EngineConfig::default(),
             preload: None,
+            quantize: None,
         }
     }
 }
