@@ -44,6 +44,10 @@ fi
 mkdir -p "$PATCH/link"
 echo "INPUT($HOME_DIR/lib/libcudart_static.a)" > "$PATCH/link/libcudart.so"
 
+# The patch rewrites Cargo.lock's candle-core entry; keep the committed lock file as it was.
+cp Cargo.lock "$PATCH/Cargo.lock.orig"
+trap 'cp "$PATCH/Cargo.lock.orig" Cargo.lock' EXIT
+
 export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}" CUDARC_CUDA_VERSION=13000
 export RUSTFLAGS="-C target-cpu=x86-64-v3 -L native=$PATCH/link"
 cargo build --release -p dagfleet --features cuda \
