@@ -87,9 +87,8 @@ fn logits_equal_candle_transformers_reference_llama() {
         assert!(d < 1e-3, "max logit difference {d}");
     };
     close(&mine, &theirs);
-    let mut pos = ids.len();
     let mut next = mine.argmax(0).unwrap().to_scalar::<u32>().unwrap();
-    for _ in 0..3 {
+    for pos in ids.len()..ids.len() + 3 {
         let mine = model
             .decode(&mut [&mut cache], &[next])
             .unwrap()
@@ -102,7 +101,6 @@ fn logits_equal_candle_transformers_reference_llama() {
         let theirs = reference.forward(&input, pos).unwrap().squeeze(0).unwrap();
         close(&mine, &theirs);
         next = mine.argmax(0).unwrap().to_scalar::<u32>().unwrap();
-        pos += 1;
     }
 }
 
