@@ -10,7 +10,7 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
-use crate::model::{Model, SeqCache};
+use crate::model::{BatchKv, Model};
 use crate::tokenizer::{ChatMessage, TextCodec};
 use crate::InferError;
 
@@ -116,7 +116,7 @@ struct Job {
 
 struct Seq {
     job: Job,
-    cache: SeqCache,
+    slot: usize,
     sampler: LogitsProcessor,
     out: Vec<u32>,
     next: u32,
@@ -310,8 +310,25 @@ fn schedule(
 ) {
     let mut waiting: VecDeque<Job> = VecDeque::new();
     let mut running: Vec<Seq> = Vec::new();
-    let mut reserved = 0usize;
     let context = model.cfg.context;
+    let mut kv: BatchKv = match model.new_kv(cfg.max_batch.min(8), 256) {
+        Ok(kv) => kv,
+        Err(e) => {
+            warn!(error = %e, "cannot allocate the KV cache; the engine stops");
+            return;
+        }
+    };
+    // The KV store is padded: every slot holds as many tokens as the longest reservation,
+    // so the budget bounds (sequences x longest reservation).
+    let padded = |running: &[Seq], extra: usize| {
+        let longest = running
+            .iter()
+            .map(|s| s.reserve)
+            .max()
+            .unwrap_or(0)
+            .max(extra);
+        (running.len() + 1) * longest
+    };
     loop {
         if running.is_empty() && waiting.is_empty() {
             match rx.recv() {
@@ -326,7 +343,7 @@ fn schedule(
         while running.len() < cfg.max_batch {
             let Some(front) = waiting.front() else { break };
             let need = (front.prompt.len() + front.params.max_tokens as usize).min(context);
-            if reserved + need > cfg.kv_budget_tokens && !running.is_empty() {
+            if padded(&running, need) > cfg.kv_budget_tokens && !running.is_empty() {
                 break;
             }
             let Some(job) = waiting.pop_front() else {
@@ -337,10 +354,19 @@ fn schedule(
                 stats.disconnected.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            let mut cache = model.new_cache();
-            let logits = match model.prefill(&mut cache, &job.prompt) {
+            let slot = match kv.alloc().and_then(|s| kv.reserve(need).map(|_| s)) {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = job
+                        .events
+                        .send(GenEvent::Error(format!("KV cache allocation failed: {e}")));
+                    continue;
+                }
+            };
+            let logits = match model.prefill(&mut kv, slot, &job.prompt) {
                 Ok(l) => l,
                 Err(e) => {
+                    kv.release(slot);
                     let _ = job
                         .events
                         .send(GenEvent::Error(format!("prefill failed: {e}")));
@@ -354,6 +380,7 @@ fn schedule(
             let next = match s.sample(&logits) {
                 Ok(t) => t,
                 Err(e) => {
+                    kv.release(slot);
                     let _ = job
                         .events
                         .send(GenEvent::Error(format!("sampling failed: {e}")));
@@ -361,11 +388,10 @@ fn schedule(
                 }
             };
             let max_new = (job.params.max_tokens as usize).min(context - job.prompt.len());
-            reserved += need;
             let now = Instant::now();
             let mut seq = Seq {
                 job,
-                cache,
+                slot,
                 sampler: s,
                 out: Vec::new(),
                 next,
@@ -376,7 +402,7 @@ fn schedule(
                 max_new,
             };
             if accept(&codec, &mut seq, &stats) {
-                reserved -= seq.reserve;
+                kv.release(seq.slot);
             } else {
                 running.push(seq);
             }
@@ -390,7 +416,7 @@ fn schedule(
             let gone = s.job.events.is_closed();
             if gone {
                 stats.disconnected.fetch_add(1, Ordering::Relaxed);
-                reserved -= s.reserve;
+                kv.release(s.slot);
             }
             !gone
         });
@@ -399,22 +425,20 @@ fn schedule(
         }
         // One decode step for every running sequence.
         let tokens: Vec<u32> = running.iter().map(|s| s.next).collect();
-        let result = {
-            let mut caches: Vec<&mut SeqCache> = running.iter_mut().map(|s| &mut s.cache).collect();
-            model.decode(&mut caches, &tokens)
-        };
+        let slots: Vec<usize> = running.iter().map(|s| s.slot).collect();
+        let result = model.decode(&mut kv, &slots, &tokens);
         stats.steps.fetch_add(1, Ordering::Relaxed);
         let logits = match result {
             Ok(l) => l,
             Err(e) => {
                 warn!(error = %e, "decode step failed; failing its sequences");
                 for s in running.drain(..) {
+                    kv.release(s.slot);
                     let _ = s
                         .job
                         .events
                         .send(GenEvent::Error(format!("decode failed: {e}")));
                 }
-                reserved = 0;
                 continue;
             }
         };
@@ -442,7 +466,7 @@ fn schedule(
         }
         for i in finished.into_iter().rev() {
             let s = running.swap_remove(i);
-            reserved -= s.reserve;
+            kv.release(s.slot);
         }
         stats.running.store(running.len(), Ordering::Relaxed);
     }

@@ -7,7 +7,6 @@
 
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
-use candle_nn::kv_cache::KvCache;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -111,22 +110,123 @@ pub struct Model {
     dtype: DType,
 }
 
-/// The KV cache of one sequence.
-#[derive(Debug, Clone)]
-pub struct SeqCache {
-    layers: Vec<KvCache>,
-    len: usize,
+/// The KV cache of every running sequence, one slot per sequence: per layer, K and V of shape
+/// `[slots, cap, kv_heads * head_dim]`. A decode step writes each sequence's new row with one
+/// scatter, gathers the batch's slots with one index-select and attends with padding masked,
+/// so a step costs the same number of kernel launches at any batch size.
+#[derive(Debug)]
+pub struct BatchKv {
+    k: Vec<Tensor>,
+    v: Vec<Tensor>,
+    slots: usize,
+    cap: usize,
+    width: usize,
+    lens: Vec<usize>,
+    free: Vec<usize>,
+    dtype: DType,
+    device: Device,
 }
 
-impl SeqCache {
-    /// Tokens in the cache.
-    pub fn len(&self) -> usize {
-        self.len
+impl BatchKv {
+    fn zeros(
+        layers: usize,
+        slots: usize,
+        cap: usize,
+        width: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<(Vec<Tensor>, Vec<Tensor>)> {
+        let mk = || Tensor::zeros((slots, cap, width), dtype, device);
+        let k = (0..layers)
+            .map(|_| mk())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let v = (0..layers)
+            .map(|_| mk())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok((k, v))
     }
 
-    /// Whether it is empty.
+    /// Tokens cached for `slot`.
+    pub fn len(&self, slot: usize) -> usize {
+        self.lens.get(slot).copied().unwrap_or(0)
+    }
+
+    /// Whether no slot holds tokens.
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.lens.iter().all(|l| *l == 0)
+    }
+
+    /// Tokens each slot can hold.
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+
+    /// A free slot, growing the store when all are taken.
+    pub fn alloc(&mut self) -> candle_core::Result<usize> {
+        if let Some(s) = self.free.pop() {
+            self.lens[s] = 0;
+            return Ok(s);
+        }
+        let more = self.slots.max(4);
+        self.resize(self.slots + more, self.cap)?;
+        self.alloc()
+    }
+
+    /// Returns `slot` to the pool.
+    pub fn release(&mut self, slot: usize) {
+        if slot < self.slots && !self.free.contains(&slot) {
+            self.lens[slot] = 0;
+            self.free.push(slot);
+        }
+    }
+
+    /// Makes every slot hold at least `tokens` tokens.
+    pub fn reserve(&mut self, tokens: usize) -> candle_core::Result<()> {
+        if tokens > self.cap {
+            let cap = tokens.max(self.cap * 2).div_ceil(64) * 64;
+            self.resize(self.slots, cap)?;
+        }
+        Ok(())
+    }
+
+    fn resize(&mut self, slots: usize, cap: usize) -> candle_core::Result<()> {
+        let (k, v) = Self::zeros(
+            self.k.len(),
+            slots,
+            cap,
+            self.width,
+            self.dtype,
+            &self.device,
+        )?;
+        if self.slots > 0 && self.cap > 0 {
+            for (new, old) in k.iter().zip(&self.k).chain(v.iter().zip(&self.v)) {
+                // old [s0, c0, w] into new [s1, c1, w]: per old slot row block.
+                let padded = if cap > self.cap {
+                    Tensor::cat(
+                        &[
+                            old,
+                            &Tensor::zeros(
+                                (self.slots, cap - self.cap, self.width),
+                                self.dtype,
+                                &self.device,
+                            )?,
+                        ],
+                        1,
+                    )?
+                } else {
+                    old.clone()
+                };
+                new.slice_set(&padded, 0, 0)?;
+            }
+        }
+        let old_slots = self.slots;
+        self.k = k;
+        self.v = v;
+        self.free.extend((old_slots..slots).rev());
+        self.lens.resize(slots, 0);
+        self.slots = slots;
+        self.cap = cap;
+        Ok(())
     }
 }
 
@@ -690,12 +790,21 @@ impl Model {
         })
     }
 
-    /// An empty cache for one sequence.
-    pub fn new_cache(&self) -> SeqCache {
-        SeqCache {
-            layers: (0..self.cfg.layers).map(|_| KvCache::new(2, 256)).collect(),
-            len: 0,
-        }
+    /// An empty KV store with room for `slots` sequences of `cap` tokens (both grow).
+    pub fn new_kv(&self, slots: usize, cap: usize) -> candle_core::Result<BatchKv> {
+        let width = self.cfg.kv_heads * self.cfg.head_dim;
+        let (k, v) = BatchKv::zeros(self.cfg.layers, slots, cap, width, self.dtype, &self.device)?;
+        Ok(BatchKv {
+            k,
+            v,
+            slots,
+            cap,
+            width,
+            lens: vec![0; slots],
+            free: (0..slots).rev().collect(),
+            dtype: self.dtype,
+            device: self.device.clone(),
+        })
     }
 
     /// The device the model runs on.
@@ -711,51 +820,46 @@ impl Model {
         }
     }
 
-    fn attend(
+    /// Softmax attention of `q` `[b, kvh, rep * t, d]` over `k`, `v` `[b, kvh, l, d]`, with
+    /// an additive `mask` broadcastable to `[b, kvh, rep * t, l]`; grouped-query heads share
+    /// their K/V without copies.
+    fn sdpa(
         &self,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        cache: &mut KvCache,
-        causal_from: Option<usize>,
+        mask: &Tensor,
     ) -> candle_core::Result<Tensor> {
-        // q: [1, h, t, d]; k, v: [1, kvh, t, d]
-        let (k, v) = cache.append(&k.contiguous()?, &v.contiguous()?)?;
-        let rep = self.cfg.heads / self.cfg.kv_heads;
-        let k = candle_transformers::utils::repeat_kv(k, rep)?.contiguous()?;
-        let v = candle_transformers::utils::repeat_kv(v, rep)?.contiguous()?;
         let scale = 1.0 / (self.cfg.head_dim as f64).sqrt();
-        let att = (q.contiguous()?.matmul(&k.t()?)? * scale)?;
-        let att = match causal_from {
-            Some(past) => {
-                let t = q.dim(2)?;
-                let total = past + t;
-                let mask: Vec<u8> = (0..t)
-                    .flat_map(|i| (0..total).map(move |j| u8::from(j > past + i)))
-                    .collect();
-                let mask = Tensor::from_slice(&mask, (t, total), q.device())?;
-                let neg = Tensor::new(f32::NEG_INFINITY, q.device())?
-                    .to_dtype(att.dtype())?
-                    .broadcast_as(att.shape())?;
-                mask.broadcast_as(att.shape())?.where_cond(&neg, &att)?
-            }
-            None => att,
-        };
-        let att =
-            candle_nn::ops::softmax_last_dim(&att.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
-        att.matmul(&v)
+        let att = (q.matmul(&k.t()?)? * scale)?;
+        let att = att.to_dtype(DType::F32)?.broadcast_add(mask)?;
+        let att = candle_nn::ops::softmax_last_dim(&att)?.to_dtype(v.dtype())?;
+        att.matmul(v)
     }
 
-    /// Runs a prompt (or its uncached rest) through one sequence and returns the logits of
-    /// its last position, `[vocab]` in f32.
-    pub fn prefill(&self, cache: &mut SeqCache, tokens: &[u32]) -> candle_core::Result<Tensor> {
+    /// Runs the prompt of a fresh sequence in `slot` and returns the logits of its last
+    /// position, `[vocab]` in f32.
+    pub fn prefill(
+        &self,
+        kv: &mut BatchKv,
+        slot: usize,
+        tokens: &[u32],
+    ) -> candle_core::Result<Tensor> {
         let t = tokens.len();
-        let past = cache.len;
+        if kv.len(slot) != 0 {
+            candle_core::bail!("slot {slot} is not empty");
+        }
+        kv.reserve(t)?;
         let ids = Tensor::new(tokens, &self.device)?;
         let mut x = self.embed.lookup(&ids, self.dtype)?.unsqueeze(0)?; // [1, t, hidden]
-        let cos = self.cos.narrow(0, past, t)?;
-        let sin = self.sin.narrow(0, past, t)?;
+        let cos = self.cos.narrow(0, 0, t)?;
+        let sin = self.sin.narrow(0, 0, t)?;
         let (h, kvh, d) = (self.cfg.heads, self.cfg.kv_heads, self.cfg.head_dim);
+        let rep = h / kvh;
+        let causal: Vec<f32> = (0..t)
+            .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+            .collect();
+        let mask = Tensor::from_vec(causal, (1, 1, 1, t, t), &self.device)?;
         for (l, layer) in self.layers.iter().enumerate() {
             let r = x.clone();
             let xn = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.cfg.eps as f32)?;
@@ -774,14 +878,32 @@ impl Model {
                 .forward(&xn)?
                 .reshape((1, t, kvh, d))?
                 .transpose(1, 2)?;
-            let q = self.rope(&q, &cos, &sin)?;
-            let k = self.rope(&k, &cos, &sin)?;
-            let y = self.attend(&q, &k, &v, &mut cache.layers[l], Some(past))?;
-            let y = y.transpose(1, 2)?.reshape((1, t, h * d))?;
+            let q = self.rope(&q, &cos, &sin)?; // [1, h, t, d]
+            let k = self.rope(&k, &cos, &sin)?; // [1, kvh, t, d]
+            let v = v.contiguous()?;
+            // Into the slot's rows: [t, kvh * d] at row slot * cap.
+            let rows = |x: &Tensor| x.transpose(1, 2)?.contiguous()?.reshape((t, kvh * d));
+            let flat = |c: &Tensor| c.reshape((kv.slots * kv.cap, kv.width));
+            flat(&kv.k[l])?.slice_set(&rows(&k)?, 0, slot * kv.cap)?;
+            flat(&kv.v[l])?.slice_set(&rows(&v)?, 0, slot * kv.cap)?;
+            let q = q.reshape((1, kvh, rep * t, d))?;
+            let att = self.sdpa(
+                &q,
+                &k,
+                &v,
+                &mask
+                    .reshape((1, 1, 1, t, t))?
+                    .broadcast_as((1, kvh, rep, t, t))?
+                    .reshape((1, kvh, rep * t, t))?,
+            )?;
+            let y = att
+                .reshape((1, h, t, d))?
+                .transpose(1, 2)?
+                .reshape((1, t, h * d))?;
             x = (layer.o.forward(&y)? + r)?;
             x = (self.mlp(layer, &x)? + x)?;
         }
-        cache.len += t;
+        kv.lens[slot] = t;
         let last = x.i((.., t - 1..t, ..))?;
         let last = candle_nn::ops::rms_norm(&last, &self.norm, self.cfg.eps as f32)?;
         self.lm_head
@@ -796,21 +918,49 @@ impl Model {
         layer.down.forward(&(g * layer.up.forward(&xn)?)?)
     }
 
-    /// One decode step for several sequences at once: `tokens[i]` is the next input of
-    /// `caches[i]`. Returns logits `[n, vocab]` in f32.
+    /// One decode step for several sequences at once: `tokens[i]` is the next input of the
+    /// sequence in `slots[i]`. Returns logits `[n, vocab]` in f32.
     pub fn decode(
         &self,
-        caches: &mut [&mut SeqCache],
+        kv: &mut BatchKv,
+        slots: &[usize],
         tokens: &[u32],
     ) -> candle_core::Result<Tensor> {
         let n = tokens.len();
         let (h, kvh, d) = (self.cfg.heads, self.cfg.kv_heads, self.cfg.head_dim);
+        let rep = h / kvh;
+        let lens: Vec<usize> = slots.iter().map(|s| kv.len(*s)).collect();
+        let max_len = lens.iter().copied().max().unwrap_or(0) + 1;
+        kv.reserve(max_len)?;
+        let (cap, width) = (kv.cap, kv.width);
         let ids = Tensor::new(tokens, &self.device)?;
         let mut x = self.embed.lookup(&ids, self.dtype)?.unsqueeze(1)?; // [n, 1, hidden]
-        let pos: Vec<u32> = caches.iter().map(|c| c.len as u32).collect();
-        let pos = Tensor::new(pos.as_slice(), &self.device)?;
-        let cos = self.cos.index_select(&pos, 0)?.unsqueeze(1)?.contiguous()?; // [n, 1, d/2]
-        let sin = self.sin.index_select(&pos, 0)?.unsqueeze(1)?.contiguous()?;
+        let pos: Vec<u32> = lens.iter().map(|l| *l as u32).collect();
+        let pos_t = Tensor::new(pos.as_slice(), &self.device)?;
+        let cos = self
+            .cos
+            .index_select(&pos_t, 0)?
+            .unsqueeze(1)?
+            .contiguous()?; // [n, 1, d/2]
+        let sin = self
+            .sin
+            .index_select(&pos_t, 0)?
+            .unsqueeze(1)?
+            .contiguous()?;
+        // Rows the new K/V go to, the slots to gather, and the padding mask.
+        let rows: Vec<u32> = slots
+            .iter()
+            .zip(&lens)
+            .flat_map(|(s, l)| std::iter::repeat_n((s * cap + l) as u32, width))
+            .collect();
+        let rows = Tensor::from_vec(rows, (n, width), &self.device)?;
+        let slot_ids: Vec<u32> = slots.iter().map(|s| *s as u32).collect();
+        let slot_ids = Tensor::new(slot_ids.as_slice(), &self.device)?;
+        let mask: Vec<f32> = lens
+            .iter()
+            .flat_map(|l| (0..max_len).map(move |j| if j > *l { f32::NEG_INFINITY } else { 0.0 }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (n, 1, 1, max_len), &self.device)?;
         for (l, layer) in self.layers.iter().enumerate() {
             let r = x.clone();
             let xn = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.cfg.eps as f32)?;
@@ -824,31 +974,29 @@ impl Model {
                 .forward(&xn)?
                 .reshape((n, 1, kvh, d))?
                 .transpose(1, 2)?;
-            let v = layer
-                .v
-                .forward(&xn)?
-                .reshape((n, 1, kvh, d))?
-                .transpose(1, 2)?;
-            let q = self.rope(&q, &cos, &sin)?;
-            let k = self.rope(&k, &cos, &sin)?;
-            let mut ys = Vec::with_capacity(n);
-            for (i, c) in caches.iter_mut().enumerate() {
-                ys.push(self.attend(
-                    &q.narrow(0, i, 1)?,
-                    &k.narrow(0, i, 1)?,
-                    &v.narrow(0, i, 1)?,
-                    &mut c.layers[l],
-                    None,
-                )?);
-            }
-            let y = Tensor::cat(&ys, 0)?
-                .transpose(1, 2)?
-                .reshape((n, 1, h * d))?;
+            let v = layer.v.forward(&xn)?.reshape((n, 1, kvh, d))?;
+            let q = self.rope(&q, &cos, &sin)?; // [n, h, 1, d]
+            let k = self.rope(&k, &cos, &sin)?; // [n, kvh, 1, d]
+            let flat_k = kv.k[l].reshape((kv.slots * cap, width))?;
+            let flat_v = kv.v[l].reshape((kv.slots * cap, width))?;
+            flat_k.scatter_set(&rows, &k.reshape((n, width))?.contiguous()?, 0)?;
+            flat_v.scatter_set(&rows, &v.reshape((n, width))?.contiguous()?, 0)?;
+            let gather = |c: &Tensor| -> candle_core::Result<Tensor> {
+                c.index_select(&slot_ids, 0)? // [n, cap, w]
+                    .narrow(1, 0, max_len)?
+                    .reshape((n, max_len, kvh, d))?
+                    .transpose(1, 2)?
+                    .contiguous()
+            };
+            let (kk, vv) = (gather(&kv.k[l])?, gather(&kv.v[l])?);
+            let q = q.reshape((n, kvh, rep, d))?;
+            let y = self.sdpa(&q, &kk, &vv, &mask)?; // [n, kvh, rep, d]
+            let y = y.reshape((n, 1, h * d))?;
             x = (layer.o.forward(&y)? + r)?;
             x = (self.mlp(layer, &x)? + x)?;
         }
-        for c in caches.iter_mut() {
-            c.len += 1;
+        for s in slots {
+            kv.lens[*s] += 1;
         }
         let x = candle_nn::ops::rms_norm(&x, &self.norm, self.cfg.eps as f32)?;
         self.lm_head.forward(&x)?.squeeze(1)?.to_dtype(DType::F32)

@@ -68,8 +68,9 @@ fn logits_equal_candle_transformers_reference_llama() {
     )
     .unwrap();
     // Prefill, then three decode steps, against the reference at the same positions.
-    let mut cache = model.new_cache();
-    let mine = model.prefill(&mut cache, &ids).unwrap();
+    let mut kv = model.new_kv(2, 64).unwrap();
+    let slot = kv.alloc().unwrap();
+    let mine = model.prefill(&mut kv, slot, &ids).unwrap();
     let input = Tensor::new(ids.as_slice(), &Device::Cpu)
         .unwrap()
         .unsqueeze(0)
@@ -90,7 +91,7 @@ fn logits_equal_candle_transformers_reference_llama() {
     let mut next = mine.argmax(0).unwrap().to_scalar::<u32>().unwrap();
     for pos in ids.len()..ids.len() + 3 {
         let mine = model
-            .decode(&mut [&mut cache], &[next])
+            .decode(&mut kv, &[slot], &[next])
             .unwrap()
             .squeeze(0)
             .unwrap();
@@ -293,8 +294,8 @@ fn a_peft_adapter_is_merged_on_load() {
     let cpu = Device::Cpu;
     let base = Model::load(&model_path(), &cpu).unwrap();
     let logits = |m: &Model| {
-        let mut c = m.new_cache();
-        m.prefill(&mut c, &[1, 9690, 198, 2683, 359]).unwrap()
+        let mut kv = m.new_kv(1, 16).unwrap();
+        m.prefill(&mut kv, 0, &[1, 9690, 198, 2683, 359]).unwrap()
     };
     let want = logits(&base);
     let write = |dir: &std::path::Path, b_scale: f64, module: &str| {
