@@ -47,6 +47,20 @@ pub enum BenchCmd {
     /// Generation throughput and latency of the inference engine over a concurrency sweep.
     #[cfg(feature = "inference")]
     Infer(crate::bench_infer::InferArgs),
+    /// Writes the last-position logits of a token sequence as a little-endian f32 file, to
+    /// compare a backend with a reference (e.g. CUDA against HF transformers).
+    #[cfg(feature = "inference")]
+    Logits {
+        /// A `.gguf` file or a safetensors model directory.
+        #[arg(long)]
+        model: String,
+        /// Comma-separated token ids.
+        #[arg(long, value_delimiter = ',')]
+        tokens: Vec<u32>,
+        /// Output file.
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
 }
 
 /// Settings of `dagfleet bench queue`.
@@ -147,6 +161,10 @@ pub async fn run(cmd: BenchCmd, cfg: &Config) -> Result<()> {
         } => return bench_judge(&corpus, passes, &python),
         #[cfg(feature = "inference")]
         BenchCmd::Infer(a) => return crate::bench_infer::run(a, cfg).await,
+        #[cfg(feature = "inference")]
+        BenchCmd::Logits { model, tokens, out } => {
+            return crate::bench_infer::logits(&model, &tokens, &out, cfg)
+        }
     };
     let QueueArgs {
         jobs,

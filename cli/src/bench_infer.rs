@@ -116,3 +116,24 @@ async fn one_round(
     }
     Ok(out)
 }
+
+/// `dagfleet bench logits`: last-position logits of `tokens`, prefilled then decoded one
+/// token at a time for the last 4 (so both paths are checked), as little-endian f32.
+pub fn logits(model: &str, tokens: &[u32], out: &std::path::Path, cfg: &Config) -> Result<()> {
+    let s = &cfg.inference;
+    let device = s.device().map_err(anyhow::Error::msg)?;
+    let path = s.resolve(model);
+    let (m, _codec) = dagfleet_inference::load_with(&path, &device, &s.load_options())?;
+    anyhow::ensure!(tokens.len() > 4, "give more than 4 tokens");
+    let mut kv = m.new_kv(1, tokens.len())?;
+    let split = tokens.len() - 4;
+    let mut last = m.prefill(&mut kv, 0, &tokens[..split])?;
+    for t in &tokens[split..] {
+        last = m.decode(&mut kv, &[0], &[*t])?.squeeze(0)?;
+    }
+    let v: Vec<f32> = last.to_vec1()?;
+    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+    std::fs::write(out, bytes)?;
+    println!("wrote {} logits to {}", v.len(), out.display());
+    Ok(())
+}
