@@ -22,6 +22,10 @@ for s in $SHAPES; do
     ( while true; do nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits; sleep 0.5; done ) > "$OUT/mem-$s-$w.txt" &
     SAMPLER=$!
     case $w in
+      check)
+        T=$(python3 -c 'print(",".join(str(1000+i*37) for i in range(40)))')
+        DAGFLEET_INFERENCE__DEVICE=cuda DAGFLEET_LOG__LEVEL=warn $BIN bench logits --model "$M" --tokens "$T" --out /tmp/l.f32 2>&1 | tail -1
+        python3 bench/check_logits.py "$M" /tmp/l.f32 "$T" 2>&1 | grep -v Warning | tee "$OUT/check-$s.txt" ;;
       dagfleet) DAGFLEET_INFERENCE__DEVICE=cuda DAGFLEET_LOG__LEVEL=warn timeout 540 $BIN bench infer --model "$M" --concurrency "$CONC" 2>&1 | tee "$OUT/dagfleet-$s.txt" ;;
       q4k) DAGFLEET_INFERENCE__DEVICE=cuda DAGFLEET_INFERENCE__QUANTIZE=q4k DAGFLEET_LOG__LEVEL=warn timeout 540 $BIN bench infer --model "$M" --concurrency "$CONC" 2>&1 | tee "$OUT/q4k-$s.txt" ;;
       hf) timeout 540 python3 bench/hf_generate.py "$M" --batches "$CONC" 2>&1 | grep -v Warning | tee "$OUT/hf-$s.txt" ;;
