@@ -17,4 +17,4 @@ with torch.inference_mode():
 rel = float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
 top_ours, top_ref = np.argsort(-ours)[:5], np.argsort(-ref)[:5]
 print(f"relative L2 error vs HF fp32: {rel:.2e}; top-5 ours {top_ours.tolist()} ref {top_ref.tolist()}")
-sys.exit(0 if rel < 2e-2 and np.isfinite(ours).all() else 1)
+sys.exit(0 if rel < 5e-2 and np.isfinite(ours).all() else 1)

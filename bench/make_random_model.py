@@ -22,10 +22,12 @@ SHAPES = {
 
 def main(shape: str, out: str) -> None:
     cfg = Qwen2Config(vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6,
-                      rms_norm_eps=1e-6, tie_word_embeddings=True, torch_dtype="bfloat16",
+                      rms_norm_eps=1e-6, tie_word_embeddings=True,
                       **SHAPES[shape])
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(cfg).to(torch.bfloat16)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        model = Qwen2ForCausalLM(cfg).to(torch.bfloat16)
     model.save_pretrained(out, safe_serialization=True)
     # transformers 5 writes fields candle-style loaders expect elsewhere; make them explicit.
     with open(f"{out}/config.json") as f:
