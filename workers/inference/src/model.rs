@@ -934,7 +934,9 @@ impl Model {
         kv.reserve(max_len)?;
         let (cap, width) = (kv.cap, kv.width);
         let ids = Tensor::new(tokens, &self.device)?;
-        let mut x = self.embed.lookup(&ids, self.dtype)?.unsqueeze(1)?; // [n, 1, hidden]
+        // 2-D activations: a dense matmul over [n, hidden] is one GEMM that reads the weight
+        // once; a 3-D [n, 1, hidden] input would broadcast the weight into n GEMVs.
+        let mut x = self.embed.lookup(&ids, self.dtype)?; // [n, hidden]
         let pos: Vec<u32> = lens.iter().map(|l| *l as u32).collect();
         let pos_t = Tensor::new(pos.as_slice(), &self.device)?;
         let cos = self
@@ -991,7 +993,7 @@ impl Model {
             let (kk, vv) = (gather(&kv.k[l])?, gather(&kv.v[l])?);
             let q = q.reshape((n, kvh, rep, d))?;
             let y = self.sdpa(&q, &kk, &vv, &mask)?; // [n, kvh, rep, d]
-            let y = y.reshape((n, 1, h * d))?;
+            let y = y.reshape((n, h * d))?;
             x = (layer.o.forward(&y)? + r)?;
             x = (self.mlp(layer, &x)? + x)?;
         }
@@ -999,7 +1001,7 @@ impl Model {
             kv.lens[*s] += 1;
         }
         let x = candle_nn::ops::rms_norm(&x, &self.norm, self.cfg.eps as f32)?;
-        self.lm_head.forward(&x)?.squeeze(1)?.to_dtype(DType::F32)
+        self.lm_head.forward(&x)?.to_dtype(DType::F32)
     }
 
     /// The activation dtype.
