@@ -125,6 +125,10 @@ struct Seq {
     last_at: Instant,
     reserve: usize,
     max_new: usize,
+    text: String,
+    prefix_offset: usize,
+    read_offset: usize,
+    searched: usize,
 }
 
 /// A running engine. Cheap to clone.
@@ -400,6 +404,10 @@ fn schedule(
                 last_at: now,
                 reserve: need,
                 max_new,
+                text: String::new(),
+                prefix_offset: 0,
+                read_offset: 0,
+                searched: 0,
             };
             if accept(&codec, &mut seq, &stats) {
                 kv.release(seq.slot);
@@ -443,7 +451,26 @@ fn schedule(
             }
         };
         let mut finished = Vec::new();
+        // Greedy rows take one batched argmax on the device and one small copy, instead of
+        // copying every row's full vocabulary to the host.
+        let argmax: Option<Vec<u32>> = if running.iter().any(|s| s.job.params.temperature <= 0.0) {
+            logits
+                .argmax(candle_core::D::Minus1)
+                .and_then(|a| a.to_vec1::<u32>())
+                .ok()
+        } else {
+            None
+        };
         for (i, s) in running.iter_mut().enumerate() {
+            if s.job.params.temperature <= 0.0 {
+                if let Some(t) = argmax.as_ref().and_then(|a| a.get(i)) {
+                    s.next = *t;
+                    if accept(&codec, s, &stats) {
+                        finished.push(i);
+                    }
+                    continue;
+                }
+            }
             let row = match logits.get(i) {
                 Ok(r) => r,
                 Err(e) => {
@@ -487,21 +514,58 @@ fn accept(codec: &TextCodec, s: &mut Seq, stats: &EngineStats) -> bool {
         s.out.push(s.next);
         stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
     }
-    let mut text = codec.decode(&s.out).unwrap_or_default();
+    // Incremental detokenization over a short window (the approach of HF's
+    // text-generation-inference): decoding the whole output at every step would cost
+    // O(length) per sequence per step.
     if finish.is_none() {
+        let prefix = codec
+            .decode(&s.out[s.prefix_offset..s.read_offset])
+            .unwrap_or_default();
+        let window = codec.decode(&s.out[s.prefix_offset..]).unwrap_or_default();
+        if window.len() > prefix.len()
+            && !window.ends_with('\u{FFFD}')
+            && window.is_char_boundary(prefix.len())
+        {
+            s.text.push_str(&window[prefix.len()..]);
+            s.prefix_offset = s.read_offset;
+            s.read_offset = s.out.len();
+        }
+    }
+    let mut text = std::mem::take(&mut s.text);
+    let mut cut_by_stop = false;
+    if finish.is_none() {
+        // Only the tail can hold a stop string that was not there a step ago.
+        let longest = s.job.params.stop.iter().map(|x| x.len()).max().unwrap_or(0);
+        let mut from = s.searched.saturating_sub(longest);
+        while !text.is_char_boundary(from) {
+            from -= 1;
+        }
+        s.searched = text.len();
         if let Some(cut) = s
             .job
             .params
             .stop
             .iter()
             .filter(|x| !x.is_empty())
-            .filter_map(|x| text.find(x.as_str()))
+            .filter_map(|x| text[from..].find(x.as_str()).map(|i| i + from))
             .min()
         {
             text.truncate(cut);
+            cut_by_stop = true;
             finish = Some(FinishReason::Stop);
         } else if s.out.len() >= s.max_new {
             finish = Some(FinishReason::Length);
+        }
+    }
+    if finish.is_some() && !cut_by_stop {
+        // Flush what the window still held back (an unfinished character at the very end
+        // stays out).
+        let rest = codec.decode(&s.out[s.prefix_offset..]).unwrap_or_default();
+        let prefix = codec
+            .decode(&s.out[s.prefix_offset..s.read_offset])
+            .unwrap_or_default();
+        if rest.len() > prefix.len() && rest.is_char_boundary(prefix.len()) {
+            text.push_str(rest[prefix.len()..].trim_end_matches('\u{FFFD}'));
         }
     }
     // Stream what is safe: not a partial UTF-8 character, not a possible stop-string prefix.
@@ -530,6 +594,7 @@ fn accept(codec: &TextCodec, s: &mut Seq, stats: &EngineStats) -> bool {
         s.emitted = safe;
     }
     let Some(reason) = finish else {
+        s.text = text;
         return false;
     };
     let first = s.first_at.unwrap_or(now);
