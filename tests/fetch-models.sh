@@ -46,8 +46,8 @@ PY
     done
     size=$(stat -c %s "$Q.part")
     [ "$size" = 491400064 ] || { echo "joined Qwen2.5-Coder-0.5B is $size bytes, expected 491400064" >&2; exit 1; }
+    check "$Q.part" 1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
     mv "$Q.part" "$Q"
-    sha256sum "$Q"
   fi
 fi
 echo "models in $DIR"
