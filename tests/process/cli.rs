@@ -352,3 +352,29 @@ fn mine_runs_a_spec_locally_and_writes_jsonl() {
     assert_eq!(rows[0]["dag_ids"][0], "one");
     assert!(String::from_utf8_lossy(&out.stderr).contains("\"defines no DAG\":1"));
 }
+
+#[test]
+fn every_example_spec_is_valid() {
+    let dir = example("");
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).unwrap().flatten() {
+        let p = e.path();
+        if p.extension().is_none_or(|x| x != "toml") {
+            continue;
+        }
+        n += 1;
+        let text = std::fs::read_to_string(&p).unwrap();
+        let spec = dagfleet_protocol::RunSpec::from_toml(&text)
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        match dagfleet_coordinator::plan::check_supported(&spec) {
+            Ok(()) => {}
+            // The full pipeline names the stage this build cannot run yet.
+            Err(e) => assert!(
+                p.ends_with("airflow.toml") && e.to_string().contains("`train`"),
+                "{}: {e}",
+                p.display()
+            ),
+        }
+    }
+    assert!(n >= 5, "examples found: {n}");
+}
