@@ -38,6 +38,7 @@ pub enum Fault {
 
 struct Batch {
     kind: &'static str,
+    metadata: Value,
     created: Instant,
     requests: Vec<(String, Value)>,
     cancelled: bool,
@@ -96,7 +97,7 @@ impl Teacher {
             .route("/v1/chat/completions", post(openai_chat))
             .route("/v1/files", post(openai_upload))
             .route("/v1/files/{id}/content", get(openai_file))
-            .route("/v1/batches", post(openai_create))
+            .route("/v1/batches", post(openai_create).get(openai_list))
             .route("/v1/batches/{id}", get(openai_get))
             .route("/v1/batches/{id}/cancel", post(cancel))
             .with_state(state.clone());
@@ -334,6 +335,7 @@ async fn anthropic_create(
         id.clone(),
         Batch {
             kind: "anthropic",
+            metadata: Value::Null,
             created: Instant::now(),
             requests,
             cancelled: false,
@@ -584,6 +586,7 @@ async fn openai_create(
         id.clone(),
         Batch {
             kind: "openai",
+            metadata: body["metadata"].clone(),
             created: Instant::now(),
             requests,
             cancelled: false,
@@ -619,8 +622,35 @@ fn openai_batch_json(st: &TeacherState, id: &str) -> Response {
         "output_file_id": if done { json!(format!("out-{id}")) } else { Value::Null },
         "error_file_id": if done { json!(format!("err-{id}")) } else { Value::Null },
         "request_counts": {"total": n, "completed": if done { n } else { 0 }, "failed": 0},
+        "metadata": b.metadata,
     }))
     .into_response()
+}
+
+async fn openai_list(State(st): State<Arc<TeacherState>>, headers: HeaderMap) -> Response {
+    if let Some(r) = gate(&st, &headers) {
+        return r;
+    }
+    let mut ids: Vec<String> = st
+        .batches
+        .lock()
+        .expect("lock")
+        .iter()
+        .filter(|(_, b)| b.kind == "openai")
+        .map(|(id, _)| id.clone())
+        .collect();
+    ids.sort();
+    ids.reverse(); // newest first, as OpenAI lists them
+    let data: Vec<Value> = ids
+        .iter()
+        .filter_map(|id| {
+            let batches = st.batches.lock().expect("lock");
+            batches.get(id).map(|b| {
+                json!({"id": id, "object": "batch", "status": if b.cancelled { "cancelled" } else { "in_progress" }, "metadata": b.metadata})
+            })
+        })
+        .collect();
+    Json(json!({"object": "list", "data": data, "has_more": false})).into_response()
 }
 
 async fn openai_get(

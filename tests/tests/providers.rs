@@ -161,6 +161,24 @@ async fn batch_lifecycle_with_mixed_results() {
         assert_eq!(res[2].1, Outcome::Expired, "{kind:?}");
         assert!(matches!(res[3].1, Outcome::Ok(_)));
     }
+    // A batch created but never recorded is found again by its tag (OpenAI keeps metadata);
+    // cancelled ones are not adopted, and Anthropic has no metadata to search.
+    let p = provider(&t, ProviderKind::Openai, 3);
+    let id = p
+        .create_batch("m", &[req("f0")], "job-9/0-0")
+        .await
+        .unwrap();
+    assert_eq!(p.find_batch("job-9/0-0").await.unwrap(), Some(id.clone()));
+    assert_eq!(p.find_batch("job-9/1-0").await.unwrap(), None);
+    p.cancel_batch(&id).await.unwrap();
+    assert_eq!(p.find_batch("job-9/0-0").await.unwrap(), None);
+    assert_eq!(
+        provider(&t, ProviderKind::Anthropic, 3)
+            .find_batch("job-9/0-0")
+            .await
+            .unwrap(),
+        None
+    );
     // Cancelling a batch that never ends.
     t.state.never_end.store(true, Ordering::SeqCst);
     let p = provider(&t, ProviderKind::Anthropic, 3);
@@ -170,7 +188,7 @@ async fn batch_lifecycle_with_mixed_results() {
     assert_eq!(st.state, BatchState::Ended);
     let res = p.batch_results(&id).await.unwrap();
     assert_eq!(res[0].1, Outcome::Canceled);
-    assert_eq!(t.state.batches_cancelled.load(Ordering::SeqCst), 1);
+    assert_eq!(t.state.batches_cancelled.load(Ordering::SeqCst), 2);
 }
 
 /// The provider layer against dagfleet's own OpenAI-compatible server with a small real

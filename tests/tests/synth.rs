@@ -32,7 +32,10 @@ async fn fleet() -> Fleet {
     let stop = CancellationToken::new();
     let mut cfg = ProviderConfig::new(ProviderKind::Anthropic, Some(teacher.url.clone()));
     cfg.backoff = Duration::from_millis(10);
-    let providers = BTreeMap::from([("anthropic".to_string(), cfg)]);
+    let mut oa = ProviderConfig::new(ProviderKind::Openai, Some(teacher.url.clone()));
+    oa.batch = Some(true);
+    oa.backoff = Duration::from_millis(10);
+    let providers = BTreeMap::from([("anthropic".to_string(), cfg), ("oa".to_string(), oa)]);
     let nc = nats.config();
     let bus = || Bus::connect(&nc, fast_queues(), "w");
     let m = Worker::new(
@@ -213,6 +216,26 @@ async fn long_dags_are_skipped_and_unparseable_replies_are_kept() {
     assert!(
         bad["reply"].as_str().unwrap().contains("my own words"),
         "the reply is kept"
+    );
+    f.stop.cancel();
+    f.stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_batch_mode_goes_through_files_and_batches() {
+    let f = fleet().await;
+    let text = spec("oa-batch", "mode = \"batch\"")
+        .replace("provider = \"anthropic\"", "provider = \"oa\"");
+    let run = f.stack.submit(&text).await;
+    let st = wait_run(&f.stack.bus, &run, Duration::from_secs(60)).await;
+    assert_eq!(st.status, RunStatus::Done, "{:?}", st.error);
+    let rec = synth_record(&f.stack.store, &run).await;
+    assert_eq!(rec.metrics["batches"], 1.0);
+    assert_eq!(f.teacher.chat_calls(), 0);
+    assert!(
+        rec.metrics["rows"] >= rec.metrics["dags"] * 3.0,
+        "{:?}",
+        rec.metrics
     );
     f.stop.cancel();
     f.stack.stop().await;

@@ -513,6 +513,16 @@ impl Provider {
         }
     }
 
+    /// A live batch created earlier with `tag`, where the provider keeps metadata (OpenAI);
+    /// `None` where it does not (Anthropic) or none matches. Closes the gap between creating a
+    /// batch and recording its id: a job killed in between finds its batch here.
+    pub async fn find_batch(&self, tag: &str) -> Result<Option<String>, ProviderError> {
+        match self.kind() {
+            ProviderKind::Anthropic => Ok(None),
+            ProviderKind::Openai => openai::find_batch(self, tag).await,
+        }
+    }
+
     /// Asks the provider to cancel batch `id`.
     pub async fn cancel_batch(&self, id: &str) -> Result<(), ProviderError> {
         match self.kind() {

@@ -255,3 +255,48 @@ pub(crate) async fn cancel_batch(p: &Provider, id: &str) -> Result<(), ProviderE
     send(p, &what, true, move |c| c.post(&url)).await?;
     Ok(())
 }
+
+#[derive(Deserialize)]
+struct BatchList {
+    data: Vec<Value>,
+    #[serde(default)]
+    has_more: bool,
+    #[serde(default)]
+    last_id: Option<String>,
+}
+
+/// The newest batch whose `metadata.dagfleet_job` is `tag` and that was not cancelled,
+/// expired or failed, looking through the most recent 500 batches.
+pub(crate) async fn find_batch(p: &Provider, tag: &str) -> Result<Option<String>, ProviderError> {
+    let what = "listing batches";
+    let mut after: Option<String> = None;
+    for _ in 0..5 {
+        let mut url = p.url("/v1/batches?limit=100");
+        if let Some(a) = &after {
+            url.push_str(&format!("&after={a}"));
+        }
+        let data = send(p, what, true, move |c| c.get(&url)).await?;
+        let page: BatchList = decode(p, what, &data)?;
+        for b in &page.data {
+            let live = !matches!(
+                b["status"].as_str(),
+                Some("failed" | "expired" | "cancelled" | "cancelling")
+            );
+            if live && b["metadata"]["dagfleet_job"].as_str() == Some(tag) {
+                return Ok(b["id"].as_str().map(String::from));
+            }
+        }
+        if !page.has_more {
+            break;
+        }
+        after = page.last_id.or_else(|| {
+            page.data
+                .last()
+                .and_then(|b| b["id"].as_str().map(String::from))
+        });
+        if after.is_none() {
+            break;
+        }
+    }
+    Ok(None)
+}

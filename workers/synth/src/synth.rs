@@ -575,11 +575,28 @@ impl SynthHandler {
                     }
                     None => {
                         let reqs = &pending[range.clone()];
-                        let id = p
-                            .create_batch(model, reqs, env.job_id.as_str())
-                            .await
-                            .map_err(provider_err)?;
-                        t.batches += 1;
+                        let tag = format!("{}/{round}-{j}", env.job_id);
+                        // A batch this job created just before it died, where the provider
+                        // keeps metadata (OpenAI); a failed lookup only means creating one.
+                        let found = match p.find_batch(&tag).await {
+                            Ok(f) => f,
+                            Err(e) => {
+                                warn!(error = %e, "could not look for an earlier batch of this job");
+                                None
+                            }
+                        };
+                        let id = match found {
+                            Some(id) => {
+                                info!(batch = %id, "adopting a batch an earlier attempt created but did not record");
+                                id
+                            }
+                            None => {
+                                t.batches += 1;
+                                p.create_batch(model, reqs, &tag)
+                                    .await
+                                    .map_err(provider_err)?
+                            }
+                        };
                         let rec = BatchRecord {
                             id,
                             provider: p.name().into(),
