@@ -54,6 +54,12 @@ pub struct FleetHints {
     pub infer_max_batch: Option<u64>,
 }
 
+/// `[start, end)` ranges of at most `size` rows covering `rows` rows.
+fn row_ranges(rows: u64, size: u64) -> impl Iterator<Item = (u64, u64)> {
+    let size = size.max(1);
+    (0..rows.div_ceil(size)).map(move |i| (i * size, ((i + 1) * size).min(rows)))
+}
+
 /// Rows per inference batch when neither the spec nor the fleet says.
 pub const DEFAULT_INFER_BATCH_ROWS: u64 = 64;
 
@@ -119,9 +125,7 @@ pub async fn plan_stage(
             .max(1);
             let mut jobs = Vec::new();
             for (input, rows) in inputs {
-                let mut start = 0;
-                while start < rows {
-                    let end = (start + batch).min(rows);
+                for (start, end) in row_ranges(rows, batch) {
                     jobs.push((
                         format!("{}:{start}-{end}", input.key),
                         Job::Infer(InferBatch {
@@ -132,7 +136,6 @@ pub async fn plan_stage(
                             spec: state.spec.infer.clone(),
                         }),
                     ));
-                    start = end;
                 }
             }
             finish(state, stage, now_ms, jobs)
@@ -150,9 +153,7 @@ pub async fn plan_stage(
             let batch = state.spec.judge.batch_rows.max(1);
             let mut jobs = Vec::new();
             for (input, rows) in inputs {
-                let mut start = 0;
-                while start < rows {
-                    let end = (start + batch).min(rows);
+                for (start, end) in row_ranges(rows, batch) {
                     jobs.push((
                         format!("{}:{start}-{end}", input.key),
                         Job::Judge(JudgeBatch {
@@ -161,7 +162,6 @@ pub async fn plan_stage(
                             airflow_version: state.spec.judge.airflow_version.clone(),
                         }),
                     ));
-                    start = end;
                 }
             }
             finish(state, stage, now_ms, jobs)
@@ -177,9 +177,7 @@ pub async fn plan_stage(
             let chunk = state.spec.synthesize.chunk_rows.max(1);
             let mut jobs = Vec::new();
             for (input, rows) in inputs {
-                let mut start = 0;
-                while start < rows {
-                    let end = (start + chunk).min(rows);
+                for (start, end) in row_ranges(rows, chunk) {
                     jobs.push((
                         format!("{}:{start}-{end}", input.key),
                         Job::Synthesize(SynthChunk {
@@ -189,7 +187,6 @@ pub async fn plan_stage(
                             spec: state.spec.synthesize.clone(),
                         }),
                     ));
-                    start = end;
                 }
             }
             finish(state, stage, now_ms, jobs)
@@ -372,6 +369,16 @@ mod tests {
         );
         let jobs = plan(&s, Stage::Mine, 0).unwrap();
         assert_eq!(jobs.len(), 3);
+    }
+
+    #[test]
+    fn row_ranges_cover_every_row_once() {
+        assert_eq!(
+            row_ranges(5, 2).collect::<Vec<_>>(),
+            vec![(0, 2), (2, 4), (4, 5)]
+        );
+        assert_eq!(row_ranges(4, 2).count(), 2);
+        assert_eq!(row_ranges(0, 3).count(), 0);
     }
 
     #[test]
