@@ -5,23 +5,6 @@
 #![allow(clippy::unwrap_used)]
 
 use dagfleet_tests::*;
-use std::path::PathBuf;
-
-fn smollm2() -> PathBuf {
-    let p = std::env::var("DAGFLEET_SMOLLM2").unwrap_or_else(|_| {
-        format!(
-            "{}/.cache/dagfleet-models/SmolLM2-135M-Instruct.Q4_1.gguf",
-            std::env::var("HOME").unwrap_or_default()
-        )
-    });
-    let p = PathBuf::from(p);
-    assert!(
-        p.exists(),
-        "{} is missing: run tests/fetch-models.sh",
-        p.display()
-    );
-    p
-}
 
 #[test]
 fn an_infer_then_judge_run_goes_through_the_coordinator() {

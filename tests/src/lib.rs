@@ -413,3 +413,20 @@ pub fn temp_store() -> (tempfile::TempDir, ArtifactStore) {
     .expect("store");
     (dir, store)
 }
+
+/// The SmolLM2-135M-Instruct Q4_1 GGUF the CPU inference tests run: `DAGFLEET_SMOLLM2`, or
+/// where `tests/fetch-models.sh` puts it. Panics with the fix when it is missing.
+pub fn smollm2() -> PathBuf {
+    let p = std::env::var("DAGFLEET_SMOLLM2")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_default())
+                .join(".cache/dagfleet-models/SmolLM2-135M-Instruct.Q4_1.gguf")
+        });
+    assert!(
+        p.exists(),
+        "{} is missing: run `bash tests/fetch-models.sh` (tests/run.sh does) or set DAGFLEET_SMOLLM2",
+        p.display()
+    );
+    p
+}

@@ -195,14 +195,8 @@ async fn batch_lifecycle_with_mixed_results() {
 /// model (SmolLM2-135M on CPU), so the synthesize stage can run offline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openai_provider_against_dagfleets_own_server() {
-    let path = std::env::var("DAGFLEET_SMOLLM2").unwrap_or_else(|_| {
-        format!(
-            "{}/.cache/dagfleet-models/SmolLM2-135M-Instruct.Q4_1.gguf",
-            std::env::var("HOME").unwrap_or_default()
-        )
-    });
-    let (model, codec) =
-        dagfleet_inference::load(std::path::Path::new(&path), &candle_core::Device::Cpu).unwrap();
+    let path = dagfleet_tests::smollm2();
+    let (model, codec) = dagfleet_inference::load(&path, &candle_core::Device::Cpu).unwrap();
     let engine = dagfleet_inference::Engine::start(
         model,
         codec,

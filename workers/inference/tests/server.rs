@@ -4,20 +4,10 @@
 #![allow(clippy::unwrap_used)]
 
 use dagfleet_inference::*;
+use dagfleet_tests::smollm2 as model_path;
 use serde_json::{json, Value};
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-
-fn model_path() -> PathBuf {
-    let p = std::env::var("DAGFLEET_SMOLLM2").unwrap_or_else(|_| {
-        format!(
-            "{}/.cache/dagfleet-models/SmolLM2-135M-Instruct.Q4_1.gguf",
-            std::env::var("HOME").unwrap_or_default()
-        )
-    });
-    PathBuf::from(p)
-}
 
 async fn start(cfg: EngineConfig) -> (String, Engine) {
     let (model, codec) = load(&model_path(), &candle_core::Device::Cpu).unwrap();

@@ -6,24 +6,21 @@
 
 use dagfleet_inference::engine::collect;
 use dagfleet_inference::*;
+use dagfleet_tests::smollm2 as model_path;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-fn model_path() -> PathBuf {
-    let p = std::env::var("DAGFLEET_SMOLLM2").unwrap_or_else(|_| {
-        format!(
-            "{}/.cache/dagfleet-models/SmolLM2-135M-Instruct.Q4_1.gguf",
-            std::env::var("HOME").unwrap_or_default()
-        )
-    });
-    let p = PathBuf::from(p);
-    assert!(
-        p.exists(),
-        "{} is missing: run `bash tests/fetch-models.sh` (tests/run.sh does) or set DAGFLEET_SMOLLM2",
-        p.display()
-    );
-    p
+/// Largest absolute difference between two logit vectors.
+fn max_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 fn engine(cfg: EngineConfig) -> Engine {
@@ -77,14 +74,7 @@ fn logits_equal_candle_transformers_reference_llama() {
         .unwrap();
     let theirs = reference.forward(&input, 0).unwrap().squeeze(0).unwrap();
     let close = |a: &Tensor, b: &Tensor| {
-        let d = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = max_diff(a, b);
         assert!(d < 1e-3, "max logit difference {d}");
     };
     close(&mine, &theirs);
@@ -329,26 +319,12 @@ fn a_peft_adapter_is_merged_on_load() {
     // B = 0: PEFT's initial state, the base model exactly.
     write(&dir.path().join("zero"), 0.0, "");
     let m = Model::load_with(&model_path(), &cpu, &opts(&dir.path().join("zero"))).unwrap();
-    let d = (logits(&m) - &want)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let d = max_diff(&logits(&m), &want);
     assert!(d < 1e-3, "a zero adapter changes nothing: {d}");
     // A trained-looking adapter changes the output.
     write(&dir.path().join("real"), 1.0, "");
     let m = Model::load_with(&model_path(), &cpu, &opts(&dir.path().join("real"))).unwrap();
-    let d = (logits(&m) - &want)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let d = max_diff(&logits(&m), &want);
     assert!(d > 1e-2, "the adapter was merged: {d}");
     assert_eq!(logits(&m).dtype(), DType::F32);
     // An adapter for modules the model lacks is refused by name.
@@ -397,14 +373,7 @@ fn qwen2_logits_equal_candle_transformers_reference() {
     } else {
         theirs
     };
-    let d = (&mine - &theirs)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let d = max_diff(&mine, &theirs);
     assert!(d < 1e-2, "max logit difference {d}");
     let next = mine.argmax(0).unwrap().to_scalar::<u32>().unwrap();
     let step = model
@@ -426,24 +395,7 @@ fn qwen2_logits_equal_candle_transformers_reference() {
     } else {
         theirs
     };
-    let d = (&step - &theirs)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    let maxdiff = |a: &Tensor, b: &Tensor| {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    };
+    let d = max_diff(&step, &theirs);
     let mut all = ids.clone();
     all.push(next);
     let mut kv2 = model.new_kv(1, 64).unwrap();
@@ -453,7 +405,7 @@ fn qwen2_logits_equal_candle_transformers_reference() {
     // incremental step differs (~0.3 in the largest logit: its KV-cached path, not ours), so
     // against that step only the chosen token is compared.
     assert_eq!(
-        maxdiff(&step, &again),
+        max_diff(&step, &again),
         0.0,
         "decode equals prefill of the longer sequence"
     );
@@ -476,7 +428,7 @@ fn qwen2_logits_equal_candle_transformers_reference() {
     } else {
         whole
     };
-    let dw = maxdiff(&whole, &again);
+    let dw = max_diff(&whole, &again);
     eprintln!("reference prefill(t+1) vs ours: {dw}; reference decode vs ours: {d}");
     assert!(dw < 1e-2, "reference prefill of t+1 tokens vs ours: {dw}");
     let top = |t: &Tensor| t.argmax(0).unwrap().to_scalar::<u32>().unwrap();
