@@ -227,6 +227,17 @@ fn openai_reply(body: &Value) -> Value {
     })
 }
 
+/// An error answer in the shape both vendors use: `{"type": "error", "error": {"type",
+/// "message"}}` (OpenAI reads the same `error.message`).
+fn api_error(status: StatusCode, kind: &str, message: impl Into<String>) -> Response {
+    let message: String = message.into();
+    (
+        status,
+        Json(json!({"type": "error", "error": {"type": kind, "message": message}})),
+    )
+        .into_response()
+}
+
 /// Checks the key and applies a queued fault, if any.
 fn gate(st: &TeacherState, headers: &HeaderMap) -> Option<Response> {
     st.http_requests.fetch_add(1, Ordering::SeqCst);
@@ -237,13 +248,11 @@ fn gate(st: &TeacherState, headers: &HeaderMap) -> Option<Response> {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
         if anthropic != Some(k.as_str()) && bearer != Some(k.as_str()) {
-            return Some(
-                (
-                    StatusCode::UNAUTHORIZED,
-                    Json(json!({"type": "error", "error": {"type": "authentication_error", "message": "invalid x-api-key"}})),
-                )
-                    .into_response(),
-            );
+            return Some(api_error(
+                StatusCode::UNAUTHORIZED,
+                "authentication_error",
+                "invalid x-api-key",
+            ));
         }
     }
     let fault = st.faults.lock().expect("lock").pop_front()?;
@@ -254,11 +263,7 @@ fn gate(st: &TeacherState, headers: &HeaderMap) -> Option<Response> {
             Json(json!({"type": "error", "error": {"type": "rate_limit_error", "message": "Number of requests has exceeded your rate limit"}})),
         )
             .into_response(),
-        Fault::ServerError => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            Json(json!({"type": "error", "error": {"type": "api_error", "message": "Internal server error"}})),
-        )
-            .into_response(),
+        Fault::ServerError => api_error(StatusCode::INTERNAL_SERVER_ERROR, "api_error", "Internal server error"),
         Fault::Malformed => (
             StatusCode::OK,
             [("content-type", "application/json")],
@@ -272,11 +277,7 @@ fn gate(st: &TeacherState, headers: &HeaderMap) -> Option<Response> {
         )
             .into_response(),
         Fault::Empty => (StatusCode::OK, [("content-type", "application/json")], "").into_response(),
-        Fault::BadRequest(m) => (
-            StatusCode::BAD_REQUEST,
-            Json(json!({"type": "error", "error": {"type": "invalid_request_error", "message": m}})),
-        )
-            .into_response(),
+        Fault::BadRequest(m) => api_error(StatusCode::BAD_REQUEST, "invalid_request_error", m),
     })
 }
 
@@ -289,11 +290,11 @@ async fn anthropic_message(
         return r;
     }
     if headers.get("anthropic-version").is_none() {
-        return (
+        return api_error(
             StatusCode::BAD_REQUEST,
-            Json(json!({"type": "error", "error": {"type": "invalid_request_error", "message": "anthropic-version header is required"}})),
-        )
-            .into_response();
+            "invalid_request_error",
+            "anthropic-version header is required",
+        );
     }
     st.chat_calls.fetch_add(1, Ordering::SeqCst);
     Json(anthropic_reply(&st, &body)).into_response()
@@ -318,7 +319,11 @@ async fn anthropic_create(
         return r;
     }
     let Some(reqs) = body["requests"].as_array() else {
-        return (StatusCode::BAD_REQUEST, Json(json!({"type": "error", "error": {"type": "invalid_request_error", "message": "requests: field required"}}))).into_response();
+        return api_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "requests: field required",
+        );
     };
     let requests: Vec<(String, Value)> = reqs
         .iter()
@@ -348,7 +353,11 @@ async fn anthropic_create(
 fn anthropic_batch_json(st: &TeacherState, id: &str, headers: &HeaderMap) -> Response {
     let batches = st.batches.lock().expect("lock");
     let Some(b) = batches.get(id) else {
-        return (StatusCode::NOT_FOUND, Json(json!({"type": "error", "error": {"type": "not_found_error", "message": format!("batch {id} not found")}}))).into_response();
+        return api_error(
+            StatusCode::NOT_FOUND,
+            "not_found_error",
+            format!("batch {id} not found"),
+        );
     };
     let done = ended(st, b);
     let n = b.requests.len() as u64;
@@ -434,11 +443,11 @@ async fn cancel(
     let kind = {
         let mut batches = st.batches.lock().expect("lock");
         let Some(b) = batches.get_mut(&id) else {
-            return (
+            return api_error(
                 StatusCode::NOT_FOUND,
-                Json(json!({"error": {"message": "no such batch"}})),
-            )
-                .into_response();
+                "invalid_request_error",
+                "no such batch",
+            );
         };
         b.cancelled = true;
         b.kind
@@ -460,7 +469,11 @@ async fn openai_chat(
         return r;
     }
     if body["messages"].as_array().is_none_or(|m| m.is_empty()) {
-        return (StatusCode::BAD_REQUEST, Json(json!({"error": {"message": "messages must be a non-empty array", "type": "invalid_request_error"}}))).into_response();
+        return api_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "messages must be a non-empty array",
+        );
     }
     st.chat_calls.fetch_add(1, Ordering::SeqCst);
     Json(openai_reply(&body)).into_response()
@@ -557,22 +570,22 @@ async fn openai_create(
     let file = body["input_file_id"].as_str().unwrap_or("").to_string();
     let data = st.files.lock().expect("lock").get(&file).cloned();
     let Some(data) = data else {
-        return (
+        return api_error(
             StatusCode::BAD_REQUEST,
-            Json(json!({"error": {"message": format!("file {file} not found")}})),
-        )
-            .into_response();
+            "invalid_request_error",
+            format!("file {file} not found"),
+        );
     };
     let mut requests = Vec::new();
     for l in String::from_utf8_lossy(&data).lines() {
         let v: Value = match serde_json::from_str(l) {
             Ok(v) => v,
             Err(e) => {
-                return (
+                return api_error(
                     StatusCode::BAD_REQUEST,
-                    Json(json!({"error": {"message": format!("bad line: {e}")}})),
+                    "invalid_request_error",
+                    format!("bad line: {e}"),
                 )
-                    .into_response()
             }
         };
         requests.push((
@@ -599,11 +612,11 @@ async fn openai_create(
 fn openai_batch_json(st: &TeacherState, id: &str) -> Response {
     let batches = st.batches.lock().expect("lock");
     let Some(b) = batches.get(id) else {
-        return (
+        return api_error(
             StatusCode::NOT_FOUND,
-            Json(json!({"error": {"message": "no such batch"}})),
-        )
-            .into_response();
+            "invalid_request_error",
+            "no such batch",
+        );
     };
     let done = ended(st, b);
     let n = b.requests.len() as u64;
