@@ -47,6 +47,10 @@ pub enum BenchCmd {
     /// Generation throughput and latency of the inference engine over a concurrency sweep.
     #[cfg(feature = "inference")]
     Infer(crate::bench_infer::InferArgs),
+    /// LoRA training throughput (tokens/s) and peak device memory on one micro-batch shape,
+    /// random weights of a real model's shape (or real weights).
+    #[cfg(feature = "trainer")]
+    Train(crate::train::TrainArgs),
     /// Writes the last-position logits of a token sequence as a little-endian f32 file, to
     /// compare a backend with a reference (e.g. CUDA against HF transformers).
     #[cfg(feature = "inference")]
@@ -161,6 +165,8 @@ pub async fn run(cmd: BenchCmd, cfg: &Config) -> Result<()> {
         } => return bench_judge(&corpus, passes, &python),
         #[cfg(feature = "inference")]
         BenchCmd::Infer(a) => return crate::bench_infer::run(a, cfg).await,
+        #[cfg(feature = "trainer")]
+        BenchCmd::Train(a) => return crate::train::bench(a, cfg),
         #[cfg(feature = "inference")]
         BenchCmd::Logits { model, tokens, out } => {
             return crate::bench_infer::logits(&model, &tokens, &out, cfg)

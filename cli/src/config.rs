@@ -5,7 +5,7 @@
 use anyhow::{Context, Result};
 use dagfleet_protocol::Role;
 use dagfleet_providers::{ProviderConfig, ProviderKind};
-use dagfleet_runtime::config::InferenceSettings;
+use dagfleet_runtime::config::{InferenceSettings, TrainerSettings};
 use dagfleet_runtime::{NatsConfig, QueueConfig, StoreConfig};
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
@@ -38,6 +38,8 @@ pub struct Config {
     pub providers: BTreeMap<String, ProviderConfig>,
     /// Inference workers and `dagfleet serve`.
     pub inference: InferenceSettings,
+    /// Trainer workers.
+    pub trainer: TrainerSettings,
 }
 
 impl Default for Config {
@@ -51,6 +53,7 @@ impl Default for Config {
             up: Default::default(),
             log: Default::default(),
             inference: Default::default(),
+            trainer: Default::default(),
             providers: BTreeMap::from([
                 (
                     "anthropic".to_string(),

@@ -22,6 +22,8 @@ mod config;
 mod judge;
 mod progress;
 mod roles;
+#[cfg(feature = "trainer")]
+mod train;
 mod up;
 
 use anyhow::{Context, Result};
@@ -116,6 +118,17 @@ enum Cmd {
         /// Target Airflow version for deprecation findings, e.g. 2.10 or 3.0.
         #[arg(long, default_value = "2.10")]
         airflow_version: String,
+    },
+    /// Run the train stage of a spec on this machine, without a cluster: LoRA fine-tuning of
+    /// `models.base` on `train.dataset`, with every export and the report written under
+    /// `--out`. Run it again after an interruption (Ctrl-C checkpoints) to continue.
+    #[cfg(feature = "trainer")]
+    Train {
+        /// The run spec (its `models.base` and `[train]`).
+        spec: PathBuf,
+        /// Output directory (default `.dagfleet/train/<name>`).
+        #[arg(long, short = 'o')]
+        out: Option<PathBuf>,
     },
     /// Serve a model over an OpenAI-compatible HTTP API (`/v1/chat/completions` with
     /// streaming, `/v1/completions`, `/v1/models`, `/health`, `/metrics`).
@@ -212,6 +225,8 @@ async fn real_main() -> Result<std::process::ExitCode> {
         Cmd::Judge { .. } => true,
         #[cfg(feature = "miner")]
         Cmd::Mine { .. } => true,
+        #[cfg(feature = "trainer")]
+        Cmd::Train { .. } => true,
         _ => false,
     };
     init_tracing(&cfg, quiet);
@@ -264,6 +279,8 @@ async fn real_main() -> Result<std::process::ExitCode> {
             c.run(shutdown_signal()).await?;
         }
         Cmd::Bench { what } => bench::run(what, &cfg).await?,
+        #[cfg(feature = "trainer")]
+        Cmd::Train { spec, out } => return train::train_local(&spec, out, &cfg).await,
         #[cfg(feature = "miner")]
         Cmd::Mine { spec, out } => return mine_local(&spec, out.as_deref()).await,
         #[cfg(feature = "judge")]

@@ -19,6 +19,8 @@ pub fn built_in() -> Vec<Role> {
         Role::Synthesizer,
         #[cfg(feature = "inference")]
         Role::Inference,
+        #[cfg(feature = "trainer")]
+        Role::Trainer,
         #[cfg(feature = "noop")]
         Role::Noop,
     ]
@@ -33,6 +35,10 @@ pub fn worker_config(role: Role, cfg: &Config) -> WorkerConfig {
         w.worker_id = format!("{id}-{role}");
     }
     w.concurrency = cfg.worker.concurrency;
+    if role == Role::Trainer {
+        // A training job takes a whole GPU (or every core): one at a time per worker.
+        w.concurrency = 1;
+    }
     w.shutdown_grace = cfg.worker.shutdown_grace;
     w.heartbeat_every = cfg.worker.heartbeat_every;
     w
@@ -81,6 +87,19 @@ pub async fn run_worker(
                 .run(shutdown)
                 .await?
         }
+        #[cfg(feature = "trainer")]
+        Role::Trainer => {
+            let h = dagfleet_trainer::TrainHandler::new(
+                &cfg.trainer,
+                &cfg.inference.models_dir,
+                &cfg.inference.device,
+            );
+            dagfleet_runtime::Worker::new(bus, store, h, wc)
+                .run(shutdown)
+                .await?
+        }
+        // Reachable in builds that leave a role out.
+        #[allow(unreachable_patterns)]
         other => {
             let _ = (bus, store, wc, shutdown);
             anyhow::bail!(

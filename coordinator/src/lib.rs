@@ -118,21 +118,24 @@ pub async fn submit(
             }
         })?;
     // Local input files travel with the run: the coordinator and workers may be elsewhere.
-    if let Some(p) = spec
-        .infer
-        .prompts
-        .clone()
-        .filter(|p| !p.starts_with("store:"))
-    {
+    let uploads: [(&str, &mut Option<String>, &str); 3] = [
+        ("infer.prompts", &mut spec.infer.prompts, "prompts.jsonl"),
+        ("train.dataset", &mut spec.train.dataset, "train.jsonl"),
+        ("train.valid", &mut spec.train.valid, "valid.jsonl"),
+    ];
+    for (key_name, field, file) in uploads {
+        let Some(p) = field.clone().filter(|p| !p.starts_with("store:")) else {
+            continue;
+        };
         let data = std::fs::read(&p).map_err(|e| {
             CoordinatorError::Spec(dagfleet_protocol::SpecError::Invalid {
-                key: "infer.prompts".into(),
+                key: key_name.into(),
                 message: format!("cannot read `{p}`: {e}"),
             })
         })?;
-        let key = format!("runs/{run_id}/inputs/prompts.jsonl");
+        let key = format!("runs/{run_id}/inputs/{file}");
         store.put_overwrite(&key, Bytes::from(data)).await?;
-        spec.infer.prompts = Some(format!("store:{key}"));
+        *field = Some(format!("store:{key}"));
     }
     store
         .put_overwrite(

@@ -4,7 +4,7 @@
 //! of the stage before), so planning the same stage twice yields the same job ids.
 
 use dagfleet_protocol::jobs::{
-    DatasetBuild, InferBatch, JudgeBatch, MineShard, NoopJob, Source, SynthChunk,
+    DatasetBuild, InferBatch, JudgeBatch, MineShard, NoopJob, Source, SynthChunk, TrainJob,
 };
 use dagfleet_protocol::{ArtifactRef, Envelope, Job, JobRecord, RunSpec, RunState, Stage};
 use dagfleet_runtime::ArtifactStore;
@@ -40,6 +40,7 @@ pub fn check_supported(spec: &RunSpec) -> Result<(), PlanError> {
             | Stage::Judge
             | Stage::Synthesize
             | Stage::Dataset
+            | Stage::Train
             | Stage::Infer => {}
             other => return Err(PlanError::Unsupported(other, other.role())),
         }
@@ -81,38 +82,7 @@ pub async fn plan_stage(
                 .clone()
                 .ok_or(PlanError::Unsupported(stage, stage.role()))?;
             let inputs = match &state.spec.infer.prompts {
-                Some(p) => {
-                    let key = p.strip_prefix("store:").ok_or_else(|| {
-                        PlanError::Store(
-                            stage,
-                            format!(
-                                "infer.prompts `{p}` was not uploaded when the run was submitted"
-                            ),
-                        )
-                    })?;
-                    let data = store
-                        .get_opt(key)
-                        .await
-                        .map_err(|e| PlanError::Store(stage, e.to_string()))?
-                        .ok_or_else(|| {
-                            PlanError::Store(
-                                stage,
-                                format!("prompts `{key}` are missing from the store"),
-                            )
-                        })?;
-                    let rows = data
-                        .split(|b| *b == b'\n')
-                        .filter(|l| !l.is_empty())
-                        .count() as u64;
-                    vec![(
-                        ArtifactRef {
-                            key: key.to_string(),
-                            sha256: dagfleet_runtime::sha256_hex(&data),
-                            bytes: data.len() as u64,
-                        },
-                        rows,
-                    )]
-                }
+                Some(p) => vec![uploaded(stage, store, "infer.prompts", p).await?],
                 None => jsonl_outputs(state, Stage::Dataset, store, Some("test.jsonl")).await?,
             };
             let batch = match state.spec.infer.batch_rows {
@@ -138,6 +108,53 @@ pub async fn plan_stage(
                     ));
                 }
             }
+            finish(state, stage, now_ms, jobs)
+        }
+        Stage::Train => {
+            let base = state
+                .spec
+                .models
+                .base
+                .clone()
+                .ok_or(PlanError::Unsupported(stage, stage.role()))?;
+            let t = &state.spec.train;
+            let (train, valid) = match &t.dataset {
+                Some(p) => {
+                    let train = uploaded(stage, store, "train.dataset", p).await?.0;
+                    let valid = match &t.valid {
+                        Some(v) => Some(uploaded(stage, store, "train.valid", v).await?.0),
+                        None => None,
+                    };
+                    (train, valid)
+                }
+                None => {
+                    let one = |name: &'static str| async move {
+                        jsonl_outputs(state, Stage::Dataset, store, Some(name))
+                            .await
+                            .map(|v| v.into_iter().next().map(|(a, _)| a))
+                    };
+                    let train = one("train.jsonl").await?.ok_or_else(|| {
+                        PlanError::Store(
+                            stage,
+                            "the dataset stage produced no training rows (train.jsonl)".into(),
+                        )
+                    })?;
+                    let valid = match &t.valid {
+                        Some(v) => Some(uploaded(stage, store, "train.valid", v).await?.0),
+                        None => one("valid.jsonl").await?,
+                    };
+                    (train, valid)
+                }
+            };
+            let jobs = vec![(
+                "train".to_string(),
+                Job::Train(TrainJob {
+                    base,
+                    train,
+                    valid,
+                    spec: t.clone(),
+                }),
+            )];
             finish(state, stage, now_ms, jobs)
         }
         Stage::Judge => {
@@ -211,6 +228,38 @@ pub async fn plan_stage(
         }
         _ => plan(state, stage, now_ms),
     }
+}
+
+/// A file uploaded with the run (`store:<key>` in the spec), with its row count.
+async fn uploaded(
+    stage: Stage,
+    store: &ArtifactStore,
+    key_name: &str,
+    value: &str,
+) -> Result<(ArtifactRef, u64), PlanError> {
+    let key = value.strip_prefix("store:").ok_or_else(|| {
+        PlanError::Store(
+            stage,
+            format!("{key_name} `{value}` was not uploaded when the run was submitted"),
+        )
+    })?;
+    let data = store
+        .get_opt(key)
+        .await
+        .map_err(|e| PlanError::Store(stage, e.to_string()))?
+        .ok_or_else(|| PlanError::Store(stage, format!("`{key}` is missing from the store")))?;
+    let rows = data
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .count() as u64;
+    Ok((
+        ArtifactRef {
+            key: key.to_string(),
+            sha256: dagfleet_runtime::sha256_hex(&data),
+            bytes: data.len() as u64,
+        },
+        rows,
+    ))
 }
 
 /// The JSONL outputs of `stage`'s jobs with their row counts, in job order.

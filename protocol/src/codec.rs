@@ -157,8 +157,9 @@ mod tests {
             }),
             Job::Train(TrainJob {
                 base: model.clone(),
-                dataset: vec![art(3)],
-                params: BTreeMap::from([("r".into(), "16".into())]),
+                train: art(3),
+                valid: Some(art(8)),
+                spec: crate::spec::TrainSpec::default(),
             }),
             Job::Infer(InferBatch {
                 model,

@@ -44,6 +44,27 @@ pub enum EventKind {
         /// Short free-text note.
         message: String,
     },
+    /// A trainer finished an optimizer step.
+    TrainStep {
+        /// The train job.
+        job_id: JobId,
+        /// Optimizer steps done.
+        step: u64,
+        /// Optimizer steps in all.
+        total_steps: u64,
+        /// Mean training loss per label token over the step.
+        loss: f64,
+        /// Learning rate of the step.
+        lr: f64,
+        /// Global gradient norm before clipping.
+        grad_norm: f64,
+        /// Tokens (padding excluded) per second over the step.
+        tokens_per_s: f64,
+        /// Device memory in use, bytes, where the device reports it.
+        gpu_mem_bytes: Option<u64>,
+        /// Validation loss, when it was measured at this step.
+        valid_loss: Option<f64>,
+    },
     /// Jobs finished; their outputs are in the store. A worker batches the completions it
     /// has ready into one event, so the event stream carries far fewer messages than jobs.
     JobsDone {
@@ -99,6 +120,7 @@ impl EventKind {
             EventKind::RunSubmitted => "run_submitted",
             EventKind::StageDispatched { .. } => "stage_dispatched",
             EventKind::JobProgress { .. } => "job_progress",
+            EventKind::TrainStep { .. } => "train_step",
             EventKind::JobsDone { .. } => "jobs_done",
             EventKind::JobRetrying { .. } => "job_retrying",
             EventKind::JobDeadLettered { .. } => "job_dead_lettered",

@@ -104,10 +104,12 @@ pub struct DatasetBuild {
 pub struct TrainJob {
     /// The frozen base model.
     pub base: ModelRef,
-    /// The dataset artifact (train, valid splits).
-    pub dataset: Vec<ArtifactRef>,
-    /// Hyper-parameters as given in the run spec (`r`, `alpha`, `lr`, ...).
-    pub params: BTreeMap<String, String>,
+    /// ChatML JSONL training rows.
+    pub train: ArtifactRef,
+    /// ChatML JSONL validation rows, if any.
+    pub valid: Option<ArtifactRef>,
+    /// Hyper-parameters.
+    pub spec: crate::spec::TrainSpec,
 }
 
 /// One batch of generation requests.

@@ -14,7 +14,6 @@
 //! ```
 
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::jobs::{ModelRef, Source};
@@ -80,6 +79,274 @@ pub struct RunSpec {
     /// The `infer` stage.
     #[serde(default)]
     pub infer: InferSpec,
+    /// The `train` stage.
+    #[serde(default)]
+    pub train: TrainSpec,
+}
+
+/// How the trainer treats a row longer than `max_seq_len`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LongRows {
+    /// Keep the first `max_seq_len` tokens (counted as `truncated_rows`).
+    #[default]
+    Truncate,
+    /// Leave the row out (counted as `dropped_rows`).
+    Drop,
+}
+
+/// How rows are put together into micro-batches.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Batching {
+    /// Several rows share one `max_seq_len` sequence; attention never crosses from one row
+    /// to another and positions restart at each row.
+    #[default]
+    Pack,
+    /// One row per sequence; rows of similar length are batched together and padded.
+    Bucket,
+}
+
+/// The learning-rate schedule after warm-up.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Schedule {
+    /// Linear decay to 0 at the last step.
+    #[default]
+    Linear,
+    /// Cosine decay to 0 at the last step.
+    Cosine,
+    /// The peak rate throughout.
+    Constant,
+}
+
+/// LoRA fine-tuning options (`[train]`). The defaults are the original research's recipe:
+/// r = 16, alpha = 16 on every linear layer, lr 2e-4, micro-batch 2, gradient accumulation
+/// 4, 4096-token context, one epoch.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainSpec {
+    /// Training rows: a local ChatML JSONL file, uploaded into the run when it is submitted.
+    /// When absent, the `dataset` stage's `train.jsonl`.
+    pub dataset: Option<String>,
+    /// Validation rows, uploaded likewise; when absent, the `dataset` stage's `valid.jsonl`
+    /// (none when `dataset` is set and this is not).
+    pub valid: Option<String>,
+    /// LoRA rank.
+    pub r: usize,
+    /// LoRA alpha; the update is scaled by alpha / r.
+    pub alpha: f64,
+    /// Dropout on the LoRA input.
+    pub dropout: f64,
+    /// Linear layers that get adapters (Hugging Face names).
+    pub target_modules: Vec<String>,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Decay after warm-up.
+    pub schedule: Schedule,
+    /// Optimizer steps of linear warm-up.
+    pub warmup_steps: u64,
+    /// AdamW weight decay (decoupled).
+    pub weight_decay: f64,
+    /// AdamW beta1, beta2.
+    pub betas: [f64; 2],
+    /// AdamW epsilon.
+    pub adam_eps: f64,
+    /// Global gradient-norm clip; 0 turns it off.
+    pub max_grad_norm: f64,
+    /// Sequences per forward/backward pass.
+    pub micro_batch: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    /// Longest sequence in tokens.
+    pub max_seq_len: usize,
+    /// What to do with longer rows.
+    pub long_rows: LongRows,
+    /// Packing or length-bucketed padding.
+    pub batching: Batching,
+    /// Passes over the training rows.
+    pub epochs: u32,
+    /// Stop after this many optimizer steps; 0 runs every epoch.
+    pub max_steps: u64,
+    /// Seed of the adapter initialisation, data order and dropout.
+    pub seed: u64,
+    /// Validation loss every this many optimizer steps (and at the end); 0 only at the end.
+    pub eval_every: u64,
+    /// Most validation rows scored each time.
+    pub eval_rows: usize,
+    /// Stop when the validation loss has not improved for this many evaluations; 0 never.
+    pub early_stopping_patience: u32,
+    /// Checkpoint every this many optimizer steps (and when the worker is asked to stop).
+    pub checkpoint_every: u64,
+    /// Checkpoints kept in the store; older ones are deleted.
+    pub keep_checkpoints: usize,
+    /// Recompute each layer's activations in the backward pass instead of keeping them:
+    /// much less memory, about a third more compute.
+    pub activation_checkpointing: bool,
+    /// Token positions per cross-entropy chunk: the logits of this many positions over the
+    /// whole vocabulary exist at once, never the full `[tokens, vocab]` matrix.
+    pub loss_chunk: usize,
+    /// What to export: `peft` (the adapter), `merged` (HF safetensors), `q8_0` and `q4_k_m`
+    /// (GGUF), `modelfile` (Ollama, with the q4_k_m GGUF).
+    pub export: Vec<String>,
+}
+
+/// LoRA target modules of the Llama and Qwen2 families.
+pub const ALL_LINEAR: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+/// Exports `[train] export` may name.
+pub const EXPORTS: [&str; 5] = ["peft", "merged", "q8_0", "q4_k_m", "modelfile"];
+
+impl Default for TrainSpec {
+    fn default() -> Self {
+        Self {
+            dataset: None,
+            valid: None,
+            r: 16,
+            alpha: 16.0,
+            dropout: 0.0,
+            target_modules: ALL_LINEAR.iter().map(|s| s.to_string()).collect(),
+            lr: 2e-4,
+            schedule: Schedule::Linear,
+            warmup_steps: 5,
+            weight_decay: 0.01,
+            betas: [0.9, 0.999],
+            adam_eps: 1e-8,
+            max_grad_norm: 1.0,
+            micro_batch: 2,
+            grad_accum: 4,
+            max_seq_len: 4096,
+            long_rows: LongRows::Truncate,
+            batching: Batching::Pack,
+            epochs: 1,
+            max_steps: 0,
+            seed: 3407,
+            eval_every: 50,
+            eval_rows: 256,
+            early_stopping_patience: 0,
+            checkpoint_every: 50,
+            keep_checkpoints: 2,
+            activation_checkpointing: true,
+            loss_chunk: 1024,
+            export: EXPORTS.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+}
+
+impl TrainSpec {
+    /// Checks the values; errors name the key under `prefix` (e.g. `train`).
+    pub fn validate(&self, prefix: &str) -> Result<(), SpecError> {
+        let key = |k: &str| format!("{prefix}.{k}");
+        let range = |k: &str, ok: bool, msg: &str| -> Result<(), SpecError> {
+            if ok {
+                Ok(())
+            } else {
+                Err(invalid(&key(k), msg))
+            }
+        };
+        range("r", (1..=1024).contains(&self.r), "must be 1 to 1024")?;
+        range(
+            "alpha",
+            self.alpha.is_finite() && self.alpha > 0.0,
+            "must be above 0",
+        )?;
+        range(
+            "dropout",
+            (0.0..1.0).contains(&self.dropout),
+            "must be at least 0 and below 1",
+        )?;
+        if self.target_modules.is_empty() {
+            return Err(invalid(
+                &key("target_modules"),
+                "must name at least one module",
+            ));
+        }
+        if let Some(m) = self
+            .target_modules
+            .iter()
+            .find(|m| !ALL_LINEAR.contains(&m.as_str()))
+        {
+            return Err(invalid(
+                &key("target_modules"),
+                format!("`{m}` is not one of {}", ALL_LINEAR.join(", ")),
+            ));
+        }
+        range(
+            "lr",
+            self.lr.is_finite() && self.lr > 0.0 && self.lr < 1.0,
+            "must be above 0 and below 1",
+        )?;
+        range(
+            "weight_decay",
+            self.weight_decay.is_finite() && self.weight_decay >= 0.0,
+            "must be at least 0",
+        )?;
+        range(
+            "betas",
+            self.betas.iter().all(|b| (0.0..1.0).contains(b)),
+            "must be two numbers at least 0 and below 1",
+        )?;
+        range(
+            "adam_eps",
+            self.adam_eps.is_finite() && self.adam_eps > 0.0,
+            "must be above 0",
+        )?;
+        range(
+            "max_grad_norm",
+            self.max_grad_norm.is_finite() && self.max_grad_norm >= 0.0,
+            "must be at least 0 (0 turns clipping off)",
+        )?;
+        range(
+            "micro_batch",
+            (1..=1024).contains(&self.micro_batch),
+            "must be 1 to 1024",
+        )?;
+        range(
+            "grad_accum",
+            (1..=4096).contains(&self.grad_accum),
+            "must be 1 to 4096",
+        )?;
+        range(
+            "max_seq_len",
+            (16..=131_072).contains(&self.max_seq_len),
+            "must be 16 to 131072 tokens",
+        )?;
+        range("epochs", self.epochs >= 1, "must be at least 1")?;
+        range(
+            "checkpoint_every",
+            self.checkpoint_every >= 1,
+            "must be at least 1 step",
+        )?;
+        range(
+            "keep_checkpoints",
+            self.keep_checkpoints >= 1,
+            "must be at least 1",
+        )?;
+        range("loss_chunk", self.loss_chunk >= 1, "must be at least 1")?;
+        if let Some(e) = self.export.iter().find(|e| !EXPORTS.contains(&e.as_str())) {
+            return Err(invalid(
+                &key("export"),
+                format!("`{e}` is not one of {}", EXPORTS.join(", ")),
+            ));
+        }
+        if self.export.iter().any(|e| e == "modelfile")
+            && !self.export.iter().any(|e| e == "q4_k_m")
+        {
+            return Err(invalid(
+                &key("export"),
+                "`modelfile` points Ollama at the q4_k_m GGUF: list `q4_k_m` too",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Infer options.
@@ -291,9 +558,6 @@ pub struct ModelsSpec {
     /// The base model of the train and infer stages.
     #[serde(default)]
     pub base: Option<ModelRef>,
-    /// Training hyper-parameters, passed through to the trainer.
-    #[serde(default)]
-    pub train: BTreeMap<String, String>,
 }
 
 /// Limits.
@@ -479,6 +743,15 @@ impl RunSpec {
             }
             if !(0.0..=1.0).contains(&d.near_duplicate) {
                 return Err(invalid("dataset.near_duplicate", "must be within 0 to 1"));
+            }
+        }
+        if self.stages.contains(&Stage::Train) {
+            self.train.validate("train")?;
+            if self.train.dataset.is_none() && !self.stages.contains(&Stage::Dataset) {
+                return Err(invalid(
+                    "train.dataset",
+                    "the `train` stage needs rows: set train.dataset to a ChatML JSONL file, or run the `dataset` stage before it",
+                ));
             }
         }
         if self.stages.contains(&Stage::Infer)

@@ -18,7 +18,7 @@ use std::path::Path;
 
 pub use engine::{Engine, EngineConfig, FinishReason, GenEvent, GenParams, GenStats};
 pub use model::Model;
-pub use role::{InferHandler, InferenceSettings, SettingsExt};
+pub use role::{device_named, InferHandler, InferenceSettings, SettingsExt};
 pub use tokenizer::{ChatMessage, TextCodec};
 
 /// Why inference failed.

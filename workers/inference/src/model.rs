@@ -47,18 +47,26 @@ pub struct ModelConfig {
     pub context: usize,
     /// Whether RoPE rotates halves (NeoX) rather than adjacent pairs.
     pub rope_neox: bool,
+    /// MLP width.
+    pub intermediate: usize,
 }
 
-/// A weight that multiplies: quantized or dense, with an optional bias.
+/// A weight that multiplies: quantized or dense, with an optional bias, and an unmerged
+/// LoRA adapter `(A, scale · B)` beside quantized weights.
 #[derive(Debug, Clone)]
 struct Proj {
     w: QMatMul,
     b: Option<Tensor>,
+    lora: Option<(Tensor, Tensor)>,
 }
 
 impl Proj {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = self.w.forward(x)?;
+        let mut y = self.w.forward(x)?;
+        if let Some((a, sb)) = &self.lora {
+            let z = x.broadcast_matmul(&a.t()?)?;
+            y = (y + z.broadcast_matmul(&sb.t()?)?)?;
+        }
         match &self.b {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
@@ -303,8 +311,9 @@ impl Source {
 pub struct LoadOptions {
     /// Quantize a safetensors model's matmul weights on load: `q4k`, `q8_0`, `q4_0`.
     pub quantize: Option<String>,
-    /// A LoRA adapter in PEFT layout (`adapter_config.json`, `adapter_model.safetensors`),
-    /// merged into the weights on load.
+    /// A LoRA adapter in PEFT layout (`adapter_config.json`, `adapter_model.safetensors`):
+    /// merged into dense weights on load, run beside quantized ones (a 4-bit grid would
+    /// round the update away).
     pub adapter: Option<std::path::PathBuf>,
 }
 
@@ -369,6 +378,191 @@ impl Adapter {
     }
 }
 
+/// Opens a GGUF file and reads its header. Pickle checkpoints are refused.
+pub fn open_gguf(path: &Path) -> Result<(std::fs::File, gguf_file::Content), InferError> {
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    if matches!(ext.as_str(), "bin" | "pt" | "pth" | "pkl" | "ckpt") {
+        return Err(bad(
+            path,
+            "pickle checkpoints are refused (loading one can execute code); convert it to safetensors or GGUF",
+        ));
+    }
+    let mut file = std::fs::File::open(path).map_err(|e| bad(path, e))?;
+    let content = gguf_file::Content::read(&mut file).map_err(|e| {
+        bad(
+            path,
+            format!("not a readable GGUF file ({e}); expected a GGUF v2/v3 model"),
+        )
+    })?;
+    Ok((file, content))
+}
+
+/// The shape of the model in a GGUF file, from its metadata; also checks that the file
+/// holds every byte its tensor table promises.
+pub fn gguf_config(
+    path: &Path,
+    file: &std::fs::File,
+    content: &gguf_file::Content,
+) -> Result<ModelConfig, InferError> {
+    let md = &content.metadata;
+    let arch_name = md
+        .get("general.architecture")
+        .and_then(|v| v.to_string().ok())
+        .cloned()
+        .unwrap_or_default();
+    let arch = match arch_name.as_str() {
+        "llama" => Arch::Llama,
+        "qwen2" => Arch::Qwen2,
+        other => {
+            return Err(bad(
+                path,
+                format!("unsupported architecture `{other}`; supported: llama, qwen2"),
+            ))
+        }
+    };
+    let get = |k: &str| -> Result<&gguf_file::Value, InferError> {
+        md.get(&format!("{arch_name}.{k}"))
+            .ok_or_else(|| bad(path, format!("metadata `{arch_name}.{k}` is missing")))
+    };
+    let u = |k: &str| -> Result<usize, InferError> {
+        let v = get(k)?;
+        v.to_u32()
+            .map(|v| v as usize)
+            .or_else(|_| v.to_u64().map(|v| v as usize))
+            .map_err(|e| bad(path, format!("{k}: {e}")))
+    };
+    let hidden = u("embedding_length")?;
+    let heads = u("attention.head_count")?;
+    let kv_heads = u("attention.head_count_kv").unwrap_or(heads);
+    let head_dim = u("rope.dimension_count").unwrap_or(hidden / heads);
+    let file_len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let needed = content
+        .tensor_infos
+        .values()
+        .map(|t| {
+            t.offset
+                + (t.shape.elem_count() / t.ggml_dtype.block_size() * t.ggml_dtype.type_size())
+                    as u64
+        })
+        .max()
+        .unwrap_or(0)
+        + content.tensor_data_offset;
+    if file_len < needed {
+        return Err(bad(
+            path,
+            format!("truncated GGUF: the tensors need {needed} bytes, the file has {file_len}"),
+        ));
+    }
+    Ok(ModelConfig {
+        arch,
+        hidden,
+        layers: u("block_count")?,
+        heads,
+        kv_heads,
+        head_dim,
+        vocab: content
+            .tensor_infos
+            .get("token_embd.weight")
+            .map(|t| t.shape.dims()[0])
+            .ok_or_else(|| bad(path, "tensor `token_embd.weight` is missing"))?,
+        eps: get("attention.layer_norm_rms_epsilon")?
+            .to_f32()
+            .map_err(|e| bad(path, e))? as f64,
+        rope_theta: get("rope.freq_base")
+            .and_then(|v| v.to_f32().map_err(|e| bad(path, e)))
+            .unwrap_or(10_000.0),
+        context: u("context_length").unwrap_or(4096),
+        // llama.cpp's converter permutes Llama q/k for interleaved RoPE; Qwen2 is NeoX.
+        rope_neox: arch == Arch::Qwen2,
+        intermediate: u("feed_forward_length")?,
+    })
+}
+
+/// Reads a Hugging Face model directory: the shape from `config.json` and every tensor of
+/// its `*.safetensors` files, on the CPU. Pickle-only directories are refused.
+pub fn read_hf_dir(dir: &Path) -> Result<(ModelConfig, HashMap<String, Tensor>), InferError> {
+    let cfg_path = dir.join("config.json");
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| {
+        bad(
+            &cfg_path,
+            format!("cannot read ({e}); a model directory needs config.json"),
+        )
+    })?;
+    let c: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(&cfg_path, e))?;
+    let arch = match c["model_type"].as_str().unwrap_or("") {
+        "llama" => Arch::Llama,
+        "qwen2" => Arch::Qwen2,
+        other => {
+            return Err(bad(
+                &cfg_path,
+                format!("unsupported model_type `{other}`; supported: llama, qwen2"),
+            ))
+        }
+    };
+    let n = |k: &str| -> Result<usize, InferError> {
+        c[k].as_u64()
+            .map(|v| v as usize)
+            .ok_or_else(|| bad(&cfg_path, format!("`{k}` is missing")))
+    };
+    let hidden = n("hidden_size")?;
+    let heads = n("num_attention_heads")?;
+    let rope_theta = c["rope_theta"]
+        .as_f64()
+        .or_else(|| c["rope_parameters"]["rope_theta"].as_f64())
+        .unwrap_or(10_000.0) as f32;
+    let cfg = ModelConfig {
+        arch,
+        hidden,
+        layers: n("num_hidden_layers")?,
+        heads,
+        kv_heads: n("num_key_value_heads").unwrap_or(heads),
+        head_dim: c["head_dim"]
+            .as_u64()
+            .map(|v| v as usize)
+            .unwrap_or(hidden / heads),
+        vocab: n("vocab_size")?,
+        eps: c["rms_norm_eps"].as_f64().unwrap_or(1e-6),
+        rope_theta,
+        context: n("max_position_embeddings").unwrap_or(4096),
+        rope_neox: true,
+        intermediate: n("intermediate_size")?,
+    };
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .map_err(|e| bad(dir, e))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        let pickles = std::fs::read_dir(dir)
+            .map_err(|e| bad(dir, e))?
+            .flatten()
+            .any(|e| {
+                e.path()
+                    .extension()
+                    .is_some_and(|x| x == "bin" || x == "pt")
+            });
+        return Err(bad(
+            dir,
+            if pickles {
+                "only pickle checkpoints here, which are refused (loading one can execute code); convert them to safetensors"
+            } else {
+                "no *.safetensors files"
+            },
+        ));
+    }
+    let mut map = HashMap::new();
+    for f in &files {
+        map.extend(candle_core::safetensors::load(f, &Device::Cpu).map_err(|e| bad(f, e))?);
+    }
+    Ok((cfg, map))
+}
+
 fn ggml_dtype(name: &str) -> Option<GgmlDType> {
     Some(match name.to_ascii_lowercase().as_str() {
         "q4k" | "q4_k" | "q4_k_m" => GgmlDType::Q4K,
@@ -405,95 +599,8 @@ impl Model {
             };
             return Self::load_safetensors(path, device, quantize, opts);
         }
-        let ext = path
-            .extension()
-            .and_then(|e| e.to_str())
-            .unwrap_or("")
-            .to_ascii_lowercase();
-        if matches!(ext.as_str(), "bin" | "pt" | "pth" | "pkl" | "ckpt") {
-            return Err(bad(
-                path,
-                "pickle checkpoints are refused (loading one can execute code); convert it to safetensors or GGUF",
-            ));
-        }
-        let mut file = std::fs::File::open(path).map_err(|e| bad(path, e))?;
-        let content = gguf_file::Content::read(&mut file).map_err(|e| {
-            bad(
-                path,
-                format!("not a readable GGUF file ({e}); expected a GGUF v2/v3 model"),
-            )
-        })?;
-        let md = &content.metadata;
-        let arch_name = md
-            .get("general.architecture")
-            .and_then(|v| v.to_string().ok())
-            .cloned()
-            .unwrap_or_default();
-        let arch = match arch_name.as_str() {
-            "llama" => Arch::Llama,
-            "qwen2" => Arch::Qwen2,
-            other => {
-                return Err(bad(
-                    path,
-                    format!("unsupported architecture `{other}`; supported: llama, qwen2"),
-                ))
-            }
-        };
-        let get = |k: &str| -> Result<&gguf_file::Value, InferError> {
-            md.get(&format!("{arch_name}.{k}"))
-                .ok_or_else(|| bad(path, format!("metadata `{arch_name}.{k}` is missing")))
-        };
-        let u = |k: &str| -> Result<usize, InferError> {
-            let v = get(k)?;
-            v.to_u32()
-                .map(|v| v as usize)
-                .or_else(|_| v.to_u64().map(|v| v as usize))
-                .map_err(|e| bad(path, format!("{k}: {e}")))
-        };
-        let hidden = u("embedding_length")?;
-        let heads = u("attention.head_count")?;
-        let kv_heads = u("attention.head_count_kv").unwrap_or(heads);
-        let head_dim = u("rope.dimension_count").unwrap_or(hidden / heads);
-        let file_len = file.metadata().map(|m| m.len()).unwrap_or(0);
-        let needed = content
-            .tensor_infos
-            .values()
-            .map(|t| {
-                t.offset
-                    + (t.shape.elem_count() / t.ggml_dtype.block_size() * t.ggml_dtype.type_size())
-                        as u64
-            })
-            .max()
-            .unwrap_or(0)
-            + content.tensor_data_offset;
-        if file_len < needed {
-            return Err(bad(
-                path,
-                format!("truncated GGUF: the tensors need {needed} bytes, the file has {file_len}"),
-            ));
-        }
-        let cfg = ModelConfig {
-            arch,
-            hidden,
-            layers: u("block_count")?,
-            heads,
-            kv_heads,
-            head_dim,
-            vocab: content
-                .tensor_infos
-                .get("token_embd.weight")
-                .map(|t| t.shape.dims()[0])
-                .ok_or_else(|| bad(path, "tensor `token_embd.weight` is missing"))?,
-            eps: get("attention.layer_norm_rms_epsilon")?
-                .to_f32()
-                .map_err(|e| bad(path, e))? as f64,
-            rope_theta: get("rope.freq_base")
-                .and_then(|v| v.to_f32().map_err(|e| bad(path, e)))
-                .unwrap_or(10_000.0),
-            context: u("context_length").unwrap_or(4096),
-            // llama.cpp's converter permutes Llama q/k for interleaved RoPE; Qwen2 is NeoX.
-            rope_neox: arch == Arch::Qwen2,
-        };
+        let (file, content) = open_gguf(path)?;
+        let cfg = gguf_config(path, &file, &content)?;
         Self::build(path, cfg, Source::Gguf { content, file }, device, opts)
     }
 
@@ -503,80 +610,7 @@ impl Model {
         quantize: Option<GgmlDType>,
         opts: &LoadOptions,
     ) -> Result<Self, InferError> {
-        let cfg_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&cfg_path).map_err(|e| {
-            bad(
-                &cfg_path,
-                format!("cannot read ({e}); a model directory needs config.json"),
-            )
-        })?;
-        let c: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(&cfg_path, e))?;
-        let arch = match c["model_type"].as_str().unwrap_or("") {
-            "llama" => Arch::Llama,
-            "qwen2" => Arch::Qwen2,
-            other => {
-                return Err(bad(
-                    &cfg_path,
-                    format!("unsupported model_type `{other}`; supported: llama, qwen2"),
-                ))
-            }
-        };
-        let n = |k: &str| -> Result<usize, InferError> {
-            c[k].as_u64()
-                .map(|v| v as usize)
-                .ok_or_else(|| bad(&cfg_path, format!("`{k}` is missing")))
-        };
-        let hidden = n("hidden_size")?;
-        let heads = n("num_attention_heads")?;
-        let rope_theta = c["rope_theta"]
-            .as_f64()
-            .or_else(|| c["rope_parameters"]["rope_theta"].as_f64())
-            .unwrap_or(10_000.0) as f32;
-        let cfg = ModelConfig {
-            arch,
-            hidden,
-            layers: n("num_hidden_layers")?,
-            heads,
-            kv_heads: n("num_key_value_heads").unwrap_or(heads),
-            head_dim: c["head_dim"]
-                .as_u64()
-                .map(|v| v as usize)
-                .unwrap_or(hidden / heads),
-            vocab: n("vocab_size")?,
-            eps: c["rms_norm_eps"].as_f64().unwrap_or(1e-6),
-            rope_theta,
-            context: n("max_position_embeddings").unwrap_or(4096),
-            rope_neox: true,
-        };
-        let mut files: Vec<_> = std::fs::read_dir(dir)
-            .map_err(|e| bad(dir, e))?
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
-            .collect();
-        files.sort();
-        if files.is_empty() {
-            let pickles = std::fs::read_dir(dir)
-                .map_err(|e| bad(dir, e))?
-                .flatten()
-                .any(|e| {
-                    e.path()
-                        .extension()
-                        .is_some_and(|x| x == "bin" || x == "pt")
-                });
-            return Err(bad(
-                dir,
-                if pickles {
-                    "only pickle checkpoints here, which are refused (loading one can execute code); convert them to safetensors"
-                } else {
-                    "no *.safetensors files"
-                },
-            ));
-        }
-        let mut map = HashMap::new();
-        for f in &files {
-            map.extend(candle_core::safetensors::load(f, &Device::Cpu).map_err(|e| bad(f, e))?);
-        }
+        let (cfg, map) = read_hf_dir(dir)?;
         Self::build(dir, cfg, Source::St { map, quantize }, device, opts)
     }
 
@@ -635,69 +669,77 @@ impl Model {
                     &h(&format!("{hn}.weight")),
                     true,
                 )?;
+                let mut lora = None;
                 if let Some(ad) = adapter.as_mut() {
                     if let Some((a, b)) = ad.deltas.remove(&h(hn)) {
-                        // W' = W + scale * B A, merged in f32.
-                        let base = match &w {
-                            W::Q(q) => q.dequantize(device),
-                            W::D(t) => t.to_dtype(DType::F32),
+                        let err = |e: candle_core::Error| {
+                            bad(path, format!("adapter for `{}`: {e}", h(hn)))
+                        };
+                        let (out, inp) = match &w {
+                            W::Q(q) => q.shape().dims2(),
+                            W::D(t) => t.dims2(),
                         }
                         .map_err(|e| bad(path, e))?;
-                        let delta = b
-                            .to_dtype(DType::F32)
-                            .and_then(|b| b.matmul(&a.to_dtype(DType::F32)?))
-                            .and_then(|d| d.to_device(device))
-                            .and_then(|d| d * ad.scale)
-                            .map_err(|e| bad(path, format!("adapter for `{}`: {e}", h(hn))))?;
+                        if b.dims() != [out, a.dims()[0]] || a.dims()[1..] != [inp] {
+                            return Err(bad(
+                                path,
+                                format!(
+                                    "adapter for `{}` has shapes A {:?}, B {:?}; the weight is [{out}, {inp}]",
+                                    h(hn),
+                                    a.dims(),
+                                    b.dims()
+                                ),
+                            ));
+                        }
                         // llama.cpp's converter permutes Llama q/k rows for interleaved RoPE;
-                        // an HF-layout delta must be permuted the same way.
-                        let delta = match (&src_kind, gn) {
+                        // the rows of an HF-layout delta B·A are B's rows, permuted the same way.
+                        let sb = (b.to_dtype(DType::F32).map_err(err)? * ad.scale).map_err(err)?;
+                        let sb = match (&src_kind, gn) {
                             (SrcKind::Gguf, "attn_q" | "attn_k") if cfg.arch == Arch::Llama => {
                                 let heads = if gn == "attn_q" {
                                     cfg.heads
                                 } else {
                                     cfg.kv_heads
                                 };
-                                let (o, i) = delta.dims2().map_err(|e| bad(path, e))?;
-                                delta
-                                    .reshape((heads, 2, o / heads / 2, i))
+                                let r = sb.dims()[1];
+                                sb.reshape((heads, 2, out / heads / 2, r))
                                     .and_then(|d| d.transpose(1, 2))
                                     .and_then(|d| d.contiguous())
-                                    .and_then(|d| d.reshape((o, i)))
-                                    .map_err(|e| bad(path, e))?
+                                    .and_then(|d| d.reshape((out, r)))
+                                    .map_err(err)?
                             }
-                            _ => delta,
+                            _ => sb,
                         };
-                        if delta.dims() != base.dims() {
-                            return Err(bad(
-                                path,
-                                format!(
-                                    "adapter for `{}` has shape {:?}, the weight {:?}",
-                                    h(hn),
-                                    delta.dims(),
-                                    base.dims()
-                                ),
-                            ));
-                        }
-                        let merged = (base + delta).map_err(|e| bad(path, e))?;
-                        // A quantized weight stays quantized in its own format, so memory and
-                        // numerics match the base model's (a zero delta changes nothing).
-                        w = match &w {
+                        match &w {
+                            // A 4-bit grid would round a LoRA update away: beside quantized
+                            // weights the adapter runs unmerged, y = Wx + (sB)(Ax), exactly.
                             W::Q(q)
                                 if !matches!(
                                     q.dtype(),
                                     GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
                                 ) =>
                             {
-                                let cpu =
-                                    merged.to_device(&Device::Cpu).map_err(|e| bad(path, e))?;
-                                W::Q(Arc::new(
-                                    QTensor::quantize_onto(&cpu, q.dtype(), device)
-                                        .map_err(|e| bad(path, e))?,
-                                ))
+                                let a = a
+                                    .to_dtype(DType::F32)
+                                    .and_then(|a| a.to_device(device))
+                                    .map_err(err)?;
+                                let sb = sb.to_device(device).map_err(err)?;
+                                lora = Some((a, sb));
                             }
-                            _ => W::D(merged),
-                        };
+                            // Dense weights take the update merged: W' = W + sB·A.
+                            _ => {
+                                let base = match &w {
+                                    W::Q(q) => q.dequantize(device),
+                                    W::D(t) => t.to_dtype(DType::F32),
+                                }
+                                .map_err(|e| bad(path, e))?;
+                                let delta = sb
+                                    .matmul(&a.to_dtype(DType::F32).map_err(err)?)
+                                    .and_then(|d| d.to_device(device))
+                                    .map_err(err)?;
+                                w = W::D((base + delta).map_err(|e| bad(path, e))?);
+                            }
+                        }
                     }
                 }
                 let w = qm(w)?;
@@ -710,7 +752,7 @@ impl Model {
                 } else {
                     None
                 };
-                Ok(Proj { w, b })
+                Ok(Proj { w, b, lora })
             };
             let qwen = cfg.arch == Arch::Qwen2;
             let q = proj("attn_q", "self_attn.q_proj", qwen)?;

@@ -17,6 +17,19 @@ use crate::{ChatMessage, Engine};
 
 pub use dagfleet_runtime::config::InferenceSettings;
 
+/// The device `name` (`auto`, `cpu`, `cuda`, `metal`) names; errors name the setting `key`.
+pub fn device_named(name: &str, key: &str) -> Result<candle_core::Device, String> {
+    match name {
+        "auto" => Ok(crate::default_device()),
+        "cpu" => Ok(candle_core::Device::Cpu),
+        "cuda" => candle_core::Device::new_cuda(0)
+            .map_err(|e| format!("{key} = \"cuda\": {e} (build with --features cuda)")),
+        "metal" => candle_core::Device::new_metal(0)
+            .map_err(|e| format!("{key} = \"metal\": {e} (build with --features metal on macOS)")),
+        other => Err(format!("{key} `{other}` must be auto, cpu, cuda or metal")),
+    }
+}
+
 /// Device and model-path resolution of [`InferenceSettings`].
 pub trait SettingsExt {
     /// The device named by `device`.
@@ -29,19 +42,7 @@ pub trait SettingsExt {
 
 impl SettingsExt for InferenceSettings {
     fn device(&self) -> Result<candle_core::Device, String> {
-        match self.device.as_str() {
-            "auto" => Ok(crate::default_device()),
-            "cpu" => Ok(candle_core::Device::Cpu),
-            "cuda" => candle_core::Device::new_cuda(0).map_err(|e| {
-                format!("inference.device = \"cuda\": {e} (build with --features cuda)")
-            }),
-            "metal" => candle_core::Device::new_metal(0).map_err(|e| {
-                format!("inference.device = \"metal\": {e} (build with --features metal on macOS)")
-            }),
-            other => Err(format!(
-                "inference.device `{other}` must be auto, cpu, cuda or metal"
-            )),
-        }
+        device_named(&self.device, "inference.device")
     }
 
     fn load_options(&self) -> crate::model::LoadOptions {

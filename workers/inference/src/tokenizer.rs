@@ -237,6 +237,17 @@ impl TextCodec {
     /// Renders `messages` with the model's chat template (ChatML when it has none), ending
     /// with the assistant's turn opened.
     pub fn render(&self, messages: &[ChatMessage]) -> Result<String, InferError> {
+        self.render_chat(messages, true)
+    }
+
+    /// Renders `messages` with the model's chat template; with `add_generation_prompt` the
+    /// text ends with the assistant's turn opened, without it the conversation ends as
+    /// written (what a training row looks like).
+    pub fn render_chat(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String, InferError> {
         let Some(t) = &self.template else {
             let mut s = String::new();
             for m in messages {
@@ -245,7 +256,9 @@ impl TextCodec {
                     m.role, m.content
                 ));
             }
-            s.push_str("<|im_start|>assistant\n");
+            if add_generation_prompt {
+                s.push_str("<|im_start|>assistant\n");
+            }
             return Ok(s);
         };
         let mut env = Environment::new();
@@ -268,11 +281,26 @@ impl TextCodec {
             .map_err(|e| InferError::Request(e.to_string()))?;
         tpl.render(context! {
             messages => messages,
-            add_generation_prompt => true,
+            add_generation_prompt => add_generation_prompt,
             bos_token => self.bos.clone().unwrap_or_default(),
             eos_token => self.eos.clone().unwrap_or_default(),
         })
         .map_err(|e| InferError::Request(format!("chat template: {e}")))
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tok
+    }
+
+    /// The model's own chat template, if it has one (ChatML is used when it has none).
+    pub fn chat_template(&self) -> Option<&str> {
+        self.template.as_deref()
+    }
+
+    /// Beginning- and end-of-sequence tokens, as text.
+    pub fn bos_eos(&self) -> (Option<&str>, Option<&str>) {
+        (self.bos.as_deref(), self.eos.as_deref())
     }
 
     /// Token ids of `text`; special tokens in it (e.g. `<|im_start|>`) are matched.

@@ -320,3 +320,15 @@ impl Default for InferenceSettings {
         }
     }
 }
+
+/// Settings of trainer workers (`[trainer]`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainerSettings {
+    /// Where base-model names that are not absolute paths are looked up; when absent,
+    /// `inference.models_dir`.
+    pub models_dir: Option<String>,
+    /// `auto` (CUDA or Metal when built in and present, else CPU), `cpu`, `cuda` or `metal`;
+    /// when absent, `inference.device`.
+    pub device: Option<String>,
+}

@@ -186,6 +186,14 @@ impl ArtifactStore {
         Ok(r)
     }
 
+    /// Deletes `key`; a missing object is not an error.
+    pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        match self.inner.delete(&self.path(key)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     async fn get_raw(&self, key: &str) -> Result<Bytes, StoreError> {
         match self.inner.get(&self.path(key)).await {
             Ok(r) => Ok(r.bytes().await?),

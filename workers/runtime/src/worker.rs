@@ -110,6 +110,30 @@ impl JobContext {
         Ok(data)
     }
 
+    /// Records an input that is not in the store, e.g. a model file on the worker, with its
+    /// hash, so the manifest names everything the job's outputs depend on.
+    pub fn note_input(&self, r: ArtifactRef) {
+        lock(&self.inputs).push(r);
+    }
+
+    /// The job's envelope.
+    pub fn envelope(&self) -> &Envelope {
+        &self.env
+    }
+
+    /// Publishes an event about this job's run (best effort, like [`JobContext::progress`]).
+    pub async fn event(&self, kind: EventKind) {
+        let ev = Event {
+            schema_version: SCHEMA_VERSION,
+            run_id: self.env.run_id.clone(),
+            at_ms: now_ms(),
+            kind,
+        };
+        if let Err(e) = self.bus.publish_event(&ev, None).await {
+            debug!(error = %e, "event lost");
+        }
+    }
+
     /// The artifact store, for reads that are not job inputs.
     pub fn store(&self) -> &ArtifactStore {
         &self.store
@@ -117,21 +141,14 @@ impl JobContext {
 
     /// Reports progress on the events stream (best effort: a lost progress event is harmless).
     pub async fn progress(&self, done: u64, total: u64, message: &str) {
-        let ev = Event {
-            schema_version: SCHEMA_VERSION,
-            run_id: self.env.run_id.clone(),
-            at_ms: now_ms(),
-            kind: EventKind::JobProgress {
-                job_id: self.env.job_id.clone(),
-                stage: self.env.stage,
-                done,
-                total,
-                message: message.to_string(),
-            },
-        };
-        if let Err(e) = self.bus.publish_event(&ev, None).await {
-            debug!(error = %e, "progress event lost");
-        }
+        self.event(EventKind::JobProgress {
+            job_id: self.env.job_id.clone(),
+            stage: self.env.stage,
+            done,
+            total,
+            message: message.to_string(),
+        })
+        .await
     }
 
     /// The delivery attempt, 1-based, from JetStream's counter.
