@@ -205,6 +205,16 @@ pub fn fast_queues() -> QueueConfig {
             backoff: vec![Duration::from_millis(50)],
         },
     );
+    // A killed trainer's job comes back within seconds; a live one keeps it with
+    // in-progress acks every second.
+    q.stages.insert(
+        dagfleet_protocol::Stage::Train,
+        dagfleet_runtime::StageQueue {
+            ack_wait: Duration::from_secs(3),
+            max_attempts: 5,
+            backoff: vec![Duration::from_millis(200)],
+        },
+    );
     q
 }
 

@@ -147,7 +147,7 @@ pub fn merged_dir(
     let mut files = vec![("model.safetensors".to_string(), st)];
     let tied = model.base.lm_head.is_none();
     match &model.base.format {
-        BaseFormat::Dir(dir) => {
+        BaseFormat::Dir(dir) if dir.join("tokenizer.json").exists() => {
             let mut c: Value = std::fs::read_to_string(dir.join("config.json"))
                 .ok()
                 .and_then(|t| serde_json::from_str(&t).ok())
@@ -174,7 +174,7 @@ pub fn merged_dir(
                 }
             }
         }
-        BaseFormat::Gguf(_) => {
+        _ => {
             let c = hf_config(&model.base.cfg, tied, dtype, codec);
             files.push((
                 "config.json".into(),
