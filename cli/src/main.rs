@@ -247,7 +247,9 @@ async fn real_main() -> Result<std::process::ExitCode> {
             if detach {
                 return Ok(std::process::ExitCode::SUCCESS);
             }
-            return progress::follow(&bus, &run, &shutdown_signal()).await;
+            let code = progress::follow(&bus, &run, &shutdown_signal()).await?;
+            progress::print_outputs(&store, &run).await;
+            return Ok(code);
         }
         Cmd::Status { run, once } => {
             let bus = connect(&cfg, "dagfleet-cli").await?;

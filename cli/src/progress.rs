@@ -148,6 +148,30 @@ pub async fn warn_missing_workers(bus: &Bus, run: &RunId) {
     }
 }
 
+/// Prints where a finished run's report and fine-tune are, and the report's verdict.
+pub async fn print_outputs(store: &dagfleet_runtime::ArtifactStore, run: &RunId) {
+    let keys = store
+        .list(&format!("runs/{run}/"))
+        .await
+        .unwrap_or_default();
+    for k in &keys {
+        if k.contains("/report/") && k.ends_with("/report.json") {
+            if let Ok(Some(b)) = store.get_opt(k).await {
+                let v: serde_json::Value = serde_json::from_slice(&b).unwrap_or_default();
+                if let Some(t) = v["verdict"].as_str() {
+                    println!("{t}");
+                }
+            }
+        }
+    }
+    for k in keys.iter().filter(|k| {
+        (k.contains("/report/") && k.ends_with("/report.md"))
+            || (k.contains("/train/") && k.ends_with("/report.md"))
+    }) {
+        println!("report: {}/{k}", store.url());
+    }
+}
+
 /// Follows a run until it ends (or `stop`), with bars on a terminal and lines elsewhere.
 /// Exit status 0 when the run is done, 1 when it failed.
 pub async fn follow(

@@ -126,6 +126,7 @@ pub async fn up(mut cfg: Config, run: Option<PathBuf>) -> Result<std::process::E
             let run = dagfleet_coordinator::submit(&bus, &store, &text).await?;
             println!("submitted run {run}");
             let code = progress::follow(&bus, &run, &shutdown).await?;
+            progress::print_outputs(&store, &run).await;
             println!("manifest: {}/runs/{run}/manifest.json", store.url());
             shutdown.cancel();
             code

@@ -4,9 +4,10 @@
 //! of the stage before), so planning the same stage twice yields the same job ids.
 
 use dagfleet_protocol::jobs::{
-    DatasetBuild, InferBatch, JudgeBatch, MineShard, NoopJob, Source, SynthChunk, TrainJob,
+    DatasetBuild, InferBatch, JudgeBatch, MineShard, NoopJob, ReportJob, Source, SynthChunk,
+    TrainJob,
 };
-use dagfleet_protocol::{ArtifactRef, Envelope, Job, JobRecord, RunSpec, RunState, Stage};
+use dagfleet_protocol::{ArtifactRef, Envelope, Job, JobRecord, RunState, Stage};
 use dagfleet_runtime::ArtifactStore;
 
 /// Why a stage cannot be planned.
@@ -29,23 +30,6 @@ pub enum PlanError {
         /// The limit.
         limit: u32,
     },
-}
-
-/// Checks that every stage of `spec` can be planned by this build.
-pub fn check_supported(spec: &RunSpec) -> Result<(), PlanError> {
-    for &st in &spec.stages {
-        match st {
-            Stage::Mine
-            | Stage::Noop
-            | Stage::Judge
-            | Stage::Synthesize
-            | Stage::Dataset
-            | Stage::Train
-            | Stage::Infer => {}
-            other => return Err(PlanError::Unsupported(other, other.role())),
-        }
-    }
-    Ok(())
 }
 
 /// What the live fleet advertises, for stages that size their jobs to it.
@@ -93,19 +77,32 @@ pub async fn plan_stage(
                 n => n,
             }
             .max(1);
+            // After a train stage, the fine-tune generates for the same prompts beside its
+            // base, so the judge and the report can compare them.
+            let mut variants = vec![(model.clone(), None, None)];
+            if state.spec.stages.contains(&Stage::Train) {
+                variants.push(fine_tune(state, store, &model).await?);
+            }
             let mut jobs = Vec::new();
-            for (input, rows) in inputs {
-                for (start, end) in row_ranges(rows, batch) {
-                    jobs.push((
-                        format!("{}:{start}-{end}", input.key),
-                        Job::Infer(InferBatch {
-                            model: model.clone(),
-                            adapter: None,
-                            input: input.clone(),
-                            rows: (start, end),
-                            spec: state.spec.infer.clone(),
-                        }),
-                    ));
+            for (m, weights, adapter) in &variants {
+                for (input, rows) in &inputs {
+                    for (start, end) in row_ranges(*rows, batch) {
+                        let key = match (weights, adapter) {
+                            (None, None) => format!("{}:{start}-{end}", input.key),
+                            _ => format!("{}:{}:{start}-{end}", m.model, input.key),
+                        };
+                        jobs.push((
+                            key,
+                            Job::Infer(InferBatch {
+                                model: m.clone(),
+                                adapter: adapter.clone(),
+                                weights: weights.clone(),
+                                input: input.clone(),
+                                rows: (start, end),
+                                spec: state.spec.infer.clone(),
+                            }),
+                        ));
+                    }
                 }
             }
             finish(state, stage, now_ms, jobs)
@@ -155,6 +152,29 @@ pub async fn plan_stage(
                     spec: t.clone(),
                 }),
             )];
+            finish(state, stage, now_ms, jobs)
+        }
+        Stage::Report => {
+            // What the report reads: the judge's summaries, the training summary and loss
+            // curve, the dataset's statistics.
+            let mut inputs = Vec::new();
+            for (st, names) in [
+                (Stage::Dataset, &["stats.json"][..]),
+                (Stage::Train, &["train.json", "loss.png"][..]),
+                (Stage::Judge, &["summary.json"][..]),
+            ] {
+                if !state.spec.stages.contains(&st) {
+                    continue;
+                }
+                for r in stage_records(state, st, store).await? {
+                    inputs.extend(
+                        r.outputs.into_iter().filter(|o| {
+                            names.contains(&o.key.rsplit('/').next().unwrap_or_default())
+                        }),
+                    );
+                }
+            }
+            let jobs = vec![("report".to_string(), Job::Report(ReportJob { inputs }))];
             finish(state, stage, now_ms, jobs)
         }
         Stage::Judge => {
@@ -230,6 +250,57 @@ pub async fn plan_stage(
     }
 }
 
+/// The fine-tuned model of the run's train stage, as the infer stage runs it: its q4_k_m
+/// GGUF (what users deploy), else its q8_0 GGUF, else the PEFT adapter on the base.
+async fn fine_tune(
+    state: &RunState,
+    store: &ArtifactStore,
+    base: &dagfleet_protocol::jobs::ModelRef,
+) -> Result<
+    (
+        dagfleet_protocol::jobs::ModelRef,
+        Option<ArtifactRef>,
+        Option<ArtifactRef>,
+    ),
+    PlanError,
+> {
+    let stage = Stage::Infer;
+    let outputs: Vec<ArtifactRef> = stage_records(state, Stage::Train, store)
+        .await?
+        .into_iter()
+        .flat_map(|r| r.outputs)
+        .collect();
+    let find = |suffix: &str| outputs.iter().find(|o| o.key.ends_with(suffix)).cloned();
+    let name = std::path::Path::new(&base.model)
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| base.model.clone());
+    let tuned = |kind: &str| dagfleet_protocol::jobs::ModelRef {
+        provider: "store".into(),
+        model: format!("{name} + LoRA ({kind})"),
+    };
+    if let Some(w) = find("-q4_k_m.gguf") {
+        return Ok((tuned("q4_k_m"), Some(w), None));
+    }
+    if let Some(w) = find("-q8_0.gguf") {
+        return Ok((tuned("q8_0"), Some(w), None));
+    }
+    if let Some(a) = find("adapter/adapter_model.safetensors") {
+        return Ok((
+            dagfleet_protocol::jobs::ModelRef {
+                provider: base.provider.clone(),
+                model: base.model.clone(),
+            },
+            None,
+            Some(a),
+        ));
+    }
+    Err(PlanError::Store(
+        stage,
+        "the train stage exported no model the infer stage can run: add `q4_k_m`, `q8_0` or `peft` to train.export".into(),
+    ))
+}
+
 /// A file uploaded with the run (`store:<key>` in the spec), with its row count.
 async fn uploaded(
     stage: Stage,
@@ -262,6 +333,26 @@ async fn uploaded(
     ))
 }
 
+/// The job records of `stage`, in job order.
+async fn stage_records(
+    state: &RunState,
+    stage: Stage,
+    store: &ArtifactStore,
+) -> Result<Vec<JobRecord>, PlanError> {
+    let err = |e: dagfleet_runtime::StoreError| PlanError::Store(stage, e.to_string());
+    let prefix = format!("runs/{}/jobs/{stage}", state.run_id);
+    let mut records: Vec<JobRecord> = Vec::new();
+    for key in store.list(&prefix).await.map_err(err)? {
+        if let Some(b) = store.get_opt(&key).await.map_err(err)? {
+            let r: JobRecord = serde_json::from_slice(&b)
+                .map_err(|e| PlanError::Store(stage, format!("{key}: {e}")))?;
+            records.push(r);
+        }
+    }
+    records.sort_by_key(|r| r.index);
+    Ok(records)
+}
+
 /// The JSONL outputs of `stage`'s jobs with their row counts, in job order.
 async fn jsonl_outputs(
     state: &RunState,
@@ -274,16 +365,7 @@ async fn jsonl_outputs(
         None => o.key.ends_with(".jsonl"),
     };
     let err = |e: dagfleet_runtime::StoreError| PlanError::Store(stage, e.to_string());
-    let prefix = format!("runs/{}/jobs/{stage}", state.run_id);
-    let mut records: Vec<JobRecord> = Vec::new();
-    for key in store.list(&prefix).await.map_err(err)? {
-        if let Some(b) = store.get_opt(&key).await.map_err(err)? {
-            let r: JobRecord = serde_json::from_slice(&b)
-                .map_err(|e| PlanError::Store(stage, format!("{key}: {e}")))?;
-            records.push(r);
-        }
-    }
-    records.sort_by_key(|r| r.index);
+    let records = stage_records(state, stage, store).await?;
     let mut out = Vec::new();
     for r in records {
         for o in r.outputs.iter().filter(wanted) {
@@ -388,7 +470,7 @@ fn source_key(src: &Source) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use dagfleet_protocol::RunId;
+    use dagfleet_protocol::{RunId, RunSpec};
 
     fn state(toml: &str) -> RunState {
         RunState::new(

@@ -164,6 +164,7 @@ mod tests {
             Job::Infer(InferBatch {
                 model,
                 adapter: Some(art(4)),
+                weights: Some(art(9)),
                 input: art(5),
                 rows: (0, 64),
                 spec: crate::spec::InferSpec::default(),

@@ -115,10 +115,15 @@ pub struct TrainJob {
 /// One batch of generation requests.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct InferBatch {
-    /// Model to generate with.
+    /// Model to generate with; with `weights`, `model.model` is only the name its rows carry.
     pub model: ModelRef,
-    /// Optional LoRA adapter artifact.
+    /// A PEFT adapter (`adapter_model.safetensors`, its `adapter_config.json` beside it in
+    /// the store) applied to `model` on load.
     pub adapter: Option<ArtifactRef>,
+    /// Model weights in the store (a fine-tune's GGUF export) to generate with instead of
+    /// looking `model.model` up on the worker.
+    #[serde(default)]
+    pub weights: Option<ArtifactRef>,
     /// JSONL of chat requests.
     pub input: ArtifactRef,
     /// Row range `[start, end)` of `input`.

@@ -778,6 +778,17 @@ impl RunSpec {
                 return Err(invalid("judge.batch_rows", "must be at least 1"));
             }
         }
+        if self.stages.contains(&Stage::Report)
+            && !self
+                .stages
+                .iter()
+                .any(|s| matches!(s, Stage::Judge | Stage::Train | Stage::Dataset))
+        {
+            return Err(invalid(
+                "stages",
+                "the `report` stage needs an earlier stage to report on: `dataset`, `train` or `judge`",
+            ));
+        }
         if noop {
             if self.noop.jobs == 0 {
                 return Err(invalid(

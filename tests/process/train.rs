@@ -369,3 +369,72 @@ fn dagfleet_train_runs_on_one_machine() {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+#[test]
+fn train_then_infer_judge_and_report_compares_the_fine_tune_with_its_base() {
+    init();
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path(), 64, 2);
+    let data = dataset(dir.path(), 8);
+    let prompts = dir.path().join("prompts.jsonl");
+    std::fs::write(
+        &prompts,
+        (0..3)
+            .map(|i| {
+                serde_json::json!({"id": format!("p{i}"), "messages": [
+                    {"role": "system", "content": "You write Airflow DAGs."},
+                    {"role": "user", "content": format!("Write DAG number {i} with 2 tasks.")}]})
+                .to_string()
+            })
+            .collect::<Vec<_>>()
+            .join("\n"),
+    )
+    .unwrap();
+    let spec = dir.path().join("spec.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            "name = \"full\"\nstages = [\"train\", \"infer\", \"judge\", \"report\"]\n[models.base]\nprovider = \"file\"\nmodel = \"{}\"\n[train]\ndataset = \"{}\"\nmax_seq_len = 256\nepochs = 1\nexport = [\"peft\", \"q4_k_m\"]\n[infer]\nprompts = \"{}\"\nmax_tokens = 24\n",
+            model.display(),
+            data.display(),
+            prompts.display()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(dagfleet_bin())
+        .current_dir(dir.path())
+        .args([
+            "--nats-url",
+            &format!("nats://127.0.0.1:{}", free_port()),
+            "up",
+            "--run",
+        ])
+        .arg(&spec)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The verdict is printed, and the report names both models.
+    assert!(stdout.contains("The fine-tune"), "{stdout}");
+    let run = artifacts(dir.path());
+    let report_dir = std::fs::read_dir(run.join("report"))
+        .unwrap()
+        .flatten()
+        .next()
+        .unwrap()
+        .path();
+    let md = std::fs::read_to_string(report_dir.join("report.md")).unwrap();
+    assert!(md.contains("tiny-llama + LoRA (q4_k_m)"), "{md}");
+    assert!(md.contains("![loss curve](loss.png)"), "{md}");
+    assert!(report_dir.join("loss.png").exists());
+    let rep: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(report_dir.join("report.json")).unwrap()).unwrap();
+    assert_eq!(rep["models"].as_object().unwrap().len(), 2, "{rep}");
+    assert_eq!(rep["fine_tune"], "tiny-llama + LoRA (q4_k_m)");
+    assert_eq!(rep["models"][rep["base"].as_str().unwrap()]["rows"], 3);
+    assert_eq!(rep["models"]["tiny-llama + LoRA (q4_k_m)"]["rows"], 3);
+}

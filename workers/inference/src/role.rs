@@ -4,7 +4,7 @@
 
 use bytes::Bytes;
 use dagfleet_protocol::jobs::InferBatch;
-use dagfleet_protocol::{Envelope, Job, Role};
+use dagfleet_protocol::{ArtifactRef, Envelope, Job, Role};
 use dagfleet_runtime::{Handler, JobContext, JobError, JobOutput};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -105,17 +105,31 @@ impl InferHandler {
 
     /// The engine of `model`, loading it on first use.
     pub fn engine(&self, model: &str) -> Result<Engine, JobError> {
-        let path = self.settings.resolve(model);
+        self.engine_at(self.settings.resolve(model), None, model)
+    }
+
+    /// The engine of the model at `path` (with `adapter` applied), loading it on first use.
+    fn engine_at(
+        &self,
+        path: PathBuf,
+        adapter: Option<PathBuf>,
+        model: &str,
+    ) -> Result<Engine, JobError> {
+        let key = match &adapter {
+            Some(a) => PathBuf::from(format!("{}+{}", path.display(), a.display())),
+            None => path.clone(),
+        };
         if let Some(e) = self
             .engines
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get(&path)
+            .get(&key)
         {
             return Ok(e.clone());
         }
         let device = self.settings.device().map_err(JobError::fatal)?;
-        let opts = self.settings.load_options();
+        let mut opts = self.settings.load_options();
+        opts.adapter = adapter;
         let (m, codec) =
             crate::load_with(&path, &device, &opts).map_err(|e| JobError::fatal(e.to_string()))?;
         let name = path
@@ -126,17 +140,79 @@ impl InferHandler {
         self.engines
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(path, engine.clone());
+            .insert(key, engine.clone());
         Ok(engine)
     }
 
-    async fn run(&self, job: &InferBatch, ctx: &JobContext) -> Result<JobOutput, JobError> {
-        if job.adapter.is_some() {
-            return Err(JobError::fatal(
-                "LoRA adapters are applied by the trainer's merged export for now; point the job at the merged model",
-            ));
+    /// Copies artifacts from the store into the local model cache
+    /// (`models_dir/.store/<sha256 prefix>/`), once; returns the directory.
+    async fn fetch(
+        &self,
+        ctx: &JobContext,
+        files: &[(&ArtifactRef, &str)],
+    ) -> Result<PathBuf, JobError> {
+        let first = files
+            .first()
+            .map(|(r, _)| r.sha256.as_str())
+            .unwrap_or("none");
+        let dir = Path::new(&self.settings.models_dir)
+            .join(".store")
+            .join(&first[..first.len().min(16)]);
+        for (r, name) in files {
+            let p = dir.join(name);
+            if p.exists() {
+                ctx.note_input((*r).clone());
+                continue;
+            }
+            let data = ctx.read(r).await?;
+            let io = |e: std::io::Error| JobError::retry(format!("caching {}: {e}", p.display()));
+            tokio::fs::create_dir_all(&dir).await.map_err(io)?;
+            let tmp = dir.join(format!(".{name}.part"));
+            tokio::fs::write(&tmp, &data).await.map_err(io)?;
+            tokio::fs::rename(&tmp, &p).await.map_err(io)?;
         }
-        let engine = self.engine(&job.model.model)?;
+        Ok(dir)
+    }
+
+    async fn run(&self, job: &InferBatch, ctx: &JobContext) -> Result<JobOutput, JobError> {
+        // The name rows carry, so the judge tells a fine-tune from its base.
+        let mut label = job.model.model.clone();
+        let engine = match (&job.weights, &job.adapter) {
+            (Some(w), _) => {
+                let name = w.key.rsplit('/').next().unwrap_or("model.gguf").to_string();
+                let dir = self.fetch(ctx, &[(w, &name)]).await?;
+                self.engine_at(dir.join(&name), None, &job.model.model)?
+            }
+            (None, Some(a)) => {
+                let cfg_key = a
+                    .key
+                    .replace("adapter_model.safetensors", "adapter_config.json");
+                let cfg = ctx.store().get_opt(&cfg_key).await?.ok_or_else(|| {
+                    JobError::fatal(format!("the adapter's config `{cfg_key}` is missing"))
+                })?;
+                let cfg_ref = ArtifactRef {
+                    key: cfg_key,
+                    sha256: dagfleet_runtime::sha256_hex(&cfg),
+                    bytes: cfg.len() as u64,
+                };
+                let dir = self
+                    .fetch(
+                        ctx,
+                        &[
+                            (a, "adapter_model.safetensors"),
+                            (&cfg_ref, "adapter_config.json"),
+                        ],
+                    )
+                    .await?;
+                label = format!("{} + LoRA (adapter)", job.model.model);
+                self.engine_at(
+                    self.settings.resolve(&job.model.model),
+                    Some(dir),
+                    &job.model.model,
+                )?
+            }
+            (None, None) => self.engine(&job.model.model)?,
+        };
         let data = ctx.read(&job.input).await?;
         let text = String::from_utf8_lossy(&data);
         let (start, end) = job.rows;
@@ -210,7 +286,7 @@ impl InferHandler {
                     ttfts.push(st.ttft_ms);
                     let row = json!({
                         "id": id,
-                        "model": job.model.model,
+                        "model": label,
                         "system_prompt": system.clone().unwrap_or_default(),
                         "instruction": instruction,
                         "reference": reference,
@@ -236,7 +312,7 @@ impl InferHandler {
         ttfts.sort_by(|a, b| a.total_cmp(b));
         let p50 = ttfts.get(ttfts.len() / 2).copied().unwrap_or(0.0);
         let summary = json!({
-            "model": job.model.model,
+            "model": label,
             "rows": rows,
             "failed_rows": bad,
             "generated_tokens": tokens,

@@ -11,6 +11,7 @@
 //!   verdict and findings, with a slot for LLM-judge scores.
 //! - [`Summary`] is the per-model validity rate and counts per category, as JSON and Markdown.
 
+pub mod report;
 pub mod role;
 
 pub use role::JudgeHandler;

@@ -56,11 +56,15 @@ impl Handler for JudgeHandler {
     }
 
     async fn handle(&self, env: &Envelope, ctx: &JobContext) -> Result<JobOutput, JobError> {
-        let Job::Judge(job) = &env.job else {
-            return Err(JobError::fatal(format!(
-                "the judge role got a `{}` job, which it does not run yet",
-                env.job.stage()
-            )));
+        let job = match &env.job {
+            Job::Judge(job) => job,
+            Job::Report(job) => return crate::report::run(job, ctx).await,
+            other => {
+                return Err(JobError::fatal(format!(
+                    "the judge role got a `{}` job, which it does not run",
+                    other.stage()
+                )))
+            }
         };
         let mut opts = Options::default();
         if let Some(v) = version(job.airflow_version.as_deref()) {

@@ -1,0 +1,176 @@
+//! The run report (the `report` stage, run by the judge role): what the dataset held, how
+//! training went (with its loss curve), how each model's generations were judged, and
+//! whether the fine-tune beat its base.
+//!
+//! Writes `report.md`, `report.json` and, when the run trained, a copy of `loss.png` beside
+//! them so the Markdown shows the curve.
+
+use bytes::Bytes;
+use dagfleet_protocol::jobs::ReportJob;
+use dagfleet_runtime::{JobContext, JobError, JobOutput};
+use serde_json::{json, Value};
+
+use crate::Summary;
+
+/// The tag the infer stage puts on a fine-tune's rows (`<base> + LoRA (<format>)`).
+pub const FINE_TUNE_TAG: &str = " + LoRA";
+
+/// Which model of `s` is the base and which the fine-tune, with the verdict.
+pub fn verdict(s: &Summary) -> Option<(String, String, f64, String)> {
+    let tuned = s.models.keys().find(|m| m.contains(FINE_TUNE_TAG))?;
+    let base_name = tuned.split(FINE_TUNE_TAG).next().unwrap_or_default();
+    let base = s.models.keys().find(|m| {
+        !m.contains(FINE_TUNE_TAG)
+            && (m.as_str() == base_name || m.ends_with(&format!("/{base_name}")))
+    })?;
+    let (b, t) = (&s.models[base], &s.models[tuned]);
+    let delta = 100.0 * (t.validity_rate - b.validity_rate);
+    let text = format!(
+        "The fine-tune {} its base: {:.1}% of its DAGs are valid ({} of {}) against {:.1}% ({} of {}), {:+.1} points.",
+        if delta > 0.0 {
+            "beat"
+        } else if delta == 0.0 {
+            "tied with"
+        } else {
+            "did not beat"
+        },
+        100.0 * t.validity_rate,
+        t.valid,
+        t.rows,
+        100.0 * b.validity_rate,
+        b.valid,
+        b.rows,
+        delta
+    );
+    Some((base.clone(), tuned.clone(), delta, text))
+}
+
+/// Runs a report job.
+pub async fn run(job: &ReportJob, ctx: &JobContext) -> Result<JobOutput, JobError> {
+    let mut summary = Summary::default();
+    let mut judged = false;
+    let mut train: Option<Value> = None;
+    let mut dataset: Option<Value> = None;
+    let mut png: Option<Bytes> = None;
+    for r in &job.inputs {
+        let name = r.key.rsplit('/').next().unwrap_or_default();
+        let data = ctx.read(r).await?;
+        let json = || -> Result<Value, JobError> {
+            serde_json::from_slice(&data)
+                .map_err(|e| JobError::fatal(format!("{} is not JSON: {e}", r.key)))
+        };
+        match name {
+            "summary.json" => {
+                let s: Summary = serde_json::from_slice(&data)
+                    .map_err(|e| JobError::fatal(format!("{}: {e}", r.key)))?;
+                summary.merge(&s);
+                judged = true;
+            }
+            "train.json" => train = Some(json()?),
+            "stats.json" => dataset = Some(json()?),
+            "loss.png" => png = Some(data.clone()),
+            _ => {}
+        }
+    }
+    let v = verdict(&summary);
+    let mut md = String::from("# Run report\n\n");
+    if let Some((_, _, _, text)) = &v {
+        md.push_str(&format!("**{text}**\n\n"));
+    }
+    if let Some(d) = &dataset {
+        let rows = d["rows"].as_array();
+        md.push_str("## Dataset\n\n");
+        if let Some(r) = rows {
+            md.push_str(&format!(
+                "{} train, {} valid and {} test rows",
+                r.first().unwrap_or(&json!(0)),
+                r.get(1).unwrap_or(&json!(0)),
+                r.get(2).unwrap_or(&json!(0))
+            ));
+        }
+        md.push_str(&format!(
+            "; {} exact and {} near duplicates removed.\n\n",
+            d["exact_duplicates"], d["near_duplicates"]
+        ));
+    }
+    if let Some(t) = &train {
+        md.push_str("## Training\n\n");
+        if png.is_some() {
+            md.push_str("![loss curve](loss.png)\n\n");
+        }
+        let f = |v: &Value| {
+            v.as_f64()
+                .map(|x| format!("{x:.4}"))
+                .unwrap_or("n/a".into())
+        };
+        md.push_str(&format!(
+            "LoRA fine-tune of {} on {} rows: {} steps, final training loss {}, best validation loss {}, {:.0} tokens/s on {}.\n\n",
+            t["base"]["model"].as_str().unwrap_or("?"),
+            t["train_rows"]["kept"],
+            t["steps"],
+            f(&t["final_loss"]),
+            f(&t["best_valid_loss"]),
+            t["tokens_per_s"].as_f64().unwrap_or(0.0),
+            t["device"].as_str().unwrap_or("?"),
+        ));
+    }
+    if judged {
+        md.push_str("## Generations, judged\n\n");
+        md.push_str(&summary.markdown());
+        md.push('\n');
+    }
+    let report = json!({
+        "verdict": v.as_ref().map(|x| x.3.clone()),
+        "base": v.as_ref().map(|x| x.0.clone()),
+        "fine_tune": v.as_ref().map(|x| x.1.clone()),
+        "validity_delta_points": v.as_ref().map(|x| x.2),
+        "models": summary.models,
+        "training": train,
+        "dataset": dataset,
+    });
+    ctx.put("report.md", Bytes::from(md)).await?;
+    ctx.put(
+        "report.json",
+        Bytes::from(serde_json::to_vec_pretty(&report).unwrap_or_default()),
+    )
+    .await?;
+    if let Some(p) = png {
+        ctx.put("loss.png", p).await?;
+    }
+    let mut out = JobOutput::default();
+    if let Some((_, _, d, _)) = v {
+        out = out.metric("validity_delta_points", d);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ModelSummary;
+
+    #[test]
+    fn the_verdict_compares_the_fine_tune_with_its_base() {
+        let mut s = Summary::default();
+        let m = |rows, valid| ModelSummary {
+            rows,
+            valid,
+            validity_rate: valid as f64 / rows as f64,
+            ..Default::default()
+        };
+        s.models.insert("/models/q.gguf".into(), m(10, 4));
+        s.models.insert("q.gguf + LoRA (q4_k_m)".into(), m(10, 7));
+        let (base, tuned, d, text) = verdict(&s).unwrap();
+        assert_eq!(base, "/models/q.gguf");
+        assert_eq!(tuned, "q.gguf + LoRA (q4_k_m)");
+        assert!((d - 30.0).abs() < 1e-9);
+        assert!(
+            text.starts_with("The fine-tune beat its base: 70.0%"),
+            "{text}"
+        );
+        s.models.insert("q.gguf + LoRA (q4_k_m)".into(), m(10, 2));
+        assert!(verdict(&s).unwrap().3.contains("did not beat"));
+        s.models.remove("/models/q.gguf");
+        assert!(verdict(&s).is_none());
+    }
+}
