@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# One device call: the Airflow pipeline's mine -> synthesize -> dataset -> train stages on one
-# GPU machine with `dagfleet up --run`:
+# One device call: the whole Airflow pipeline (mine -> synthesize -> dataset -> train ->
+# infer -> judge -> report) on one GPU machine with `dagfleet up --run`:
 #   - real DAG files (mined from apache-airflow 2.10.5 and 2.6.3 on PyPI with `dagfleet mine`,
 #     carried as a directory: the GPU machine has no network);
 #   - instructions from Qwen2.5-Coder-0.5B-Instruct served on the GPU by `dagfleet serve`
 #     as an OpenAI-compatible teacher;
-#   - a LoRA fine-tune of the same model (dequantized from its Q4_K_M GGUF to bf16).
+#   - a LoRA fine-tune of the same model (dequantized from its Q4_K_M GGUF to bf16);
+#   - generations of the base and of the fine-tune's q4_k_m export for the test split,
+#     judged, and the report saying whether the fine-tune beat its base.
 # Needs $MODEL (the staged GGUF), $BIN (the CUDA build) and $NATS (a nats-server binary).
 # Copies the report, loss curve, metrics and dataset summary to $OUT.
 #   bash bench/gpu_finetune.sh DAGS_DIR
@@ -30,12 +32,14 @@ timeout = "600s"
 batch = false
 [trainer]
 device = "cuda"
+[inference]
+device = "cuda"
 [up]
-roles = ["miner", "synthesizer", "trainer"]
+roles = ["miner", "synthesizer", "trainer", "inference", "judge"]
 TOML
 cat > spec.toml <<TOML
 name = "airflow-gpu"
-stages = ["mine", "synthesize", "dataset", "train"]
+stages = ["mine", "synthesize", "dataset", "train", "infer", "judge", "report"]
 [[sources]]
 kind = "dir"
 path = "dags"
@@ -65,6 +69,10 @@ epochs = 3
 warmup_steps = 5
 eval_every = 5
 checkpoint_every = 10
+[infer]
+max_tokens = 1024
+[judge]
+airflow_version = "2.10"
 TOML
 export DAGFLEET_PROVIDERS__LOCAL__API_KEY=local
 time timeout 560 "$BIN" --config dagfleet.toml up --run spec.toml 2>&1 | tail -40 | tee "$OUT/run.txt"
@@ -74,5 +82,7 @@ cp "$T/report.md" "$T/loss.png" "$T/metrics.csv" "$T/train.json" "$OUT/" 2>/dev/
 D=$(ls -d "$R"dataset/*/ | head -1)
 cat "$D"/*.json > "$OUT/dataset.json" 2>/dev/null
 head -c 3000 "$D/train.jsonl" > "$OUT/train-sample.jsonl" 2>/dev/null
+P=$(ls -d "$R"report/*/ | head -1)
+cp "$P/report.md" "$OUT/run-report.md" 2>/dev/null; cp "$P/report.json" "$OUT/run-report.json" 2>/dev/null
 ls -la "$T" "$T/gguf" | tee -a "$OUT/run.txt"
-cat "$T/report.md"
+cat "$T/report.md"; cat "$P/report.md"

@@ -438,3 +438,66 @@ fn train_then_infer_judge_and_report_compares_the_fine_tune_with_its_base() {
     assert_eq!(rep["models"][rep["base"].as_str().unwrap()]["rows"], 3);
     assert_eq!(rep["models"]["tiny-llama + LoRA (q4_k_m)"]["rows"], 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_checkpoints_at_once_and_another_worker_continues() {
+    use futures::StreamExt;
+    init();
+    let work = tempfile::tempdir().unwrap();
+    let model = tiny_model(work.path(), 256, 4);
+    let data = dataset(work.path(), 40);
+    let nats = NatsServer::start();
+    let (dir, store) = temp_store();
+    let env = env(
+        &nats.url(),
+        dir.path().to_str().unwrap(),
+        work.path().to_str().unwrap(),
+    );
+    let all: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let stack = Stack::start(&nats.config(), store.clone(), 1, 0).await;
+    // No periodic checkpoint before the end: the one found is the SIGTERM's.
+    let spec = format!(
+        "name = \"term\"\nstages = [\"train\"]\n[models.base]\nprovider = \"file\"\nmodel = \"{}\"\n[train]\ndataset = \"{}\"\nmicro_batch = 2\ngrad_accum = 1\nmax_seq_len = 128\nepochs = 3\ncheckpoint_every = 1000\nexport = [\"peft\"]\n",
+        model.file_name().unwrap().to_string_lossy(),
+        data.display()
+    );
+    let mut w = Proc::spawn(&["worker", "--role", "trainer"], &all, None);
+    let run = stack.submit(&spec).await;
+    // Wait for the second optimizer step's event, then SIGTERM.
+    let mut steps = stack
+        .bus
+        .client()
+        .subscribe(dagfleet_protocol::subjects::event(&run, "train_step"))
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        tokio::time::timeout(Duration::from_secs(120), steps.next())
+            .await
+            .expect("training steps")
+            .unwrap();
+    }
+    w.term();
+    let status = w
+        .wait_for(Duration::from_secs(30))
+        .expect("the worker exits");
+    assert!(status.success(), "{status:?}");
+    let ck = wait_for_checkpoint(&store, &run).await;
+    let step: u64 = ck
+        .split("step-")
+        .nth(1)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(step >= 2, "{ck}");
+    let _w2 = Proc::spawn(&["worker", "--role", "trainer"], &all, None);
+    let st = wait_run(&stack.bus, &run, Duration::from_secs(300)).await;
+    assert_eq!(st.status, RunStatus::Done, "{:?}", st.error);
+    let rec = store.list(&format!("runs/{run}/jobs/train")).await.unwrap();
+    let rec: dagfleet_protocol::JobRecord =
+        serde_json::from_slice(&store.get_opt(&rec[0]).await.unwrap().unwrap()).unwrap();
+    assert_eq!(rec.metrics["resumed_from_step"], step as f64);
+    stack.stop().await;
+}

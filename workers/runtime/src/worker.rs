@@ -86,6 +86,7 @@ pub struct JobContext {
     inputs: Mutex<Vec<ArtifactRef>>,
     outputs: Mutex<Vec<ArtifactRef>>,
     cancel: CancellationToken,
+    stopping: CancellationToken,
 }
 
 impl JobContext {
@@ -156,10 +157,18 @@ impl JobContext {
         self.attempt
     }
 
-    /// Cancelled when the worker must stop; long handlers should check it and return
-    /// [`JobError::Retry`] so the job goes back to the queue.
+    /// Cancelled when the worker must stop now (the grace period is over); long handlers
+    /// should check it and return [`JobError::Retry`] so the job goes back to the queue.
     pub fn cancelled(&self) -> &CancellationToken {
         &self.cancel
+    }
+
+    /// Cancelled as soon as the worker starts shutting down (SIGTERM, a pre-emption
+    /// notice), while the job may still finish within `worker.shutdown_grace`: a job that
+    /// can save its progress (a training checkpoint) does so now and returns
+    /// [`JobError::Retry`], so the next worker continues from it.
+    pub fn stopping(&self) -> &CancellationToken {
+        &self.stopping
     }
 }
 
@@ -264,6 +273,8 @@ struct Shared<H> {
     completions_rx: Mutex<Option<mpsc::Receiver<Completion>>>,
     keepalive: Mutex<HashMap<u64, Keepalive>>,
     next_id: AtomicU64,
+    /// Cancelled when shutdown starts, before the grace period.
+    stopping: CancellationToken,
 }
 
 /// A running job whose message needs in-progress acks.
@@ -379,6 +390,7 @@ impl<H: Handler> Worker<H> {
                 completions_rx: Mutex::new(Some(rx)),
                 keepalive: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(0),
+                stopping: CancellationToken::new(),
             }),
         }
     }
@@ -468,6 +480,7 @@ impl<H: Handler> Worker<H> {
         }
 
         tracker.close();
+        sh.stopping.cancel();
         let in_flight = sh.stats.in_flight.load(Ordering::Relaxed);
         if in_flight > 0 {
             info!(in_flight, grace = ?sh.cfg.shutdown_grace, "draining in-flight jobs");
@@ -643,6 +656,7 @@ async fn run_job<H: Handler>(
         inputs: Mutex::new(Vec::new()),
         outputs: Mutex::new(Vec::new()),
         cancel: hard.clone(),
+        stopping: sh.stopping.clone(),
     };
     let t0 = Instant::now();
     let result = tokio::select! {

@@ -205,7 +205,7 @@ impl TrainHandler {
             &base_ref.sha256,
         );
         let (tx, mut rx) = mpsc::channel::<Msg>(4);
-        let cancel = ctx.cancelled().clone();
+        let cancel = ctx.stopping().clone();
         let device_name = self.cfg.device.clone();
         let spec = job.spec.clone();
         let base_name = job.base.model.clone();
