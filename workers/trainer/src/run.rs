@@ -300,6 +300,11 @@ pub fn run(inp: RunInputs, sink: &mut dyn Sink) -> Result<Vec<(String, f64)>, St
             sink.checkpoint(tr.checkpoint()?)?;
         }
     }
+    // A job stopped during the exports continues from here, not from the last periodic
+    // checkpoint.
+    if resumed_from < tr.state.step {
+        sink.checkpoint(tr.checkpoint()?)?;
+    }
     // Exports.
     let history = tr.state.history.clone();
     let last = history.last().cloned();
