@@ -18,6 +18,8 @@
 //!   jobs, a directory for `dagfleet train`);
 //! - [`role`]: train jobs on the queue.
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod data;
 pub mod export;
 pub mod lora;

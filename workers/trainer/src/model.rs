@@ -41,7 +41,11 @@ pub struct DeviceBatch {
     cos: Tensor,
     sin: Tensor,
     neg_sin: Tensor,
-    mask: Tensor,
+    /// Additive attention mask `[b, 1, 1, t, t]` (the unfused path).
+    mask: Option<Tensor>,
+    /// Segment ids `[b, t]` (the fused path builds the mask from them).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    seg: Tensor,
     /// Flat positions that predict a label, and the labels, in chunks of `loss_chunk`.
     targets: Vec<(Tensor, Tensor)>,
     /// Positions with a label.
@@ -138,6 +142,14 @@ pub struct TrainModel {
     cos: Tensor,
     sin: Tensor,
     peak: std::sync::atomic::AtomicU64,
+    /// Attention scores, softmax and its backward in f32 (else in the compute dtype, with
+    /// f32 accumulation inside the fused softmax).
+    attn_f32: bool,
+    /// Use the fused CUDA kernels (see `cuda.rs`); off on other devices.
+    fused: std::sync::atomic::AtomicBool,
+    /// Phase timings, when `DAGFLEET_TRAIN_PROFILE` is set (the device is synchronised
+    /// around each phase, which slows training down).
+    prof: Option<std::sync::Mutex<std::collections::BTreeMap<&'static str, (f64, u64)>>>,
 }
 
 /// The dtype softmax, norms and the loss accumulate in: f32, or f64 for f64 models (the
@@ -194,11 +206,76 @@ impl TrainModel {
         Ok(Self {
             cos: freqs.cos()?.to_dtype(dtype)?,
             sin: freqs.sin()?.to_dtype(dtype)?,
+            attn_f32: match std::env::var("DAGFLEET_TRAIN_ATTN_F32").ok().as_deref() {
+                Some("1") | Some("true") => true,
+                Some("0") | Some("false") => false,
+                _ => acc_dtype(dtype) == dtype,
+            },
+            prof: std::env::var_os("DAGFLEET_TRAIN_PROFILE").map(|_| Default::default()),
+            fused: std::sync::atomic::AtomicBool::new(
+                cfg!(feature = "cuda")
+                    && device.is_cuda()
+                    && std::env::var("DAGFLEET_TRAIN_FUSED").as_deref() != Ok("0"),
+            ),
             base,
             dtype,
             device,
             peak: Default::default(),
         })
+    }
+
+    /// Whether the fused CUDA kernels are in use.
+    pub fn fused(&self) -> bool {
+        self.fused.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Turns the fused CUDA kernels on or off (on only where built in and on CUDA); for
+    /// comparing the two paths.
+    pub fn set_fused(&self, on: bool) {
+        self.fused.store(
+            on && cfg!(feature = "cuda") && self.device.is_cuda(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    fn tick(&self) -> Option<std::time::Instant> {
+        self.prof.as_ref().map(|_| {
+            let _ = self.device.synchronize();
+            std::time::Instant::now()
+        })
+    }
+
+    fn tock(&self, name: &'static str, t: Option<std::time::Instant>) {
+        if let (Some(p), Some(t)) = (&self.prof, t) {
+            let _ = self.device.synchronize();
+            let mut m = p.lock().unwrap_or_else(|e| e.into_inner());
+            let e = m.entry(name).or_default();
+            e.0 += t.elapsed().as_secs_f64();
+            e.1 += 1;
+        }
+    }
+
+    /// The phase timings so far (`DAGFLEET_TRAIN_PROFILE`), milliseconds per call and in
+    /// all, slowest first; resets them.
+    pub fn profile(&self) -> Option<String> {
+        let p = self.prof.as_ref()?;
+        let mut m = p.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<_> = m.iter().map(|(k, (s, n))| (*k, *s, *n)).collect();
+        m.clear();
+        v.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let total: f64 = v.iter().map(|x| x.1).sum();
+        let mut out = String::from(
+            "| phase | calls | ms in all | ms per call | share |\n|---|---|---|---|---|\n",
+        );
+        for (k, s, n) in v {
+            out.push_str(&format!(
+                "| {k} | {n} | {:.1} | {:.3} | {:.1}% |\n",
+                s * 1e3,
+                s * 1e3 / n.max(1) as f64,
+                100.0 * s / total.max(1e-12)
+            ));
+        }
+        Some(out)
     }
 
     /// Notes the device memory in use (CUDA only; a cheap driver query).
@@ -269,21 +346,27 @@ impl TrainModel {
         let neg_sin = sin.neg()?;
         // Attention is allowed where the key is in the query's segment and not after it.
         let seg = Tensor::new(hb.seg.as_slice(), dev)?.reshape((b, t))?;
-        let same = seg
-            .unsqueeze(2)?
-            .broadcast_eq(&seg.unsqueeze(1)?)?
-            .to_dtype(DType::U8)?;
-        let causal: Vec<u8> = (0..t)
-            .flat_map(|i| (0..t).map(move |j| u8::from(j <= i)))
-            .collect();
-        let causal = Tensor::from_vec(causal, (1, t, t), dev)?;
-        let allowed = same.broadcast_mul(&causal)?;
-        let acc = acc_dtype(self.dtype);
-        let zeros = Tensor::zeros((b, t, t), acc, dev)?;
-        let ninf = Tensor::full(f32::NEG_INFINITY, (b, t, t), dev)?.to_dtype(acc)?;
-        let mask = allowed
-            .where_cond(&zeros, &ninf)?
-            .reshape((b, 1, 1, t, t))?;
+        let mask = if self.fused() {
+            None
+        } else {
+            let same = seg
+                .unsqueeze(2)?
+                .broadcast_eq(&seg.unsqueeze(1)?)?
+                .to_dtype(DType::U8)?;
+            let causal: Vec<u8> = (0..t)
+                .flat_map(|i| (0..t).map(move |j| u8::from(j <= i)))
+                .collect();
+            let causal = Tensor::from_vec(causal, (1, t, t), dev)?;
+            let allowed = same.broadcast_mul(&causal)?;
+            let acc = acc_dtype(self.dtype);
+            let zeros = Tensor::zeros((b, t, t), acc, dev)?;
+            let ninf = Tensor::full(f32::NEG_INFINITY, (b, t, t), dev)?.to_dtype(acc)?;
+            Some(
+                allowed
+                    .where_cond(&zeros, &ninf)?
+                    .reshape((b, 1, 1, t, t))?,
+            )
+        };
         let mut targets = Vec::new();
         for (p, l) in hb
             .target_pos
@@ -300,6 +383,7 @@ impl TrainModel {
             sin,
             neg_sin,
             mask,
+            seg,
             targets,
             n_targets: hb.targets.len(),
         })
@@ -430,10 +514,28 @@ impl TrainModel {
         let qr = candle_nn::rotary_emb::rope(&q4, &batch.cos, &batch.sin)?;
         let kr = candle_nn::rotary_emb::rope(&k4, &batch.cos, &batch.sin)?;
         let qs = (qr * scale)?.reshape((b, nkv, rep * t, d))?;
-        let s = qs.matmul(&kr.t()?)?.to_dtype(acc)?;
-        let s = s.reshape((b, nkv, rep, t, t))?.broadcast_add(&batch.mask)?;
-        let p = candle_nn::ops::softmax_last_dim(&s)?.reshape((b, nkv, rep * t, t))?;
+        let ta = self.tick();
+        let sdt = if self.attn_f32 { acc } else { self.dtype };
+        let s = qs.matmul(&kr.t()?)?.to_dtype(sdt)?;
+        let p = match &batch.mask {
+            #[cfg(feature = "cuda")]
+            None => crate::cuda::masked_softmax(&s.reshape((b, nh, t, t))?, &batch.seg)?
+                .reshape((b, nkv, rep * t, t))?,
+            #[cfg(not(feature = "cuda"))]
+            None => {
+                return Err(TrainError::Model(
+                    "no attention mask and no fused kernels".into(),
+                ))
+            }
+            Some(mask) => {
+                let s = s
+                    .reshape((b, nkv, rep, t, t))?
+                    .broadcast_add(&mask.to_dtype(sdt)?)?;
+                candle_nn::ops::softmax_last_dim(&s)?.reshape((b, nkv, rep * t, t))?
+            }
+        };
         let o = p.to_dtype(self.dtype)?.matmul(&v4)?;
+        self.tock("attention core fwd", ta);
         let o2 = o
             .reshape((b, nh, t, d))?
             .transpose(1, 2)?
@@ -495,31 +597,42 @@ impl TrainModel {
         let rep = nh / nkv;
         let eps = cfg.eps;
         // MLP: y = x2 + down(silu(gate(xn2)) * up(xn2)).
+        let tm = self.tick();
         let dh = self.lin_bwd(dy, &c.h, l, Module::Down, &c.down, lora, lc, grads)?;
-        let sg = candle_nn::ops::sigmoid(&c.g)?;
-        let silu = (&c.g * &sg)?;
-        let du = (&dh * &silu)?;
-        // silu'(g) = sg (1 + g (1 - sg))
-        let dsilu = (&sg * ((&c.g * (1.0 - &sg)?)? + 1.0)?)?;
-        let dg = ((dh * &c.u)? * dsilu)?;
+        let (dg, du) = self.swiglu_bwd(&c.g, &c.u, &dh)?;
         let dxn2 = (self.lin_bwd(&dg, &c.xn2, l, Module::Gate, &c.gate, lora, lc, grads)?
             + self.lin_bwd(&du, &c.xn2, l, Module::Up, &c.up, lora, lc, grads)?)?;
-        let dx2 = (dy + rms_norm_bwd(&c.x2, &w.ffn_norm, &dxn2, eps)?)?;
+        let dx2 = (dy + self.rms_norm_bwd(&c.x2, &w.ffn_norm, &dxn2, eps)?)?;
+        self.tock("mlp bwd (with norm)", tm);
         // Attention.
+        let to = self.tick();
         let do2 = self.lin_bwd(&dx2, &c.o2, l, Module::O, &c.o, lora, lc, grads)?;
         let do4 = do2
             .reshape((b, t, nh, d))?
             .transpose(1, 2)?
             .contiguous()?
             .reshape((b, nkv, rep * t, d))?;
+        self.tock("o_proj bwd", to);
+        let ta = self.tick();
         let p_dt = c.p.to_dtype(self.dtype)?;
         let dv = p_dt.t()?.matmul(&do4)?; // [b, nkv, t, d], summed over rep
         let dp = do4.matmul(&c.v4.t()?)?.to_dtype(c.p.dtype())?;
-        let ds = (&c.p * dp.broadcast_sub(&(&dp * &c.p)?.sum_keepdim(D::Minus1)?)?)?
-            .to_dtype(self.dtype)?;
+        let ds = if batch.mask.is_none() {
+            #[cfg(feature = "cuda")]
+            {
+                crate::cuda::softmax_bwd(&c.p, &dp)?.to_dtype(self.dtype)?
+            }
+            #[cfg(not(feature = "cuda"))]
+            return Err(TrainError::Model("no fused kernels in this build".into()));
+        } else {
+            (&c.p * dp.broadcast_sub(&(&dp * &c.p)?.sum_keepdim(D::Minus1)?)?)?
+                .to_dtype(self.dtype)?
+        };
         let scale = 1.0 / (d as f64).sqrt();
         let dqs = ds.matmul(&c.kr)?;
         let dkr = ds.t()?.matmul(&c.qs)?;
+        self.tock("attention core bwd", ta);
+        let tq = self.tick();
         let dq4 = (dqs * scale)?.reshape((b, nh, t, d))?.contiguous()?;
         let dq4 = candle_nn::rotary_emb::rope(&dq4, &batch.cos, &batch.neg_sin)?;
         let dk4 = candle_nn::rotary_emb::rope(&dkr.contiguous()?, &batch.cos, &batch.neg_sin)?;
@@ -532,7 +645,43 @@ impl TrainModel {
         let dxn1 = ((self.lin_bwd(&dq, &c.xn1, l, Module::Q, &c.q, lora, lc, grads)?
             + self.lin_bwd(&dk, &c.xn1, l, Module::K, &c.k, lora, lc, grads)?)?
             + self.lin_bwd(&dv, &c.xn1, l, Module::V, &c.v, lora, lc, grads)?)?;
-        Ok((dx2 + rms_norm_bwd(x, &w.attn_norm, &dxn1, eps)?)?)
+        let dx = (dx2 + self.rms_norm_bwd(x, &w.attn_norm, &dxn1, eps)?)?;
+        self.tock("rope + qkv bwd (with norm)", tq);
+        Ok(dx)
+    }
+
+    /// RMSNorm's input gradient: the fused kernel, or candle's ops.
+    fn rms_norm_bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        dy: &Tensor,
+        eps: f64,
+    ) -> Result<Tensor, TrainError> {
+        #[cfg(feature = "cuda")]
+        if self.fused() {
+            return Ok(crate::cuda::rms_norm_bwd(x, w, dy, eps)?);
+        }
+        Ok(rms_norm_bwd(x, w, dy, eps)?)
+    }
+
+    /// `(dg, du)` of `h = silu(g) u`: the fused kernel, or candle's ops.
+    fn swiglu_bwd(
+        &self,
+        g: &Tensor,
+        u: &Tensor,
+        dh: &Tensor,
+    ) -> Result<(Tensor, Tensor), TrainError> {
+        #[cfg(feature = "cuda")]
+        if self.fused() {
+            return Ok(crate::cuda::swiglu_bwd(g, u, dh)?);
+        }
+        let sg = candle_nn::ops::sigmoid(g)?;
+        let du = (dh * (g * &sg)?)?;
+        // silu'(g) = sg (1 + g (1 - sg))
+        let dsilu = (&sg * ((g * (1.0 - &sg)?)? + 1.0)?)?;
+        let dg = ((dh * u)? * dsilu)?;
+        Ok((dg, du))
     }
 
     fn embed(&self, batch: &DeviceBatch) -> Result<Tensor, TrainError> {
@@ -559,6 +708,23 @@ impl TrainModel {
         };
         for (pos, tgt) in &batch.targets {
             let hc = hf.index_select(pos, 0)?;
+            #[cfg(feature = "cuda")]
+            if self.fused() {
+                // Logits in the compute dtype, their log-sum-exp in one pass, the loss from
+                // the label logits, and (softmax - onehot) · scale written once.
+                let logits = hc.matmul(&w.t()?)?;
+                let lse = crate::cuda::row_lse(&logits)?;
+                let picked = logits
+                    .gather(&tgt.unsqueeze(1)?, 1)?
+                    .squeeze(1)?
+                    .to_dtype(DType::F32)?;
+                loss = (loss + (&lse - picked)?.sum_all()?.to_dtype(acc)?)?;
+                if let (Some(gs), Some(dsum)) = (grad_scale, dhf.as_mut()) {
+                    let dl = crate::cuda::ce_grad(&logits, tgt, &lse, gs)?;
+                    *dsum = dsum.index_add(pos, &dl.matmul(w)?, 0)?;
+                }
+                continue;
+            }
             // One fused softmax over the vocabulary; the loss is -log p(label), and the
             // gradient p - onehot is made in place (in f32: p(label) - 1 must not be rounded
             // to bf16 first), so only the softmax, one cast and the matmul touch the
@@ -575,7 +741,7 @@ impl TrainModel {
             }
         }
         let dxl = match dhf {
-            Some(dhf) => Some(rms_norm_bwd(xl, norm, &dhf, eps)?),
+            Some(dhf) => Some(self.rms_norm_bwd(xl, norm, &dhf, eps)?),
             None => None,
         };
         Ok((loss, dxl))
@@ -600,14 +766,18 @@ impl TrainModel {
         let mut inputs = Vec::with_capacity(layers);
         let mut caches = Vec::new();
         for l in 0..layers {
+            let t = self.tick();
             let (y, c) = self.layer_fwd(l, &x, batch, lora, lc, Some(seed), !checkpointing)?;
+            self.tock("layer fwd", t);
             inputs.push(x);
             if let Some(c) = c {
                 caches.push(c);
             }
             x = y;
         }
+        let t = self.tick();
         let (loss, dx) = self.head(&x, batch, Some(grad_scale))?;
+        self.tock("head (loss and its gradient)", t);
         self.probe();
         drop(x);
         let mut dx = dx.ok_or_else(|| TrainError::Model("no head gradient".into()))?;
@@ -615,6 +785,7 @@ impl TrainModel {
             let input = inputs
                 .pop()
                 .ok_or_else(|| TrainError::Model("layer input missing".into()))?;
+            let t = self.tick();
             let cache = match caches.pop() {
                 Some(c) => c,
                 None => self
@@ -622,6 +793,7 @@ impl TrainModel {
                     .1
                     .ok_or_else(|| TrainError::Model("layer cache missing".into()))?,
             };
+            self.tock("layer recompute (checkpointing)", t);
             dx = self.layer_bwd(l, &input, &dx, &cache, batch, lora, lc, grads)?;
             self.probe();
         }

@@ -21,50 +21,101 @@ pub struct AdamWConfig {
     pub weight_decay: f64,
 }
 
-/// AdamW state: first and second moments of every parameter, and the step count.
+/// AdamW state: first and second moments of every parameter, and the step count. The
+/// moments are two flat f32 vectors over all parameters in order, so an update is a handful
+/// of kernels over one vector rather than a dozen per parameter.
 #[derive(Debug, Clone)]
 pub struct AdamW {
     /// Settings.
     pub cfg: AdamWConfig,
-    /// First moments.
-    pub m: Vec<Tensor>,
-    /// Second moments.
-    pub v: Vec<Tensor>,
+    /// First moments, flat.
+    pub m: Tensor,
+    /// Second moments, flat.
+    pub v: Tensor,
     /// Updates applied.
     pub t: u64,
+    /// Offset and shape of each parameter in the flat vectors.
+    layout: Vec<(usize, Vec<usize>)>,
 }
 
 impl AdamW {
     /// Zero state for `params`.
     pub fn new(cfg: AdamWConfig, params: &[Tensor]) -> Result<Self, TrainError> {
-        let z = |p: &Tensor| p.zeros_like();
+        let mut layout = Vec::with_capacity(params.len());
+        let mut n = 0;
+        for p in params {
+            layout.push((n, p.dims().to_vec()));
+            n += p.elem_count();
+        }
+        let dev = params
+            .first()
+            .map(|p| p.device().clone())
+            .unwrap_or(candle_core::Device::Cpu);
+        let z = Tensor::zeros(n, candle_core::DType::F32, &dev)?;
         Ok(Self {
             cfg,
-            m: params.iter().map(z).collect::<candle_core::Result<_>>()?,
-            v: params.iter().map(z).collect::<candle_core::Result<_>>()?,
+            m: z.clone(),
+            v: z,
             t: 0,
+            layout,
         })
     }
 
-    /// One update of `params` with `grads` at learning rate `lr`.
+    /// All of `ts` as one flat f32 vector, in order.
+    pub fn flatten(ts: &[Tensor]) -> Result<Tensor, TrainError> {
+        let flat = ts
+            .iter()
+            .map(|t| t.to_dtype(candle_core::DType::F32)?.flatten_all())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&flat, 0)?)
+    }
+
+    /// Values in the flat vectors.
+    pub fn len(&self) -> usize {
+        self.m.elem_count()
+    }
+
+    /// Whether there are no parameters.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Replaces the moments (from a checkpoint), checking their size.
+    pub fn set_moments(&mut self, m: Tensor, v: Tensor) -> Result<(), TrainError> {
+        if m.dims() != self.m.dims() || v.dims() != self.v.dims() {
+            return Err(TrainError::Checkpoint(format!(
+                "optimizer moments of {:?} and {:?} values; the adapters have {}",
+                m.dims(),
+                v.dims(),
+                self.len()
+            )));
+        }
+        self.m = m.to_dtype(candle_core::DType::F32)?;
+        self.v = v.to_dtype(candle_core::DType::F32)?;
+        Ok(())
+    }
+
+    /// One update of `params` with the flat gradient `grads` (see [`AdamW::flatten`]) at
+    /// learning rate `lr`; the parameters become views of the updated flat vector.
     pub fn step(
         &mut self,
         params: &mut [Tensor],
-        grads: &[Tensor],
+        grads: &Tensor,
         lr: f64,
     ) -> Result<(), TrainError> {
         self.t += 1;
         let [b1, b2] = self.cfg.betas;
         let bc1 = 1.0 - b1.powi(self.t as i32);
         let bc2 = 1.0 - b2.powi(self.t as i32);
-        for i in 0..params.len() {
-            let g = &grads[i];
-            self.m[i] = ((&self.m[i] * b1)? + (g * (1.0 - b1))?)?;
-            self.v[i] = ((&self.v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
-            let denom = ((&self.v[i] / bc2)?.sqrt()? + self.cfg.eps)?;
-            let upd = ((&self.m[i] / bc1)? / denom)?;
-            let p = (&params[i] * (1.0 - lr * self.cfg.weight_decay))?;
-            params[i] = (p - (upd * lr)?)?;
+        let p = Self::flatten(params)?;
+        self.m = ((&self.m * b1)? + (grads * (1.0 - b1))?)?;
+        self.v = ((&self.v * b2)? + (grads.sqr()? * (1.0 - b2))?)?;
+        let denom = ((&self.v / bc2)?.sqrt()? + self.cfg.eps)?;
+        let upd = ((&self.m / bc1)? / denom)?;
+        let p = ((p * (1.0 - lr * self.cfg.weight_decay))? - (upd * lr)?)?;
+        for (i, (off, shape)) in self.layout.iter().enumerate() {
+            let n: usize = shape.iter().product();
+            params[i] = p.narrow(0, *off, n)?.reshape(shape.as_slice())?;
         }
         Ok(())
     }
@@ -148,7 +199,7 @@ mod tests {
         let (mut m, mut v) = ([0.0f64; 2], [0.0f64; 2]);
         for (t, g) in gs.iter().enumerate() {
             let gt = Tensor::new(&[g[0] as f32, g[1] as f32], &dev).unwrap();
-            opt.step(&mut p, &[gt], 0.1).unwrap();
+            opt.step(&mut p, &gt, 0.1).unwrap();
             for j in 0..2 {
                 m[j] = 0.9 * m[j] + 0.1 * g[j];
                 v[j] = 0.999 * v[j] + 0.001 * g[j] * g[j];

@@ -267,6 +267,7 @@ impl Trainer {
                 what: format!("training loss is {loss}"),
             });
         }
+        let mut grads = [AdamW::flatten(&grads)?];
         let grad_norm = clip_grad_norm(&mut grads, self.spec.max_grad_norm)?;
         if !grad_norm.is_finite() {
             return Err(TrainError::NonFinite {
@@ -282,7 +283,7 @@ impl Trainer {
             total,
             step,
         );
-        self.opt.step(&mut self.lora.params, &grads, lr)?;
+        self.opt.step(&mut self.lora.params, &grads[0], lr)?;
         self.state.step += 1;
         let elapsed = t0.elapsed().as_secs_f64();
         let mut m = StepMetrics {
@@ -356,10 +357,10 @@ impl Trainer {
     pub fn checkpoint(&self) -> Result<Checkpoint, TrainError> {
         let mut named: Vec<(String, Tensor)> = Vec::new();
         for (i, p) in self.lora.params.iter().enumerate() {
-            named.push((format!("lora.{i}"), p.to_dtype(DType::F32)?));
-            named.push((format!("m.{i}"), self.opt.m[i].to_dtype(DType::F32)?));
-            named.push((format!("v.{i}"), self.opt.v[i].to_dtype(DType::F32)?));
+            named.push((format!("lora.{i}"), p.to_dtype(DType::F32)?.contiguous()?));
         }
+        named.push(("adamw.m".into(), self.opt.m.clone()));
+        named.push(("adamw.v".into(), self.opt.v.clone()));
         let tensors = safetensors::serialize(named.iter().map(|(n, t)| (n.as_str(), t)), None)
             .map_err(|e| TrainError::Model(format!("serializing a checkpoint: {e}")))?;
         let mut state = self.state.clone();
@@ -409,13 +410,11 @@ impl Trainer {
             Ok(t.clone())
         };
         for i in 0..self.lora.params.len() {
-            let p = get(&format!("lora.{i}"), &self.lora.params[i])?;
-            let m = get(&format!("m.{i}"), &self.opt.m[i])?;
-            let v = get(&format!("v.{i}"), &self.opt.v[i])?;
-            self.lora.params[i] = p;
-            self.opt.m[i] = m;
-            self.opt.v[i] = v;
+            self.lora.params[i] = get(&format!("lora.{i}"), &self.lora.params[i])?;
         }
+        let m = get("adamw.m", &self.opt.m)?;
+        let v = get("adamw.v", &self.opt.v)?;
+        self.opt.set_moments(m, v)?;
         self.opt.t = meta.opt_t;
         self.state = meta.state;
         self.started = Instant::now();

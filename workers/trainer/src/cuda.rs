@@ -1,0 +1,528 @@
+//! Fused CUDA kernels of the training step (`cuda/kernels.cu`, compiled to PTX by
+//! `build.rs` with the `cuda` feature) as candle custom ops. Each replaces a chain of
+//! candle's generic elementwise and broadcast kernels over an attention or vocabulary
+//! matrix with one kernel that reads its input once or twice and writes once:
+//!
+//! - [`masked_softmax`]: attention probabilities with the causal-and-segment mask computed
+//!   from segment ids (no mask tensor);
+//! - [`softmax_bwd`]: the softmax backward pass per row;
+//! - [`row_lse`] and [`ce_grad`]: the cross-entropy's log-sum-exp, and its gradient
+//!   `(softmax - onehot) · scale`, written once in the compute dtype;
+//! - [`rms_norm_bwd`]: RMSNorm's input gradient in one pass per row;
+//! - [`swiglu_bwd`]: both input gradients of `silu(g) · u` in one elementwise pass.
+//!
+//! The CPU path computes the same functions with candle's ops; a GPU check compares them
+//! (`dagfleet bench train --check`).
+//!
+//! # Unsafe
+//! This module is the crate's only `unsafe` code, in two kinds of calls, each marked:
+//! allocating an output buffer that the kernel then writes in full (`CudaDevice::alloc`),
+//! and launching a kernel (an FFI call whose arguments are checked here: contiguous inputs
+//! of the sizes the kernel indexes, outputs allocated to those sizes).
+#![allow(unsafe_code)]
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::WrapErr;
+use candle_core::{
+    bail, CpuStorage, CudaDevice, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout,
+    Result, Shape, Tensor,
+};
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
+const MODULE: &str = "dagfleet_trainer_kernels";
+
+fn suffix(dt: DType) -> Result<&'static str> {
+    Ok(match dt {
+        DType::BF16 => "bf16",
+        DType::F32 => "f32",
+        other => bail!("dagfleet's fused kernels take bf16 or f32, not {other:?}"),
+    })
+}
+
+fn contiguous<'a, T: candle_core::cuda_backend::CudaDType>(
+    s: &'a CudaStorage,
+    l: &Layout,
+    what: &str,
+) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(s.as_cuda_slice::<T>()?.slice(a..b)),
+        None => bail!("{what} must be contiguous"),
+    }
+}
+
+fn rows_cfg(rows: usize, threads: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn cpu_only(name: &str) -> Result<(CpuStorage, Shape)> {
+    bail!("{name} runs on CUDA only; the CPU path uses candle's ops")
+}
+
+/// Attention probabilities of raw scores `s` `[b, heads, t, t]` (already scaled), where
+/// query `i` of batch row `bi` sees key `j` when `j <= i` and `seg[bi, j] == seg[bi, i]`.
+pub fn masked_softmax(s: &Tensor, seg: &Tensor) -> Result<Tensor> {
+    let (b, heads, t, t2) = s.dims4()?;
+    if t != t2 || seg.dims() != [b, t] || seg.dtype() != DType::U32 {
+        bail!(
+            "masked_softmax: scores {:?} and segments {:?}",
+            s.dims(),
+            seg.dims()
+        );
+    }
+    s.apply_op2_no_bwd(seg, &MaskedSoftmax { t, heads })
+}
+
+struct MaskedSoftmax {
+    t: usize,
+    heads: usize,
+}
+
+impl CustomOp2 for MaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "dagfleet-masked-softmax"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_only(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        s: &CudaStorage,
+        ls: &Layout,
+        seg: &CudaStorage,
+        lg: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        fn go<T: candle_core::cuda_backend::CudaDType + DeviceRepr>(
+            op: &MaskedSoftmax,
+            dev: &CudaDevice,
+            s: &CudaStorage,
+            ls: &Layout,
+            seg: &CudaStorage,
+            lg: &Layout,
+            name: &str,
+        ) -> Result<CudaStorage> {
+            let x = contiguous::<T>(s, ls, "attention scores")?;
+            let g = contiguous::<u32>(seg, lg, "segment ids")?;
+            let n = ls.shape().elem_count();
+            let rows = n / op.t;
+            // SAFETY: every element is written by the kernel (row by row, all t columns).
+            let out: CudaSlice<T> = unsafe { dev.alloc::<T>(n)? };
+            let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
+            let mut bld = func.builder();
+            let (t, h) = (op.t as u32, op.heads as u32);
+            bld.arg(&x);
+            bld.arg(&out);
+            bld.arg(&g);
+            bld.arg(&t);
+            bld.arg(&h);
+            // SAFETY: x and out hold rows * t elements, g holds b * t ids; the kernel reads
+            // and writes only those, one block per row.
+            unsafe { bld.launch(rows_cfg(rows, 256)) }.w()?;
+            Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+        }
+        let dev = s.device().clone();
+        let name = format!("masked_softmax_{}", suffix(s.dtype())?);
+        let out = match s.dtype() {
+            DType::BF16 => go::<half::bf16>(self, &dev, s, ls, seg, lg, &name)?,
+            _ => go::<f32>(self, &dev, s, ls, seg, lg, &name)?,
+        };
+        Ok((out, ls.shape().clone()))
+    }
+}
+
+/// `p · (dp - Σ_j p · dp)` per row of the last dimension.
+pub fn softmax_bwd(p: &Tensor, dp: &Tensor) -> Result<Tensor> {
+    if p.dims() != dp.dims() || p.dtype() != dp.dtype() {
+        bail!(
+            "softmax_bwd: {:?} {:?} and {:?} {:?}",
+            p.dims(),
+            p.dtype(),
+            dp.dims(),
+            dp.dtype()
+        );
+    }
+    p.apply_op2_no_bwd(dp, &SoftmaxBwd)
+}
+
+struct SoftmaxBwd;
+
+impl CustomOp2 for SoftmaxBwd {
+    fn name(&self) -> &'static str {
+        "dagfleet-softmax-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_only(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        p: &CudaStorage,
+        lp: &Layout,
+        dp: &CudaStorage,
+        ld: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        fn go<T: candle_core::cuda_backend::CudaDType + DeviceRepr>(
+            dev: &CudaDevice,
+            p: &CudaStorage,
+            lp: &Layout,
+            dp: &CudaStorage,
+            ld: &Layout,
+            name: &str,
+        ) -> Result<CudaStorage> {
+            let a = contiguous::<T>(p, lp, "probabilities")?;
+            let g = contiguous::<T>(dp, ld, "their gradient")?;
+            let n = lp.shape().elem_count();
+            let t = *lp.shape().dims().last().unwrap_or(&1);
+            // SAFETY: every element is written by the kernel.
+            let out: CudaSlice<T> = unsafe { dev.alloc::<T>(n)? };
+            let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
+            let mut bld = func.builder();
+            let tt = t as u32;
+            bld.arg(&a);
+            bld.arg(&g);
+            bld.arg(&out);
+            bld.arg(&tt);
+            // SAFETY: a, g and out hold rows * t elements; one block per row.
+            unsafe { bld.launch(rows_cfg(n / t.max(1), 256)) }.w()?;
+            Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+        }
+        let dev = p.device().clone();
+        let name = format!("softmax_bwd_{}", suffix(p.dtype())?);
+        let out = match p.dtype() {
+            DType::BF16 => go::<half::bf16>(&dev, p, lp, dp, ld, &name)?,
+            _ => go::<f32>(&dev, p, lp, dp, ld, &name)?,
+        };
+        Ok((out, lp.shape().clone()))
+    }
+}
+
+/// `log Σ_j exp(x[r, j])` of each row of a 2-D tensor, f32 `[rows]`.
+pub fn row_lse(x: &Tensor) -> Result<Tensor> {
+    x.dims2()?;
+    x.apply_op1_no_bwd(&RowLse)
+}
+
+struct RowLse;
+
+impl CustomOp1 for RowLse {
+    fn name(&self) -> &'static str {
+        "dagfleet-row-lse"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        cpu_only(self.name())
+    }
+
+    fn cuda_fwd(&self, x: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        fn go<T: candle_core::cuda_backend::CudaDType + DeviceRepr>(
+            dev: &CudaDevice,
+            x: &CudaStorage,
+            l: &Layout,
+            name: &str,
+        ) -> Result<(CudaStorage, usize)> {
+            let v = contiguous::<T>(x, l, "logits")?;
+            let (rows, cols) = l.shape().dims2()?;
+            // SAFETY: the kernel writes one value per row.
+            let out: CudaSlice<f32> = unsafe { dev.alloc::<f32>(rows)? };
+            let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
+            let mut bld = func.builder();
+            let c = cols as u32;
+            bld.arg(&v);
+            bld.arg(&out);
+            bld.arg(&c);
+            // SAFETY: v holds rows * cols elements, out rows; one block per row.
+            unsafe { bld.launch(rows_cfg(rows, 1024)) }.w()?;
+            Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), rows))
+        }
+        let dev = x.device().clone();
+        let name = format!("row_lse_{}", suffix(x.dtype())?);
+        let (out, rows) = match x.dtype() {
+            DType::BF16 => go::<half::bf16>(&dev, x, l, &name)?,
+            _ => go::<f32>(&dev, x, l, &name)?,
+        };
+        Ok((out, Shape::from(rows)))
+    }
+}
+
+/// `(exp(x - lse) - onehot(target)) · scale`, in `x`'s dtype: the cross-entropy gradient
+/// with respect to logits `x` `[rows, cols]`, from their log-sum-exp `lse` (f32 `[rows]`)
+/// and the labels `target` (u32 `[rows]`).
+pub fn ce_grad(x: &Tensor, target: &Tensor, lse: &Tensor, scale: f64) -> Result<Tensor> {
+    let (rows, _) = x.dims2()?;
+    if target.dims() != [rows] || lse.dims() != [rows] || lse.dtype() != DType::F32 {
+        bail!(
+            "ce_grad: logits {:?}, targets {:?}, lse {:?}",
+            x.dims(),
+            target.dims(),
+            lse.dims()
+        );
+    }
+    x.apply_op3_no_bwd(target, lse, &CeGrad(scale as f32))
+}
+
+struct CeGrad(f32);
+
+impl CustomOp3 for CeGrad {
+    fn name(&self) -> &'static str {
+        "dagfleet-ce-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_only(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        lx: &Layout,
+        t: &CudaStorage,
+        lt: &Layout,
+        s: &CudaStorage,
+        ls: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        #[allow(clippy::too_many_arguments)]
+        fn go<T: candle_core::cuda_backend::CudaDType + DeviceRepr>(
+            scale: f32,
+            dev: &CudaDevice,
+            x: &CudaStorage,
+            lx: &Layout,
+            t: &CudaStorage,
+            lt: &Layout,
+            s: &CudaStorage,
+            ls: &Layout,
+            name: &str,
+        ) -> Result<CudaStorage> {
+            let v = contiguous::<T>(x, lx, "logits")?;
+            let tg = contiguous::<u32>(t, lt, "labels")?;
+            let lse = contiguous::<f32>(s, ls, "log-sum-exp")?;
+            let (rows, cols) = lx.shape().dims2()?;
+            // SAFETY: every element is written by the kernel.
+            let out: CudaSlice<T> = unsafe { dev.alloc::<T>(rows * cols)? };
+            let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
+            let mut bld = func.builder();
+            let c = cols as u32;
+            bld.arg(&v);
+            bld.arg(&tg);
+            bld.arg(&lse);
+            bld.arg(&out);
+            bld.arg(&c);
+            bld.arg(&scale);
+            // SAFETY: v and out hold rows * cols elements, tg and lse rows; one block per row.
+            unsafe { bld.launch(rows_cfg(rows, 1024)) }.w()?;
+            Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+        }
+        let dev = x.device().clone();
+        let name = format!("ce_grad_{}", suffix(x.dtype())?);
+        let out = match x.dtype() {
+            DType::BF16 => go::<half::bf16>(self.0, &dev, x, lx, t, lt, s, ls, &name)?,
+            _ => go::<f32>(self.0, &dev, x, lx, t, lt, s, ls, &name)?,
+        };
+        Ok((out, lx.shape().clone()))
+    }
+}
+
+/// RMSNorm's input gradient: `x`, `dy` `[rows, h]`, `w` `[h]`, all one dtype.
+pub fn rms_norm_bwd(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f64) -> Result<Tensor> {
+    let (_, h) = x.dims2()?;
+    if w.dims() != [h] || dy.dims() != x.dims() || w.dtype() != x.dtype() || dy.dtype() != x.dtype()
+    {
+        bail!(
+            "rms_norm_bwd: x {:?}, w {:?}, dy {:?}",
+            x.dims(),
+            w.dims(),
+            dy.dims()
+        );
+    }
+    x.apply_op3_no_bwd(w, dy, &RmsNormBwd(eps as f32))
+}
+
+struct RmsNormBwd(f32);
+
+impl CustomOp3 for RmsNormBwd {
+    fn name(&self) -> &'static str {
+        "dagfleet-rms-norm-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_only(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        lx: &Layout,
+        w: &CudaStorage,
+        lw: &Layout,
+        dy: &CudaStorage,
+        ld: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        #[allow(clippy::too_many_arguments)]
+        fn go<T: candle_core::cuda_backend::CudaDType + DeviceRepr>(
+            eps: f32,
+            dev: &CudaDevice,
+            x: &CudaStorage,
+            lx: &Layout,
+            w: &CudaStorage,
+            lw: &Layout,
+            dy: &CudaStorage,
+            ld: &Layout,
+            name: &str,
+        ) -> Result<CudaStorage> {
+            let a = contiguous::<T>(x, lx, "norm input")?;
+            let ww = contiguous::<T>(w, lw, "norm weight")?;
+            let g = contiguous::<T>(dy, ld, "output gradient")?;
+            let (rows, h) = lx.shape().dims2()?;
+            // SAFETY: every element is written by the kernel.
+            let out: CudaSlice<T> = unsafe { dev.alloc::<T>(rows * h)? };
+            let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
+            let mut bld = func.builder();
+            let hh = h as u32;
+            bld.arg(&a);
+            bld.arg(&ww);
+            bld.arg(&g);
+            bld.arg(&out);
+            bld.arg(&hh);
+            bld.arg(&eps);
+            // SAFETY: a, g and out hold rows * h elements, ww h; one block per row.
+            unsafe { bld.launch(rows_cfg(rows, 256)) }.w()?;
+            Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+        }
+        let dev = x.device().clone();
+        let name = format!("rms_norm_bwd_{}", suffix(x.dtype())?);
+        let out = match x.dtype() {
+            DType::BF16 => go::<half::bf16>(self.0, &dev, x, lx, w, lw, dy, ld, &name)?,
+            _ => go::<f32>(self.0, &dev, x, lx, w, lw, dy, ld, &name)?,
+        };
+        Ok((out, lx.shape().clone()))
+    }
+}
+
+/// The gradients `(dg, du)` of `h = silu(g) · u` given `dh`, all of one shape and dtype.
+pub fn swiglu_bwd(g: &Tensor, u: &Tensor, dh: &Tensor) -> Result<(Tensor, Tensor)> {
+    if g.dims() != u.dims()
+        || g.dims() != dh.dims()
+        || g.dtype() != u.dtype()
+        || g.dtype() != dh.dtype()
+    {
+        bail!(
+            "swiglu_bwd: g {:?}, u {:?}, dh {:?}",
+            g.dims(),
+            u.dims(),
+            dh.dims()
+        );
+    }
+    let both = g.apply_op3_no_bwd(u, dh, &SwigluBwd)?;
+    Ok((both.get(0)?, both.get(1)?))
+}
+
+struct SwigluBwd;
+
+impl CustomOp3 for SwigluBwd {
+    fn name(&self) -> &'static str {
+        "dagfleet-swiglu-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_only(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        g: &CudaStorage,
+        lg: &Layout,
+        u: &CudaStorage,
+        lu: &Layout,
+        dh: &CudaStorage,
+        ld: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        #[allow(clippy::too_many_arguments)]
+        fn go<T: candle_core::cuda_backend::CudaDType + DeviceRepr>(
+            dev: &CudaDevice,
+            g: &CudaStorage,
+            lg: &Layout,
+            u: &CudaStorage,
+            lu: &Layout,
+            dh: &CudaStorage,
+            ld: &Layout,
+            name: &str,
+        ) -> Result<CudaStorage> {
+            let a = contiguous::<T>(g, lg, "gate")?;
+            let b = contiguous::<T>(u, lu, "up")?;
+            let d = contiguous::<T>(dh, ld, "output gradient")?;
+            let n = lg.shape().elem_count();
+            // SAFETY: the kernel writes all 2n elements.
+            let out: CudaSlice<T> = unsafe { dev.alloc::<T>(2 * n)? };
+            let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
+            let mut bld = func.builder();
+            let nn = n as u64;
+            bld.arg(&a);
+            bld.arg(&b);
+            bld.arg(&d);
+            bld.arg(&out);
+            bld.arg(&nn);
+            let blocks = n.div_ceil(256).min(65_535 * 8) as u32;
+            let cfg = LaunchConfig {
+                grid_dim: (blocks.max(1), 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: a, b, d hold n elements and out 2n; the grid-stride loop stays below n.
+            unsafe { bld.launch(cfg) }.w()?;
+            Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+        }
+        let dev = g.device().clone();
+        let name = format!("swiglu_bwd_{}", suffix(g.dtype())?);
+        let out = match g.dtype() {
+            DType::BF16 => go::<half::bf16>(&dev, g, lg, u, lu, dh, ld, &name)?,
+            _ => go::<f32>(&dev, g, lg, u, lu, dh, ld, &name)?,
+        };
+        let mut dims = vec![2];
+        dims.extend_from_slice(lg.shape().dims());
+        Ok((out, Shape::from(dims)))
+    }
+}
