@@ -421,8 +421,10 @@ fn check_fused(model: &TrainModel, lora: &mut Lora, t: usize) -> Result<()> {
     };
     let (ef, eu) = (err(&gf)?, err(&gu)?);
     println!(
-        "{} on {dev:?}, against f32: loss fused {:.2e}, unfused {:.2e} (relative); adapter gradients (relative L2 over {} tensors) fused {ef:.2e}, unfused {eu:.2e}",
-        format!("{:?} {}x{}", cfg.arch, cfg.layers, cfg.hidden),
+        "{:?} {}x{} on {dev:?}, against f32: loss fused {:.2e}, unfused {:.2e} (relative); adapter gradients (relative L2 over {} tensors) fused {ef:.2e}, unfused {eu:.2e}",
+        cfg.arch,
+        cfg.layers,
+        cfg.hidden,
         ((lf - lr) / lr).abs(),
         ((lu - lr) / lr).abs(),
         gf.len()

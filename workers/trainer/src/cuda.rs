@@ -526,3 +526,43 @@ impl CustomOp3 for SwigluBwd {
         Ok((out, Shape::from(dims)))
     }
 }
+
+/// This process's device memory as its stream-ordered allocator (candle allocates through
+/// the device's default memory pool) counts it: bytes allocated now and their high-water
+/// mark since the last [`reset_peak_memory`]; like PyTorch's `memory_allocated` and
+/// `max_memory_allocated`, and unlike `nvidia-smi`, other processes are not counted.
+pub fn pool_memory(dev: &CudaDevice) -> Option<(u64, u64)> {
+    use candle_core::cuda_backend::cudarc::driver::{result, sys};
+    let cu = dev.cuda_stream().context().cu_device();
+    let attr = |a: sys::CUmemPool_attribute| -> Option<u64> {
+        let mut v: u64 = 0;
+        // SAFETY: `cu` is the device of a live context; the pool handle comes from the
+        // driver; both attributes are 64-bit values written into `v`.
+        unsafe {
+            let pool = result::device::get_default_mem_pool(cu).ok()?;
+            result::mem_pool::get_attribute(pool, a, (&mut v as *mut u64).cast()).ok()?;
+        }
+        Some(v)
+    };
+    Some((
+        attr(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)?,
+        attr(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH)?,
+    ))
+}
+
+/// Resets the high-water mark of [`pool_memory`].
+pub fn reset_peak_memory(dev: &CudaDevice) {
+    use candle_core::cuda_backend::cudarc::driver::{result, sys};
+    let cu = dev.cuda_stream().context().cu_device();
+    let mut zero: u64 = 0;
+    // SAFETY: as in `pool_memory`; the driver resets the mark when 0 is written.
+    unsafe {
+        if let Ok(pool) = result::device::get_default_mem_pool(cu) {
+            let _ = result::mem_pool::set_attribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                (&mut zero as *mut u64).cast(),
+            );
+        }
+    }
+}

@@ -49,11 +49,8 @@ pub fn peft_adapter(lora: &Lora, base_model: &str) -> Result<(Vec<u8>, Vec<u8>),
         "revision": null,
     });
     let names = lora.names();
-    let tensors: Vec<(String, Tensor)> = names
-        .into_iter()
-        .zip(&lora.params)
-        .map(|(n, p)| Ok((n, p.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)))
-        .collect::<Result<_, TrainError>>()?;
+    let cpu = lora.to_cpu()?;
+    let tensors: Vec<(String, Tensor)> = names.into_iter().zip(cpu.params).collect();
     let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
     let st = safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(meta))
         .map_err(ex)?;

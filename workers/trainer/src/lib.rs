@@ -92,15 +92,22 @@ pub fn compute_dtype(device: &candle_core::Device) -> candle_core::DType {
     }
 }
 
-/// Device memory in use, in bytes, where the device reports it (CUDA).
-pub fn device_memory(device: &candle_core::Device) -> Option<u64> {
+/// This process's device memory: (allocated now, highest allocated since the last
+/// [`reset_peak_memory`]), in bytes, where the device reports it (CUDA).
+pub fn device_memory(device: &candle_core::Device) -> Option<(u64, u64)> {
     #[cfg(feature = "cuda")]
-    if device.is_cuda() {
-        use candle_core::cuda_backend::cudarc::driver::result::mem_get_info;
-        return mem_get_info()
-            .ok()
-            .map(|(free, total)| (total - free) as u64);
+    if let candle_core::Device::Cuda(d) = device {
+        return cuda::pool_memory(d);
     }
     let _ = device;
     None
+}
+
+/// Resets the high-water mark [`device_memory`] reports.
+pub fn reset_peak_memory(device: &candle_core::Device) {
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(d) = device {
+        cuda::reset_peak_memory(d);
+    }
+    let _ = device;
 }

@@ -196,6 +196,30 @@ impl Lora {
     pub fn trainable(&self) -> usize {
         self.params.iter().map(|p| p.elem_count()).sum()
     }
+
+    /// The adapters on the CPU in f32, moved with one copy. (After an optimizer step the
+    /// parameters are views of one flat vector, and copying a view off a GPU copies its
+    /// whole buffer: one copy per parameter would move the vector hundreds of times.)
+    pub fn to_cpu(&self) -> Result<Lora, TrainError> {
+        let flat = crate::optim::AdamW::flatten(&self.params)?.to_device(&Device::Cpu)?;
+        Ok(Lora {
+            cfg: self.cfg.clone(),
+            index: self.index.clone(),
+            params: self.split(&flat)?,
+        })
+    }
+
+    /// Views of `flat` (all parameters in order) shaped like the parameters.
+    pub fn split(&self, flat: &Tensor) -> Result<Vec<Tensor>, TrainError> {
+        let mut off = 0;
+        let mut out = Vec::with_capacity(self.params.len());
+        for p in &self.params {
+            let n = p.elem_count();
+            out.push(flat.narrow(0, off, n)?.reshape(p.dims())?);
+            off += n;
+        }
+        Ok(out)
+    }
 }
 
 #[cfg(test)]

@@ -141,7 +141,6 @@ pub struct TrainModel {
     device: Device,
     cos: Tensor,
     sin: Tensor,
-    peak: std::sync::atomic::AtomicU64,
     /// Attention scores, softmax and its backward in f32 (else in the compute dtype, with
     /// f32 accumulation inside the fused softmax).
     attn_f32: bool,
@@ -220,7 +219,6 @@ impl TrainModel {
             base,
             dtype,
             device,
-            peak: Default::default(),
         })
     }
 
@@ -278,18 +276,12 @@ impl TrainModel {
         Some(out)
     }
 
-    /// Notes the device memory in use (CUDA only; a cheap driver query).
-    fn probe(&self) {
-        if let Some(m) = crate::device_memory(&self.device) {
-            self.peak.fetch_max(m, std::sync::atomic::Ordering::Relaxed);
-        }
-    }
-
-    /// The most device memory seen in use since the last call (0 where the device does not
-    /// say): sampled after the loss and after each layer's backward pass, where the
-    /// activations of a step peak.
+    /// The most device memory this process had allocated since the last call (0 where the
+    /// device does not say): the CUDA allocator's high-water mark, then reset.
     pub fn peak_memory(&self) -> u64 {
-        self.peak.swap(0, std::sync::atomic::Ordering::Relaxed)
+        let high = crate::device_memory(&self.device).map_or(0, |(_, h)| h);
+        crate::reset_peak_memory(&self.device);
+        high
     }
 
     /// The device.
@@ -778,7 +770,6 @@ impl TrainModel {
         let t = self.tick();
         let (loss, dx) = self.head(&x, batch, Some(grad_scale))?;
         self.tock("head (loss and its gradient)", t);
-        self.probe();
         drop(x);
         let mut dx = dx.ok_or_else(|| TrainError::Model("no head gradient".into()))?;
         for l in (0..layers).rev() {
@@ -795,7 +786,6 @@ impl TrainModel {
             };
             self.tock("layer recompute (checkpointing)", t);
             dx = self.layer_bwd(l, &input, &dx, &cache, batch, lora, lc, grads)?;
-            self.probe();
         }
         Ok(loss)
     }

@@ -12,7 +12,7 @@
 //! layer, module), so nothing random is carried as opaque state.
 
 use bytes::Bytes;
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use dagfleet_protocol::spec::TrainSpec;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -355,12 +355,21 @@ impl Trainer {
 
     /// Everything needed to continue later.
     pub fn checkpoint(&self) -> Result<Checkpoint, TrainError> {
-        let mut named: Vec<(String, Tensor)> = Vec::new();
-        for (i, p) in self.lora.params.iter().enumerate() {
-            named.push((format!("lora.{i}"), p.to_dtype(DType::F32)?.contiguous()?));
-        }
-        named.push(("adamw.m".into(), self.opt.m.clone()));
-        named.push(("adamw.v".into(), self.opt.v.clone()));
+        // Three flat vectors, each moved off the device with one copy.
+        let named: Vec<(String, Tensor)> = vec![
+            (
+                "lora".into(),
+                AdamW::flatten(&self.lora.params)?.to_device(&candle_core::Device::Cpu)?,
+            ),
+            (
+                "adamw.m".into(),
+                self.opt.m.to_device(&candle_core::Device::Cpu)?,
+            ),
+            (
+                "adamw.v".into(),
+                self.opt.v.to_device(&candle_core::Device::Cpu)?,
+            ),
+        ];
         let tensors = safetensors::serialize(named.iter().map(|(n, t)| (n.as_str(), t)), None)
             .map_err(|e| TrainError::Model(format!("serializing a checkpoint: {e}")))?;
         let mut state = self.state.clone();
@@ -409,9 +418,8 @@ impl Trainer {
             }
             Ok(t.clone())
         };
-        for i in 0..self.lora.params.len() {
-            self.lora.params[i] = get(&format!("lora.{i}"), &self.lora.params[i])?;
-        }
+        let flat = get("lora", &self.opt.m)?;
+        self.lora.params = self.lora.split(&flat)?;
         let m = get("adamw.m", &self.opt.m)?;
         let v = get("adamw.v", &self.opt.v)?;
         self.opt.set_moments(m, v)?;
