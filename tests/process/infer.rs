@@ -37,30 +37,8 @@ fn an_infer_then_judge_run_goes_through_the_coordinator() {
         ),
     )
     .unwrap();
-    let out = std::process::Command::new(dagfleet_bin())
-        .current_dir(dir.path())
-        .args([
-            "--nats-url",
-            &format!("nats://127.0.0.1:{}", free_port()),
-            "up",
-            "--run",
-        ])
-        .arg(&spec)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (_, run) = up_run(dir.path(), &spec);
     let artifacts = dir.path().join(".dagfleet/artifacts");
-    let run = std::fs::read_dir(artifacts.join("runs"))
-        .unwrap()
-        .flatten()
-        .next()
-        .unwrap()
-        .path();
     assert!(
         run.join("inputs/prompts.jsonl").exists(),
         "the prompts travelled with the run"

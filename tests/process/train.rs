@@ -88,16 +88,6 @@ fn dataset(dir: &Path, rows: usize) -> PathBuf {
     p
 }
 
-fn artifacts(root: &Path) -> PathBuf {
-    let runs = root.join(".dagfleet/artifacts/runs");
-    std::fs::read_dir(&runs)
-        .unwrap()
-        .flatten()
-        .next()
-        .unwrap()
-        .path()
-}
-
 #[test]
 fn a_train_run_goes_through_the_coordinator() {
     init();
@@ -114,25 +104,8 @@ fn a_train_run_goes_through_the_coordinator() {
         ),
     )
     .unwrap();
-    let out = std::process::Command::new(dagfleet_bin())
-        .current_dir(dir.path())
-        .args([
-            "--nats-url",
-            &format!("nats://127.0.0.1:{}", free_port()),
-            "up",
-            "--run",
-        ])
-        .arg(&spec)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (stdout, run) = up_run(dir.path(), &spec);
     assert!(stdout.contains("train"), "{stdout}");
-    let run = artifacts(dir.path());
     let train = std::fs::read_dir(run.join("train"))
         .unwrap()
         .flatten()
@@ -401,26 +374,9 @@ fn train_then_infer_judge_and_report_compares_the_fine_tune_with_its_base() {
         ),
     )
     .unwrap();
-    let out = std::process::Command::new(dagfleet_bin())
-        .current_dir(dir.path())
-        .args([
-            "--nats-url",
-            &format!("nats://127.0.0.1:{}", free_port()),
-            "up",
-            "--run",
-        ])
-        .arg(&spec)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (stdout, run) = up_run(dir.path(), &spec);
     // The verdict is printed, and the report names both models.
     assert!(stdout.contains("The fine-tune"), "{stdout}");
-    let run = artifacts(dir.path());
     let report_dir = std::fs::read_dir(run.join("report"))
         .unwrap()
         .flatten()

@@ -413,6 +413,36 @@ impl Drop for Proc {
     }
 }
 
+/// Runs `dagfleet up --run SPEC` in `dir` (its own nats-server on a free port, artifacts in
+/// `dir/.dagfleet/artifacts`), asserts that the run succeeded, and returns its stdout and
+/// the run's artifact directory.
+pub fn up_run(dir: &std::path::Path, spec: &std::path::Path) -> (String, PathBuf) {
+    let out = Command::new(dagfleet_bin())
+        .current_dir(dir)
+        .args([
+            "--nats-url",
+            &format!("nats://127.0.0.1:{}", free_port()),
+            "up",
+            "--run",
+        ])
+        .arg(spec)
+        .output()
+        .expect("dagfleet up --run");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run = std::fs::read_dir(dir.join(".dagfleet/artifacts/runs"))
+        .expect("runs directory")
+        .flatten()
+        .next()
+        .expect("a run")
+        .path();
+    (stdout, run)
+}
+
 /// A local-directory artifact store in a temp dir.
 pub fn temp_store() -> (tempfile::TempDir, ArtifactStore) {
     let dir = tempfile::tempdir().expect("tempdir");
