@@ -260,6 +260,16 @@ async fn a_killed_trainer_resumes_from_its_checkpoint_with_the_same_losses() {
     assert_eq!(st.status, RunStatus::Done, "{:?}", st.error);
     let want = losses(dir.path(), &run_a);
     assert!(want.len() >= 10, "{}", want.len());
+    // It ran far longer than the ack wait (3 s) on its first delivery: the in-progress acks
+    // kept it.
+    let rec_a = store
+        .list(&format!("runs/{run_a}/jobs/train"))
+        .await
+        .unwrap();
+    let rec_a: dagfleet_protocol::JobRecord =
+        serde_json::from_slice(&store.get_opt(&rec_a[0]).await.unwrap().unwrap()).unwrap();
+    assert_eq!(rec_a.attempt, 1);
+    assert!(rec_a.duration_ms > 3_000, "{} ms", rec_a.duration_ms);
 
     // The same run, its worker killed once a checkpoint is in the store.
     let run_b = stack.submit(&spec).await;

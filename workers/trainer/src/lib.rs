@@ -111,3 +111,24 @@ pub fn reset_peak_memory(device: &candle_core::Device) {
     }
     let _ = device;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn out_of_memory_says_what_to_lower() {
+        let e: TrainError = candle_core::Error::Msg(
+            "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")".into(),
+        )
+        .into();
+        let msg = e.to_string();
+        assert!(matches!(e, TrainError::OutOfMemory(_)));
+        assert!(
+            msg.contains("train.micro_batch") && msg.contains("train.max_seq_len"),
+            "{msg}"
+        );
+        let other: TrainError = candle_core::Error::Msg("shape mismatch".into()).into();
+        assert!(matches!(other, TrainError::Candle(_)));
+    }
+}
