@@ -68,6 +68,23 @@ pub struct TrainState {
     pub elapsed_s: f64,
 }
 
+impl TrainState {
+    /// Records a validation loss: the best so far resets the count of evaluations without
+    /// improvement; `patience` (> 0) of those in a row stop training.
+    pub fn note_validation(&mut self, v: f64, patience: u32) {
+        match self.best_valid {
+            Some(b) if v >= b => self.bad_evals += 1,
+            _ => {
+                self.best_valid = Some(v);
+                self.bad_evals = 0;
+            }
+        }
+        if patience > 0 && self.bad_evals >= patience {
+            self.stopped_early = true;
+        }
+    }
+}
+
 #[derive(Serialize, Deserialize)]
 struct CheckpointMeta {
     version: u32,
@@ -311,17 +328,8 @@ impl Trainer {
                         what: format!("validation loss is {v}"),
                     });
                 }
-                match self.state.best_valid {
-                    Some(b) if v >= b => self.state.bad_evals += 1,
-                    _ => {
-                        self.state.best_valid = Some(v);
-                        self.state.bad_evals = 0;
-                    }
-                }
-                let patience = self.spec.early_stopping_patience;
-                if patience > 0 && self.state.bad_evals >= patience {
-                    self.state.stopped_early = true;
-                }
+                self.state
+                    .note_validation(v, self.spec.early_stopping_patience);
             }
         }
         self.state.history.push(m.clone());
@@ -427,5 +435,33 @@ impl Trainer {
         self.state = meta.state;
         self.started = Instant::now();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn early_stopping_counts_evaluations_without_improvement() {
+        let mut st = TrainState::default();
+        for v in [1.0, 0.9, 0.95, 0.85] {
+            st.note_validation(v, 2);
+            assert!(!st.stopped_early);
+        }
+        assert_eq!((st.best_valid, st.bad_evals), (Some(0.85), 0));
+        let mut st = TrainState::default();
+        for v in [1.0, 0.9, 0.95, 0.9] {
+            st.note_validation(v, 2);
+        }
+        assert!(
+            st.stopped_early,
+            "two evaluations in a row not below the best"
+        );
+        let mut off = TrainState::default();
+        for v in [1.0, 2.0, 3.0, 4.0] {
+            off.note_validation(v, 0);
+        }
+        assert!(!off.stopped_early, "patience 0 never stops");
     }
 }
