@@ -5,13 +5,16 @@ with dagfleet's own (from `dagfleet bench logits`), by relative L2 error:
            from the same GGUF file the job trained on, against dagfleet's merged export;
   merged   the merged safetensors directory, with transformers, against the same;
   llama    each GGUF export, with llama.cpp (llama-cpp-python), against dagfleet's logits
-           of that file, and a short greedy chat completion through its chat template.
+           of that file, and a short greedy chat completion through its chat template;
+  lora     the LoRA GGUF adapter, with llama.cpp over the base GGUF, against dagfleet's
+           merged logits (the exact fine-tune), and the chat completion.
 
 Each tool runs only where its Python package is importable, so the peft/transformers and
 llama.cpp checks may run from different environments:
 
     python bench/check_exports.py peft   BASE.gguf OUT/adapter OUT/merged merged.f32 TOKENS
     python bench/check_exports.py llama  OUT/gguf/model-q8_0.gguf q8.f32 TOKENS
+    python bench/check_exports.py lora   BASE.gguf OUT/gguf/model-lora-adapter.gguf merged.f32 TOKENS
 
 TOKENS is a comma-separated list of token ids. Exits non-zero when a check fails.
 """
@@ -59,15 +62,26 @@ def check_peft(base_gguf, adapter, merged, ours_path, toks):
     return e_peft < 1e-2 and e_merged < 1e-2 and effect > 10 * max(e_peft, e_merged)
 
 
-def check_llama(gguf, ours_path, toks):
+def check_llama(gguf, ours_path, toks, lora=None):
     from llama_cpp import Llama
 
     ours = np.fromfile(ours_path, dtype="<f4")
-    llm = Llama(model_path=gguf, n_ctx=512, logits_all=True, verbose=False, seed=0)
+    extra = {"lora_path": lora} if lora else {}
+    llm = Llama(model_path=gguf, n_ctx=512, logits_all=True, verbose=False, seed=0, **extra)
     llm.eval(toks)
     ref = np.array(llm.scores[len(toks) - 1], dtype=np.float32)
     e = rel(ours, ref)
-    print(f"{os.path.basename(gguf)}: dagfleet vs llama.cpp logits {e:.2e}; top-5 ours {top(ours)} llama.cpp {top(ref)}")
+    what = os.path.basename(gguf) + (f" + {os.path.basename(lora)}" if lora else "")
+    print(f"{what}: dagfleet vs llama.cpp logits {e:.2e}; top-5 ours {top(ours)} llama.cpp {top(ref)}")
+    ok = e < 5e-2 and top(ours, 1) == top(ref, 1)
+    if lora:
+        # Without the adapter, llama.cpp's base must sit much further from the fine-tune.
+        plain = Llama(model_path=gguf, n_ctx=512, logits_all=True, verbose=False, seed=0)
+        plain.eval(toks)
+        base = np.array(plain.scores[len(toks) - 1], dtype=np.float32)
+        effect = rel(base, ref)
+        print(f"{what}: the adapter's effect in llama.cpp (base vs base + adapter) {effect:.2e}")
+        ok = ok and effect > 3 * e
     llm.reset()
     out = llm.create_chat_completion(
         messages=[{"role": "user", "content": "Write an Airflow DAG that runs a bash command every day."}],
@@ -75,8 +89,8 @@ def check_llama(gguf, ours_path, toks):
         temperature=0.0,
     )
     text = out["choices"][0]["message"]["content"]
-    print(f"{os.path.basename(gguf)}: llama.cpp chat completion: {text!r}")
-    return e < 5e-2 and top(ours, 1) == top(ref, 1) and len(text.strip()) > 0
+    print(f"{what}: llama.cpp chat completion: {text!r}")
+    return ok and len(text.strip()) > 0
 
 
 def main(argv):
@@ -86,8 +100,10 @@ def main(argv):
         ok = check_peft(*args[:4], toks)
     elif what == "llama":
         ok = check_llama(*args[:2], toks)
+    elif what == "lora":
+        ok = check_llama(args[0], args[2], toks, lora=args[1])
     else:
-        sys.exit(f"unknown check {what!r}: peft or llama")
+        sys.exit(f"unknown check {what!r}: peft, llama or lora")
     print("PASS" if ok else "FAIL")
     sys.exit(0 if ok else 1)
 

@@ -2,9 +2,9 @@
 
 use anyhow::Result;
 use dagfleet_coordinator::{list_runs, load_run};
-use dagfleet_protocol::{RunId, RunState, RunStatus, StageStatus};
+use dagfleet_protocol::{RunId, RunState, RunStatus, Stage, StageStatus};
 use dagfleet_runtime::Bus;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
@@ -36,6 +36,61 @@ fn stage_extra(s: &dagfleet_protocol::StageState) -> String {
         _ => {}
     }
     out
+}
+
+/// The latest optimizer step of a run's train job, from its `train_step` events.
+#[derive(Default)]
+struct TrainProgress {
+    step: u64,
+    total: u64,
+    loss: f64,
+    valid: Option<f64>,
+    lr: f64,
+    tokens_per_s: f64,
+    mem: Option<u64>,
+    /// The step was a validation step (or the last one): always worth a log line.
+    notable: bool,
+}
+
+impl TrainProgress {
+    /// Folds in one event; false when it is not a train step.
+    fn note(&mut self, ev: &dagfleet_protocol::EventKind) -> bool {
+        let dagfleet_protocol::EventKind::TrainStep {
+            step,
+            total_steps,
+            loss,
+            lr,
+            tokens_per_s,
+            gpu_mem_bytes,
+            valid_loss,
+            ..
+        } = ev
+        else {
+            return false;
+        };
+        self.notable = valid_loss.is_some() || step == total_steps || self.step == 0;
+        (self.step, self.total, self.loss, self.lr) = (*step, *total_steps, *loss, *lr);
+        self.tokens_per_s = *tokens_per_s;
+        self.mem = gpu_mem_bytes.or(self.mem);
+        self.valid = valid_loss.or(self.valid);
+        true
+    }
+
+    /// e.g. `step 40/400 loss 1.2345 valid 1.3001 lr 2.0e-4 5210 tok/s 6.2 GiB`.
+    fn line(&self) -> String {
+        let mut out = format!("step {}/{} loss {:.4}", self.step, self.total, self.loss);
+        if let Some(v) = self.valid {
+            out.push_str(&format!(" valid {v:.4}"));
+        }
+        out.push_str(&format!(
+            " lr {:.1e} {:.0} tok/s",
+            self.lr, self.tokens_per_s
+        ));
+        if let Some(m) = self.mem {
+            out.push_str(&format!(" {:.1} GiB", m as f64 / (1u64 << 30) as f64));
+        }
+        out
+    }
 }
 
 fn stage_line(s: &dagfleet_protocol::StageState) -> String {
@@ -187,12 +242,49 @@ pub async fn follow(
     let mut bars: BTreeMap<String, ProgressBar> = BTreeMap::new();
     let mut last_lines: BTreeMap<String, String> = BTreeMap::new();
     let mut last_print = std::time::Instant::now() - Duration::from_secs(60);
+    // Train jobs report every optimizer step as an event: the train bar counts steps.
+    let mut steps = bus
+        .client()
+        .subscribe(dagfleet_protocol::subjects::event(run, "train_step"))
+        .await
+        .ok();
+    let mut train = TrainProgress::default();
+    let mut last_train_print = std::time::Instant::now() - Duration::from_secs(60);
     loop {
+        let mut stepped = false;
+        while let Some(Some(m)) = steps.as_mut().map(|s| s.next().now_or_never()).flatten() {
+            if let Ok(ev) = dagfleet_protocol::decode_event(&m.payload) {
+                if train.note(&ev.kind) {
+                    stepped = true;
+                    if !tty
+                        && (train.notable || last_train_print.elapsed() > Duration::from_secs(10))
+                    {
+                        eprintln!("  {:<10} {}", Stage::Train.as_str(), train.line());
+                        last_train_print = std::time::Instant::now();
+                    }
+                }
+            }
+        }
         let Some((st, _)) = load_run(bus, run).await? else {
             anyhow::bail!("no run `{run}`; `dagfleet status` lists runs");
         };
         for s in &st.stages {
             let key = s.stage.to_string();
+            let training = s.stage == Stage::Train && train.total > 0;
+            if tty && training && s.status == StageStatus::Dispatched {
+                let bar = bars.entry(key.clone()).or_insert_with(|| {
+                    let b = mp.add(ProgressBar::new(0));
+                    b.set_style(style.clone());
+                    b.set_prefix(key.clone());
+                    b
+                });
+                if stepped {
+                    bar.set_length(train.total);
+                    bar.set_position(train.step);
+                    bar.set_message(train.line());
+                }
+                continue;
+            }
             if tty {
                 let bar = bars.entry(key.clone()).or_insert_with(|| {
                     let b = mp.add(ProgressBar::new(0));

@@ -250,8 +250,11 @@ pub async fn plan_stage(
     }
 }
 
-/// The fine-tuned model of the run's train stage, as the infer stage runs it: its q4_k_m
-/// GGUF (what users deploy), else its q8_0 GGUF, else the PEFT adapter on the base.
+/// The fine-tuned model of the run's train stage, as the infer stage runs it: the PEFT
+/// adapter over the very base it was trained on (the exact fine-tune), else its q8_0 GGUF,
+/// else its q4_k_m GGUF. A merge re-quantized to a quantized base's grid rounds most small
+/// updates back to the base's values (BENCHMARKS.md measures how much), so the report judges
+/// the adapter wherever there is one.
 async fn fine_tune(
     state: &RunState,
     store: &ArtifactStore,
@@ -279,12 +282,6 @@ async fn fine_tune(
         provider: "store".into(),
         model: format!("{name} + LoRA ({kind})"),
     };
-    if let Some(w) = find("-q4_k_m.gguf") {
-        return Ok((tuned("q4_k_m"), Some(w), None));
-    }
-    if let Some(w) = find("-q8_0.gguf") {
-        return Ok((tuned("q8_0"), Some(w), None));
-    }
     if let Some(a) = find("adapter/adapter_model.safetensors") {
         return Ok((
             dagfleet_protocol::jobs::ModelRef {
@@ -295,9 +292,15 @@ async fn fine_tune(
             Some(a),
         ));
     }
+    if let Some(w) = find("-q8_0.gguf") {
+        return Ok((tuned("q8_0"), Some(w), None));
+    }
+    if let Some(w) = find("-q4_k_m.gguf") {
+        return Ok((tuned("q4_k_m"), Some(w), None));
+    }
     Err(PlanError::Store(
         stage,
-        "the train stage exported no model the infer stage can run: add `q4_k_m`, `q8_0` or `peft` to train.export".into(),
+        "the train stage exported no model the infer stage can run: add `peft`, `q8_0` or `q4_k_m` to train.export".into(),
     ))
 }
 

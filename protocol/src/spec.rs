@@ -203,7 +203,7 @@ pub const ALL_LINEAR: [&str; 7] = [
 ];
 
 /// Exports `[train] export` may name.
-pub const EXPORTS: [&str; 5] = ["peft", "merged", "q8_0", "q4_k_m", "modelfile"];
+pub const EXPORTS: [&str; 6] = ["peft", "gguf_lora", "merged", "q8_0", "q4_k_m", "modelfile"];
 
 impl Default for TrainSpec {
     fn default() -> Self {

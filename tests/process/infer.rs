@@ -37,7 +37,7 @@ fn an_infer_then_judge_run_goes_through_the_coordinator() {
         ),
     )
     .unwrap();
-    let (_, run) = up_run(dir.path(), &spec);
+    let (_, _, run) = up_run(dir.path(), &spec);
     let artifacts = dir.path().join(".dagfleet/artifacts");
     assert!(
         run.join("inputs/prompts.jsonl").exists(),

@@ -104,8 +104,29 @@ fn a_train_run_goes_through_the_coordinator() {
         ),
     )
     .unwrap();
-    let (stdout, run) = up_run(dir.path(), &spec);
+    let (stdout, progress, run) = up_run(dir.path(), &spec);
     assert!(stdout.contains("train"), "{stdout}");
+    // Progress follows the optimizer steps from the train_step events: the first and the
+    // last step always get a line.
+    let steps: Vec<&str> = progress
+        .lines()
+        .filter_map(|l| l.trim_start().strip_prefix("train"))
+        .map(str::trim_start)
+        .filter_map(|l| l.strip_prefix("step "))
+        .collect();
+    assert!(
+        steps.first().is_some_and(|l| l.starts_with("1/")),
+        "{progress}"
+    );
+    let last = steps
+        .last()
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or("");
+    assert!(
+        last.split_once('/').is_some_and(|(a, b)| a == b)
+            && steps.iter().all(|l| l.contains(" loss ")),
+        "{progress}"
+    );
     let train = std::fs::read_dir(run.join("train"))
         .unwrap()
         .flatten()
@@ -384,8 +405,9 @@ fn train_then_infer_judge_and_report_compares_the_fine_tune_with_its_base() {
         ),
     )
     .unwrap();
-    let (stdout, run) = up_run(dir.path(), &spec);
-    // The verdict is printed, and the report names both models.
+    let (stdout, _, run) = up_run(dir.path(), &spec);
+    // The verdict is printed, and the report names both models: the fine-tune is the adapter
+    // over the base it was trained on, not the re-quantized merge.
     assert!(stdout.contains("The fine-tune"), "{stdout}");
     let report_dir = std::fs::read_dir(run.join("report"))
         .unwrap()
@@ -394,15 +416,15 @@ fn train_then_infer_judge_and_report_compares_the_fine_tune_with_its_base() {
         .unwrap()
         .path();
     let md = std::fs::read_to_string(report_dir.join("report.md")).unwrap();
-    assert!(md.contains("tiny-llama + LoRA (q4_k_m)"), "{md}");
+    assert!(md.contains("tiny-llama + LoRA (adapter)"), "{md}");
     assert!(md.contains("![loss curve](loss.png)"), "{md}");
     assert!(report_dir.join("loss.png").exists());
     let rep: serde_json::Value =
         serde_json::from_slice(&std::fs::read(report_dir.join("report.json")).unwrap()).unwrap();
     assert_eq!(rep["models"].as_object().unwrap().len(), 2, "{rep}");
-    assert_eq!(rep["fine_tune"], "tiny-llama + LoRA (q4_k_m)");
+    assert_eq!(rep["fine_tune"], "tiny-llama + LoRA (adapter)");
     assert_eq!(rep["models"][rep["base"].as_str().unwrap()]["rows"], 3);
-    assert_eq!(rep["models"]["tiny-llama + LoRA (q4_k_m)"]["rows"], 3);
+    assert_eq!(rep["models"]["tiny-llama + LoRA (adapter)"]["rows"], 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -414,9 +414,9 @@ impl Drop for Proc {
 }
 
 /// Runs `dagfleet up --run SPEC` in `dir` (its own nats-server on a free port, artifacts in
-/// `dir/.dagfleet/artifacts`), asserts that the run succeeded, and returns its stdout and
-/// the run's artifact directory.
-pub fn up_run(dir: &std::path::Path, spec: &std::path::Path) -> (String, PathBuf) {
+/// `dir/.dagfleet/artifacts`), asserts that the run succeeded, and returns its stdout, its
+/// stderr (the progress lines) and the run's artifact directory.
+pub fn up_run(dir: &std::path::Path, spec: &std::path::Path) -> (String, String, PathBuf) {
     let out = Command::new(dagfleet_bin())
         .current_dir(dir)
         .args([
@@ -429,18 +429,15 @@ pub fn up_run(dir: &std::path::Path, spec: &std::path::Path) -> (String, PathBuf
         .output()
         .expect("dagfleet up --run");
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{stdout}\n{stderr}");
     let run = std::fs::read_dir(dir.join(".dagfleet/artifacts/runs"))
         .expect("runs directory")
         .flatten()
         .next()
         .expect("a run")
         .path();
-    (stdout, run)
+    (stdout, stderr, run)
 }
 
 /// A local-directory artifact store in a temp dir.

@@ -204,7 +204,12 @@ impl InferHandler {
                         ],
                     )
                     .await?;
-                label = format!("{} + LoRA (adapter)", job.model.model);
+                // Named like the other fine-tune formats: the base's file name.
+                let base = std::path::Path::new(&job.model.model)
+                    .file_name()
+                    .map(|n| n.to_string_lossy().to_string())
+                    .unwrap_or_else(|| job.model.model.clone());
+                label = format!("{base} + LoRA (adapter)");
                 self.engine_at(
                     self.settings.resolve(&job.model.model),
                     Some(dir),

@@ -5,7 +5,8 @@
 //!   `config.json`, tokenizer files;
 //! - GGUF files (q8_0, and q4_k_m with llama.cpp's mix of Q4_K and Q6_K) that the inference
 //!   role, llama.cpp and Ollama load;
-//! - an Ollama `Modelfile` with the chat template.
+//! - the adapter as a llama.cpp LoRA GGUF, the exact fine-tune over a quantized base;
+//! - Ollama `Modelfile`s with the chat template (the q4_k_m merge; the base plus adapter).
 
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
@@ -463,13 +464,77 @@ pub fn gguf(
     Ok(cur.into_inner())
 }
 
+/// The adapter as a llama.cpp LoRA GGUF (`general.type = adapter`), for `llama-cli --lora`
+/// and Ollama's `ADAPTER` on top of the very base it was trained on. Where that base is
+/// quantized (QLoRA), this keeps the fine-tune exact: a merged model re-quantized to the
+/// base's grid rounds most small updates back to the base's values. Tensors are named as
+/// llama.cpp's `convert_lora_to_gguf.py` names them (`blk.N.attn_q.weight.lora_a`, A as
+/// `[r, in]` and B as `[out, r]`, f32), with Llama's q/k rows of B in GGUF order.
+pub fn gguf_lora(lora: &Lora, model: &TrainModel, name: &str) -> Result<Vec<u8>, TrainError> {
+    use gguf_file::Value as V;
+    let cfg = &model.base.cfg;
+    let arch = match cfg.arch {
+        Arch::Llama => "llama",
+        Arch::Qwen2 => "qwen2",
+    };
+    let md: Vec<(&str, V)> = vec![
+        ("general.architecture", V::String(arch.into())),
+        ("general.type", V::String("adapter".into())),
+        ("general.name", V::String(name.into())),
+        ("adapter.type", V::String("lora".into())),
+        ("adapter.lora.alpha", V::F32(lora.cfg.alpha as f32)),
+    ];
+    let cpu = lora.to_cpu()?;
+    let mut qts: Vec<(String, QTensor)> = Vec::with_capacity(cpu.params.len());
+    for (peft, t) in lora.names().into_iter().zip(cpu.params) {
+        // base_model.model.model.layers.L.self_attn.q_proj.lora_A.weight
+        let (module, ab) = peft
+            .strip_prefix("base_model.model.")
+            .and_then(|r| r.strip_suffix(".weight"))
+            .and_then(|r| r.rsplit_once(".lora_"))
+            .ok_or_else(|| ex(format!("unexpected adapter tensor name `{peft}`")))?;
+        let g = hf_to_gguf(&format!("{module}.weight"))
+            .ok_or_else(|| ex(format!("no GGUF name for `{module}`")))?;
+        // An owned copy: the adapters are views into one flat buffer, and quantizing reads
+        // a tensor's whole storage.
+        let mut t = Tensor::from_vec(
+            t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
+            t.dims(),
+            &Device::Cpu,
+        )?;
+        if ab == "B" && cfg.arch == Arch::Llama {
+            if g.contains(".attn_q.") {
+                t = permute_qk(&t, cfg.heads, true)?;
+            } else if g.contains(".attn_k.") {
+                t = permute_qk(&t, cfg.kv_heads, true)?;
+            }
+        }
+        let q = QTensor::quantize(&t, GgmlDType::F32)?;
+        qts.push((format!("{g}.lora_{}", ab.to_lowercase()), q));
+    }
+    let mut cur = std::io::Cursor::new(Vec::new());
+    let md_refs: Vec<(&str, &V)> = md.iter().map(|(k, v)| (*k, v)).collect();
+    let t_refs: Vec<(&str, &QTensor)> = qts.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    gguf_file::write(&mut cur, &md_refs, &t_refs).map_err(ex)?;
+    Ok(cur.into_inner())
+}
+
 /// An Ollama `Modelfile` for `gguf_file` (a path relative to the Modelfile) with the chat
 /// template of ChatML models, the stop tokens and, when given, the training system prompt.
-pub fn modelfile(gguf_file: &str, codec: &TextCodec, system: Option<&str>) -> String {
+pub fn modelfile(
+    gguf_file: &str,
+    adapter: Option<&str>,
+    codec: &TextCodec,
+    system: Option<&str>,
+) -> String {
     let chatml = codec
         .chat_template()
         .is_none_or(|t| t.contains("<|im_start|>"));
-    let mut s = format!("FROM ./{gguf_file}\n\n");
+    let mut s = format!("FROM ./{gguf_file}\n");
+    if let Some(a) = adapter {
+        s.push_str(&format!("ADAPTER ./{a}\n"));
+    }
+    s.push('\n');
     if chatml {
         s.push_str(
             "TEMPLATE \"\"\"{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}\

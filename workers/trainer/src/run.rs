@@ -15,6 +15,7 @@ use crate::export::{self, GgufKind};
 use crate::model::TrainModel;
 use crate::report;
 use crate::trainer::{Checkpoint, StepMetrics, Trainer};
+use crate::weights::BaseFormat;
 use crate::weights::BaseWeights;
 use crate::TrainError;
 
@@ -341,10 +342,31 @@ pub fn run(inp: RunInputs, sink: &mut dyn Sink) -> Result<Vec<(String, f64)>, St
                 });
             }
         }
-        if want("modelfile") {
+    }
+    // The exact fine-tune for llama.cpp and Ollama: the adapter over the base it was trained on.
+    let lora_name = format!("{stem}-lora-adapter.gguf");
+    if want("gguf_lora") {
+        let data = export::gguf_lora(&tr.lora, &tr.model, &lora_name)?;
+        sink.artifact(&format!("gguf/{lora_name}"), data)?;
+        exports.push("gguf/lora");
+    }
+    if want("modelfile") {
+        if want("q4_k_m") {
             let name = format!("{stem}-lora-{}.gguf", GgufKind::Q4KM.suffix());
-            let mf = export::modelfile(&name, &codec, None);
+            let mf = export::modelfile(&name, None, &codec, None);
             sink.artifact("gguf/Modelfile", mf.into_bytes())?;
+        }
+        if let (true, BaseFormat::Gguf(base)) = (want("gguf_lora"), &tr.model.base.format) {
+            let base_file = base
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_else(|| base_name.clone());
+            let mf = format!(
+                "# The base model file must sit beside this Modelfile: {}\n{}",
+                base.display(),
+                export::modelfile(&base_file, Some(&lora_name), &codec, None)
+            );
+            sink.artifact("gguf/Modelfile.adapter", mf.into_bytes())?;
         }
     }
     let csv = report::metrics_csv(&history);
@@ -355,8 +377,8 @@ pub fn run(inp: RunInputs, sink: &mut dyn Sink) -> Result<Vec<(String, f64)>, St
     let train_s: f64 = last.as_ref().map(|m| m.elapsed_s).unwrap_or(0.0);
     let summary = json!({
         "base": {"model": base_name, "path": base_path.display().to_string()},
-        "device": format!("{:?}", tr.model.device()),
-        "dtype": format!("{:?}", tr.model.dtype),
+        "device": device_label(tr.model.device()),
+        "dtype": tr.model.dtype.as_str(),
         "spec": spec,
         "trainable_params": tr.lora.trainable(),
         "steps": tr.state.step,
@@ -398,6 +420,15 @@ pub fn run(inp: RunInputs, sink: &mut dyn Sink) -> Result<Vec<(String, f64)>, St
         metrics.push(("train_tokens_per_s".into(), tokens as f64 / train_s));
     }
     Ok(metrics)
+}
+
+/// `cpu`, `cuda:0`, `metal` for reports and the summary.
+fn device_label(d: &candle_core::Device) -> String {
+    match d.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
 }
 
 fn report_md(s: &serde_json::Value, history: &[StepMetrics]) -> String {

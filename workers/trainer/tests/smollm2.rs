@@ -6,7 +6,8 @@
 //! - a fixed small dataset is overfit in a few dozen steps;
 //! - the merged model's logits equal base + adapter, through the inference role's loader;
 //! - the exported GGUF files (q8_0, q4_k_m) load in the inference role and generate; the
-//!   PEFT adapter merges on load there too.
+//!   PEFT adapter merges on load there too; the llama.cpp LoRA GGUF holds the same adapters
+//!   under llama.cpp's names.
 
 #![allow(clippy::unwrap_used)]
 
@@ -359,7 +360,7 @@ fn a_small_dataset_is_overfit_and_the_exports_round_trip() {
     let adir = dir.path().join("adapter");
     std::fs::create_dir_all(&adir).unwrap();
     std::fs::write(adir.join("adapter_config.json"), cfg).unwrap();
-    std::fs::write(adir.join("adapter_model.safetensors"), st).unwrap();
+    std::fs::write(adir.join("adapter_model.safetensors"), &st).unwrap();
     let opts = dagfleet_inference::model::LoadOptions {
         adapter: Some(adir),
         ..Default::default()
@@ -377,4 +378,53 @@ fn a_small_dataset_is_overfit_and_the_exports_round_trip() {
     });
     eprintln!("PEFT adapter on the Q4_1 base: answer loss {ce:.4}");
     assert!(ce < 0.5 * base_ce, "{ce} vs base {base_ce}");
+
+    // The llama.cpp LoRA GGUF: the PEFT adapters under convert_lora_to_gguf.py's names
+    // (A as [r, in], B as [out, r]), with Llama's q/k rows of B in the base GGUF's order.
+    // (llama.cpp itself loading it is bench/check_exports.py's job; BENCHMARKS.md.)
+    use candle_core::quantized::gguf_file;
+    use dagfleet_trainer::weights::{hf_to_gguf, permute_qk};
+    let bytes = export::gguf_lora(&tr.lora, &tr.model, "smol-test-adapter").unwrap();
+    let mut cur = std::io::Cursor::new(bytes);
+    let content = gguf_file::Content::read(&mut cur).unwrap();
+    let md = |k: &str| content.metadata.get(k).unwrap_or_else(|| panic!("no {k}"));
+    assert_eq!(md("general.type").to_string().unwrap(), "adapter");
+    assert_eq!(md("adapter.type").to_string().unwrap(), "lora");
+    assert_eq!(md("general.architecture").to_string().unwrap(), "llama");
+    assert_eq!(
+        f64::from(md("adapter.lora.alpha").to_f32().unwrap()),
+        tr.lora.cfg.alpha
+    );
+    let peft = candle_core::safetensors::load_buffer(&st, &Device::Cpu).unwrap();
+    assert_eq!(content.tensor_infos.len(), peft.len());
+    let cfg = &tr.model.base.cfg;
+    for (name, want) in &peft {
+        let (module, ab) = name
+            .strip_prefix("base_model.model.")
+            .and_then(|r| r.strip_suffix(".weight"))
+            .and_then(|r| r.rsplit_once(".lora_"))
+            .unwrap();
+        let g = hf_to_gguf(&format!("{module}.weight")).unwrap();
+        let g = format!("{g}.lora_{}", ab.to_lowercase());
+        let got = content
+            .tensor(&mut cur, &g, &Device::Cpu)
+            .unwrap_or_else(|e| panic!("{g}: {e}"))
+            .dequantize(&Device::Cpu)
+            .unwrap();
+        let got = match ab {
+            "B" if module.ends_with("q_proj") => permute_qk(&got, cfg.heads, false).unwrap(),
+            "B" if module.ends_with("k_proj") => permute_qk(&got, cfg.kv_heads, false).unwrap(),
+            _ => got,
+        };
+        assert_eq!(got.dims(), want.dims(), "{g}");
+        let d = (got - want.to_dtype(DType::F32).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(d, 0.0, "{g}");
+    }
 }
