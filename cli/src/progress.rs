@@ -252,7 +252,7 @@ pub async fn follow(
     let mut last_train_print = std::time::Instant::now() - Duration::from_secs(60);
     loop {
         let mut stepped = false;
-        while let Some(Some(m)) = steps.as_mut().map(|s| s.next().now_or_never()).flatten() {
+        while let Some(Some(m)) = steps.as_mut().and_then(|s| s.next().now_or_never()) {
             if let Ok(ev) = dagfleet_protocol::decode_event(&m.payload) {
                 if train.note(&ev.kind) {
                     stepped = true;
