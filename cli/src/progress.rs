@@ -270,21 +270,6 @@ pub async fn follow(
         };
         for s in &st.stages {
             let key = s.stage.to_string();
-            let training = s.stage == Stage::Train && train.total > 0;
-            if tty && training && s.status == StageStatus::Dispatched {
-                let bar = bars.entry(key.clone()).or_insert_with(|| {
-                    let b = mp.add(ProgressBar::new(0));
-                    b.set_style(style.clone());
-                    b.set_prefix(key.clone());
-                    b
-                });
-                if stepped {
-                    bar.set_length(train.total);
-                    bar.set_position(train.step);
-                    bar.set_message(train.line());
-                }
-                continue;
-            }
             if tty {
                 let bar = bars.entry(key.clone()).or_insert_with(|| {
                     let b = mp.add(ProgressBar::new(0));
@@ -292,6 +277,16 @@ pub async fn follow(
                     b.set_prefix(key.clone());
                     b
                 });
+                // While a train job runs, its bar counts optimizer steps.
+                if s.stage == Stage::Train && train.total > 0 && s.status == StageStatus::Dispatched
+                {
+                    if stepped {
+                        bar.set_length(train.total);
+                        bar.set_position(train.step);
+                        bar.set_message(train.line());
+                    }
+                    continue;
+                }
                 bar.set_length(u64::from(s.jobs.max(1)));
                 bar.set_position(u64::from(s.settled()));
                 let mut msg = format!("{:?}", s.status).to_lowercase();

@@ -276,6 +276,14 @@ pub fn gguf_type(
     }
 }
 
+/// `general.architecture` of an architecture.
+fn gguf_arch(arch: Arch) -> &'static str {
+    match arch {
+        Arch::Llama => "llama",
+        Arch::Qwen2 => "qwen2",
+    }
+}
+
 /// GGUF metadata for the merged model: the base GGUF's own (architecture, tokenizer, chat
 /// template), or, for a safetensors base, built from its config and `tokenizer.json`.
 fn gguf_metadata(
@@ -306,10 +314,7 @@ fn gguf_metadata(
         }
         BaseFormat::Dir(dir) => {
             let cfg = &model.base.cfg;
-            let arch = match cfg.arch {
-                Arch::Llama => "llama",
-                Arch::Qwen2 => "qwen2",
-            };
+            let arch = gguf_arch(cfg.arch);
             md.push(("general.architecture".into(), V::String(arch.into())));
             let u = |v: usize| V::U32(v as u32);
             md.push((format!("{arch}.context_length"), u(cfg.context)));
@@ -473,12 +478,11 @@ pub fn gguf(
 pub fn gguf_lora(lora: &Lora, model: &TrainModel, name: &str) -> Result<Vec<u8>, TrainError> {
     use gguf_file::Value as V;
     let cfg = &model.base.cfg;
-    let arch = match cfg.arch {
-        Arch::Llama => "llama",
-        Arch::Qwen2 => "qwen2",
-    };
     let md: Vec<(&str, V)> = vec![
-        ("general.architecture", V::String(arch.into())),
+        (
+            "general.architecture",
+            V::String(gguf_arch(cfg.arch).into()),
+        ),
         ("general.type", V::String("adapter".into())),
         ("general.name", V::String(name.into())),
         ("adapter.type", V::String("lora".into())),

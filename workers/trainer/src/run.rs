@@ -15,8 +15,7 @@ use crate::export::{self, GgufKind};
 use crate::model::TrainModel;
 use crate::report;
 use crate::trainer::{Checkpoint, StepMetrics, Trainer};
-use crate::weights::BaseFormat;
-use crate::weights::BaseWeights;
+use crate::weights::{BaseFormat, BaseWeights};
 use crate::TrainError;
 
 /// Identifies a run by what decides its result: the spec, the rows and the base model. A
