@@ -360,6 +360,7 @@ struct DagStack {
     stop: CancellationToken,
     tasks: tokio::task::JoinSet<()>,
     workers: usize,
+    caps: dagfleet_protocol::Caps,
 }
 
 impl DagStack {
@@ -389,7 +390,12 @@ impl DagStack {
             let wbus = Bus::connect(nats, cfg.queues.clone(), &format!("bench-worker-{i}")).await?;
             let mut wc = crate::roles::worker_config(dagfleet_protocol::Role::Noop, cfg);
             wc.concurrency = concurrency;
-            let w = Worker::new(wbus, store.clone(), dagfleet_noop::NoopHandler, wc);
+            let w = Worker::new(
+                wbus,
+                store.clone(),
+                dagfleet_noop::NoopHandler::new(cfg.caps.clone()),
+                wc,
+            );
             let s = stop.clone();
             tasks.spawn(async move {
                 let _ = w.run(s).await;
@@ -402,6 +408,7 @@ impl DagStack {
             stop,
             tasks,
             workers,
+            caps: cfg.caps.clone(),
         })
     }
 
@@ -417,7 +424,7 @@ impl DagStack {
             self.workers
         );
         let t0 = Instant::now();
-        let run = dagfleet_coordinator::submit(&self.bus, &self.store, &spec).await?;
+        let run = dagfleet_coordinator::submit(&self.bus, &self.store, &spec, &self.caps).await?;
         loop {
             let (st, _) = dagfleet_coordinator::load_run(&self.bus, &run)
                 .await?

@@ -3,7 +3,7 @@
 //! nests: `DAGFLEET_NATS__URL`) → flags.
 
 use anyhow::{Context, Result};
-use dagfleet_protocol::Role;
+use dagfleet_protocol::{Caps, Role};
 use dagfleet_providers::{ProviderConfig, ProviderKind};
 use dagfleet_runtime::config::{InferenceSettings, TrainerSettings};
 use dagfleet_runtime::{NatsConfig, QueueConfig, StoreConfig};
@@ -40,6 +40,8 @@ pub struct Config {
     pub inference: InferenceSettings,
     /// Trainer workers.
     pub trainer: TrainerSettings,
+    /// The operator's limits on run specs: a spec may ask for less, never more.
+    pub caps: Caps,
 }
 
 impl Default for Config {
@@ -54,6 +56,7 @@ impl Default for Config {
             log: Default::default(),
             inference: Default::default(),
             trainer: Default::default(),
+            caps: Default::default(),
             providers: BTreeMap::from([
                 (
                     "anthropic".to_string(),
@@ -188,6 +191,9 @@ impl Config {
     /// Checks what serde cannot; errors name the key.
     pub fn validate(&self) -> Result<()> {
         self.queues
+            .validate()
+            .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+        self.caps
             .validate()
             .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
         if self.worker.concurrency == 0 {

@@ -191,6 +191,26 @@ fn shutdown_signal() -> CancellationToken {
     token
 }
 
+/// Reads a run spec file and checks it (schema, values, the operator's caps, the files it
+/// uploads) before anything connects or is stored.
+pub(crate) fn read_spec(path: &std::path::Path, cfg: &Config) -> Result<String> {
+    use std::io::Read;
+    let cap = cfg.caps.max_spec_bytes;
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(cap + 1).read_to_string(&mut text))
+        .with_context(|| format!("reading run spec {}", path.display()))?;
+    if text.len() as u64 > cap {
+        anyhow::bail!(
+            "run spec {} is over caps.max_spec_bytes = {cap} bytes",
+            path.display()
+        );
+    }
+    dagfleet_coordinator::check_spec(&text, &cfg.caps)
+        .with_context(|| format!("run spec {}", path.display()))?;
+    Ok(text)
+}
+
 pub(crate) async fn connect(cfg: &Config, name: &str) -> Result<Bus> {
     Bus::connect(&cfg.nats, cfg.queues.clone(), name)
         .await
@@ -237,11 +257,10 @@ async fn real_main() -> Result<std::process::ExitCode> {
         }
         Cmd::Up { run } => return up::up(cfg, run).await,
         Cmd::Run { spec, detach } => {
-            let text = std::fs::read_to_string(&spec)
-                .with_context(|| format!("reading run spec {}", spec.display()))?;
+            let text = read_spec(&spec, &cfg)?;
             let bus = connect(&cfg, "dagfleet-cli").await?;
             let store = cfg.open_store()?;
-            let run = dagfleet_coordinator::submit(&bus, &store, &text).await?;
+            let run = dagfleet_coordinator::submit(&bus, &store, &text, &cfg.caps).await?;
             println!("submitted run {run}");
             progress::warn_missing_workers(&bus, &run).await;
             if detach {

@@ -130,6 +130,13 @@ fn print_state(st: &RunState) {
     if let Some(e) = &st.error {
         println!("  error: {e}");
     }
+    if let Some(w) = st
+        .waiting
+        .as_ref()
+        .filter(|_| st.status == RunStatus::Running)
+    {
+        println!("  {w}");
+    }
 }
 
 /// Lists live workers (from their heartbeats), then runs, newest first.
@@ -310,6 +317,16 @@ pub async fn follow(
                     last_lines.insert(key, line);
                     last_print = std::time::Instant::now();
                 }
+            }
+        }
+        if let Some(w) = st
+            .waiting
+            .as_ref()
+            .filter(|_| st.status == RunStatus::Running)
+        {
+            if last_lines.get("waiting") != Some(w) {
+                eprintln!("  {w}");
+                last_lines.insert("waiting".into(), w.clone());
             }
         }
         match st.status {

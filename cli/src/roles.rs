@@ -56,9 +56,14 @@ pub async fn run_worker(
     match role {
         #[cfg(feature = "noop")]
         Role::Noop => {
-            dagfleet_runtime::Worker::new(bus, store, dagfleet_noop::NoopHandler, wc)
-                .run(shutdown)
-                .await?
+            dagfleet_runtime::Worker::new(
+                bus,
+                store,
+                dagfleet_noop::NoopHandler::new(cfg.caps.clone()),
+                wc,
+            )
+            .run(shutdown)
+            .await?
         }
         #[cfg(feature = "miner")]
         Role::Miner => {

@@ -15,6 +15,7 @@ pub fn coordinator_config(cfg: &Config) -> CoordinatorConfig {
     CoordinatorConfig {
         reconcile_every: cfg.coordinator.reconcile_every,
         dispatch_lease: cfg.coordinator.dispatch_lease,
+        caps: cfg.caps.clone(),
         ..Default::default()
     }
 }
@@ -82,6 +83,11 @@ pub async fn ensure_nats(cfg: &Config, dir: &Path) -> Result<Option<Child>> {
 
 /// Runs the stack until Ctrl-C, or until the run given with `--run` ends.
 pub async fn up(mut cfg: Config, run: Option<PathBuf>) -> Result<std::process::ExitCode> {
+    // A spec that would be refused is refused before anything starts.
+    let text = run
+        .as_deref()
+        .map(|spec| crate::read_spec(spec, &cfg))
+        .transpose()?;
     let dir = PathBuf::from(&cfg.up.data_dir);
     std::fs::create_dir_all(&dir)
         .with_context(|| format!("creating up.data_dir {}", dir.display()))?;
@@ -119,11 +125,9 @@ pub async fn up(mut cfg: Config, run: Option<PathBuf>) -> Result<std::process::E
             .join(", ")
     );
 
-    let code = match run {
-        Some(spec) => {
-            let text = std::fs::read_to_string(&spec)
-                .with_context(|| format!("reading run spec {}", spec.display()))?;
-            let run = dagfleet_coordinator::submit(&bus, &store, &text).await?;
+    let code = match text {
+        Some(text) => {
+            let run = dagfleet_coordinator::submit(&bus, &store, &text, &cfg.caps).await?;
             println!("submitted run {run}");
             let code = progress::follow(&bus, &run, &shutdown).await?;
             progress::print_outputs(&store, &run).await;

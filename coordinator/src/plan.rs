@@ -2,12 +2,17 @@
 //!
 //! Each planner is a pure function of the run state (and, for later stages, the job records
 //! of the stage before), so planning the same stage twice yields the same job ids.
+//!
+//! A plan is a [`StagePlan`]: the number of jobs, known up front and checked against the
+//! jobs-per-stage limit before any job exists, and an iterator that makes the jobs on
+//! demand. The coordinator publishes it in pages, so memory while planning stays flat
+//! whatever the size of the stage.
 
 use dagfleet_protocol::jobs::{
     DatasetBuild, InferBatch, JudgeBatch, MineShard, NoopJob, ReportJob, Source, SynthChunk,
     TrainJob,
 };
-use dagfleet_protocol::{ArtifactRef, Envelope, Job, JobRecord, RunState, Stage};
+use dagfleet_protocol::{ArtifactRef, Caps, Envelope, Job, JobRecord, RunState, Stage};
 use dagfleet_runtime::ArtifactStore;
 
 /// Why a stage cannot be planned.
@@ -21,15 +26,44 @@ pub enum PlanError {
     #[error("planning stage `{0}`: {1}")]
     Store(Stage, String),
     /// The stage would exceed `limits.max_jobs_per_stage`.
-    #[error("stage `{stage}` would need {jobs} jobs; limits.max_jobs_per_stage is {limit}")]
+    #[error("stage `{stage}` would need {jobs} jobs; the limit in force (limits.max_jobs_per_stage, at most caps.max_jobs_per_stage) is {limit}")]
     TooManyJobs {
         /// The stage.
         stage: Stage,
         /// Jobs needed.
-        jobs: usize,
+        jobs: u64,
         /// The limit.
         limit: u32,
     },
+}
+
+/// The jobs of one stage, made on demand.
+pub struct StagePlan {
+    /// How many jobs the stage has.
+    pub jobs: u32,
+    iter: Box<dyn Iterator<Item = Envelope> + Send>,
+}
+
+impl std::fmt::Debug for StagePlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StagePlan")
+            .field("jobs", &self.jobs)
+            .finish()
+    }
+}
+
+impl StagePlan {
+    /// The next `n` jobs; empty when all have been taken.
+    pub fn next_page(&mut self, n: usize) -> Vec<Envelope> {
+        self.iter.by_ref().take(n).collect()
+    }
+}
+
+impl Iterator for StagePlan {
+    type Item = Envelope;
+    fn next(&mut self) -> Option<Envelope> {
+        self.iter.next()
+    }
 }
 
 /// What the live fleet advertises, for stages that size their jobs to it.
@@ -40,9 +74,22 @@ pub struct FleetHints {
 }
 
 /// `[start, end)` ranges of at most `size` rows covering `rows` rows.
-fn row_ranges(rows: u64, size: u64) -> impl Iterator<Item = (u64, u64)> {
+fn row_ranges(rows: u64, size: u64) -> impl Iterator<Item = (u64, u64)> + Send {
     let size = size.max(1);
-    (0..rows.div_ceil(size)).map(move |i| (i * size, ((i + 1) * size).min(rows)))
+    (0..rows.div_ceil(size)).map(move |i| {
+        (
+            i * size,
+            (i.saturating_add(1).saturating_mul(size)).min(rows),
+        )
+    })
+}
+
+/// Jobs `row_ranges` makes for each of `inputs`, summed.
+fn batches<T>(inputs: &[(T, u64)], size: u64) -> u64 {
+    inputs
+        .iter()
+        .map(|(_, rows)| rows.div_ceil(size.max(1)))
+        .fold(0u64, u64::saturating_add)
 }
 
 /// Rows per inference batch when neither the spec nor the fleet says.
@@ -56,7 +103,8 @@ pub async fn plan_stage(
     now_ms: i64,
     store: &ArtifactStore,
     hints: &FleetHints,
-) -> Result<Vec<Envelope>, PlanError> {
+    caps: &Caps,
+) -> Result<StagePlan, PlanError> {
     match stage {
         Stage::Infer => {
             let model = state
@@ -83,29 +131,31 @@ pub async fn plan_stage(
             if state.spec.stages.contains(&Stage::Train) {
                 variants.push(fine_tune(state, store, &model).await?);
             }
-            let mut jobs = Vec::new();
-            for (m, weights, adapter) in &variants {
-                for (input, rows) in &inputs {
-                    for (start, end) in row_ranges(*rows, batch) {
-                        let key = match (weights, adapter) {
+            let count = batches(&inputs, batch).saturating_mul(variants.len() as u64);
+            let spec = state.spec.infer.clone();
+            let jobs = variants.into_iter().flat_map(move |(m, weights, adapter)| {
+                let (inputs, spec) = (inputs.clone(), spec.clone());
+                inputs.into_iter().flat_map(move |(input, rows)| {
+                    let (m, weights, adapter, spec) =
+                        (m.clone(), weights.clone(), adapter.clone(), spec.clone());
+                    row_ranges(rows, batch).map(move |(start, end)| {
+                        let key = match (&weights, &adapter) {
                             (None, None) => format!("{}:{start}-{end}", input.key),
                             _ => format!("{}:{}:{start}-{end}", m.model, input.key),
                         };
-                        jobs.push((
-                            key,
-                            Job::Infer(InferBatch {
-                                model: m.clone(),
-                                adapter: adapter.clone(),
-                                weights: weights.clone(),
-                                input: input.clone(),
-                                rows: (start, end),
-                                spec: state.spec.infer.clone(),
-                            }),
-                        ));
-                    }
-                }
-            }
-            finish(state, stage, now_ms, jobs)
+                        let job = Job::Infer(InferBatch {
+                            model: m.clone(),
+                            adapter: adapter.clone(),
+                            weights: weights.clone(),
+                            input: input.clone(),
+                            rows: (start, end),
+                            spec: spec.clone(),
+                        });
+                        (key, job)
+                    })
+                })
+            });
+            finish(state, stage, now_ms, caps, count, jobs)
         }
         Stage::Train => {
             let base = state
@@ -152,7 +202,7 @@ pub async fn plan_stage(
                     spec: t.clone(),
                 }),
             )];
-            finish(state, stage, now_ms, jobs)
+            finish(state, stage, now_ms, caps, 1, jobs.into_iter())
         }
         Stage::Report => {
             // What the report reads: the judge's summaries, the training summary and loss
@@ -175,7 +225,7 @@ pub async fn plan_stage(
                 }
             }
             let jobs = vec![("report".to_string(), Job::Report(ReportJob { inputs }))];
-            finish(state, stage, now_ms, jobs)
+            finish(state, stage, now_ms, caps, 1, jobs.into_iter())
         }
         Stage::Judge => {
             let prev = state
@@ -188,20 +238,22 @@ pub async fn plan_stage(
                 .ok_or(PlanError::Unsupported(stage, stage.role()))?;
             let inputs = jsonl_outputs(state, prev, store, None).await?;
             let batch = state.spec.judge.batch_rows.max(1);
-            let mut jobs = Vec::new();
-            for (input, rows) in inputs {
-                for (start, end) in row_ranges(rows, batch) {
-                    jobs.push((
+            let count = batches(&inputs, batch);
+            let airflow_version = state.spec.judge.airflow_version.clone();
+            let jobs = inputs.into_iter().flat_map(move |(input, rows)| {
+                let airflow_version = airflow_version.clone();
+                row_ranges(rows, batch).map(move |(start, end)| {
+                    (
                         format!("{}:{start}-{end}", input.key),
                         Job::Judge(JudgeBatch {
                             input: input.clone(),
                             rows: (start, end),
-                            airflow_version: state.spec.judge.airflow_version.clone(),
+                            airflow_version: airflow_version.clone(),
                         }),
-                    ));
-                }
-            }
-            finish(state, stage, now_ms, jobs)
+                    )
+                })
+            });
+            finish(state, stage, now_ms, caps, count, jobs)
         }
         Stage::Synthesize => {
             let teacher = state
@@ -212,21 +264,23 @@ pub async fn plan_stage(
                 .ok_or(PlanError::Unsupported(stage, stage.role()))?;
             let inputs = jsonl_outputs(state, Stage::Mine, store, Some("dags.jsonl")).await?;
             let chunk = state.spec.synthesize.chunk_rows.max(1);
-            let mut jobs = Vec::new();
-            for (input, rows) in inputs {
-                for (start, end) in row_ranges(rows, chunk) {
-                    jobs.push((
+            let count = batches(&inputs, chunk);
+            let spec = state.spec.synthesize.clone();
+            let jobs = inputs.into_iter().flat_map(move |(input, rows)| {
+                let (teacher, spec) = (teacher.clone(), spec.clone());
+                row_ranges(rows, chunk).map(move |(start, end)| {
+                    (
                         format!("{}:{start}-{end}", input.key),
                         Job::Synthesize(SynthChunk {
                             inputs: vec![input.clone()],
                             rows: (start, end),
                             teacher: teacher.clone(),
-                            spec: state.spec.synthesize.clone(),
+                            spec: spec.clone(),
                         }),
-                    ));
-                }
-            }
-            finish(state, stage, now_ms, jobs)
+                    )
+                })
+            });
+            finish(state, stage, now_ms, caps, count, jobs)
         }
         Stage::Dataset => {
             let inputs: Vec<ArtifactRef> =
@@ -244,9 +298,9 @@ pub async fn plan_stage(
                     spec: state.spec.dataset.clone(),
                 }),
             )];
-            finish(state, stage, now_ms, jobs)
+            finish(state, stage, now_ms, caps, 1, jobs.into_iter())
         }
-        _ => plan(state, stage, now_ms),
+        _ => plan(state, stage, now_ms, caps),
     }
 }
 
@@ -317,23 +371,11 @@ async fn uploaded(
             format!("{key_name} `{value}` was not uploaded when the run was submitted"),
         )
     })?;
-    let data = store
-        .get_opt(key)
+    store
+        .line_stats(key)
         .await
         .map_err(|e| PlanError::Store(stage, e.to_string()))?
-        .ok_or_else(|| PlanError::Store(stage, format!("`{key}` is missing from the store")))?;
-    let rows = data
-        .split(|b| *b == b'\n')
-        .filter(|l| !l.is_empty())
-        .count() as u64;
-    Ok((
-        ArtifactRef {
-            key: key.to_string(),
-            sha256: dagfleet_runtime::sha256_hex(&data),
-            bytes: data.len() as u64,
-        },
-        rows,
-    ))
+        .ok_or_else(|| PlanError::Store(stage, format!("`{key}` is missing from the store")))
 }
 
 /// The job records of `stage`, in job order.
@@ -375,10 +417,24 @@ async fn jsonl_outputs(
             let rows = match r.metrics.get("rows") {
                 Some(n) if r.outputs.iter().filter(wanted).count() == 1 => *n as u64,
                 _ => {
-                    let data = store.get(o).await.map_err(err)?;
-                    data.split(|b| *b == b'\n')
-                        .filter(|l| !l.is_empty())
-                        .count() as u64
+                    let (found, rows) =
+                        store
+                            .line_stats(&o.key)
+                            .await
+                            .map_err(err)?
+                            .ok_or_else(|| {
+                                PlanError::Store(
+                                    stage,
+                                    format!("`{}` is missing from the store", o.key),
+                                )
+                            })?;
+                    if found.sha256 != o.sha256 {
+                        return Err(PlanError::Store(
+                            stage,
+                            format!("`{}` changed after its job recorded it (SHA-256 {} expected, {} found)", o.key, o.sha256, found.sha256),
+                        ));
+                    }
+                    rows
                 }
             };
             if rows > 0 {
@@ -390,70 +446,93 @@ async fn jsonl_outputs(
 }
 
 /// The jobs of `stage` in `state`'s run, for stages that need no earlier outputs.
-pub fn plan(state: &RunState, stage: Stage, now_ms: i64) -> Result<Vec<Envelope>, PlanError> {
+pub fn plan(
+    state: &RunState,
+    stage: Stage,
+    now_ms: i64,
+    caps: &Caps,
+) -> Result<StagePlan, PlanError> {
     let spec = &state.spec;
-    let jobs: Vec<(String, Job)> = match stage {
-        Stage::Noop => (0..spec.noop.jobs)
-            .map(|i| {
+    match stage {
+        Stage::Noop => {
+            let n = spec.noop.clone();
+            let fatal: std::collections::BTreeSet<u32> = n.fatal_jobs.iter().copied().collect();
+            let jobs = (0..n.jobs).map(move |i| {
                 (
                     format!("noop-{i}"),
                     Job::Noop(NoopJob {
-                        work_ms: spec.noop.work_ms,
-                        output_bytes: spec.noop.output_bytes,
-                        fail_attempts: spec.noop.fail_attempts,
-                        fatal: spec.noop.fatal_jobs.contains(&i),
+                        work_ms: n.work_ms,
+                        output_bytes: n.output_bytes,
+                        fail_attempts: n.fail_attempts,
+                        fatal: fatal.contains(&i),
                     }),
                 )
-            })
-            .collect(),
-        Stage::Mine => spec
-            .sources
-            .iter()
-            .flat_map(|src| {
-                let refs: Vec<String> = match src {
+            });
+            finish(state, stage, now_ms, caps, u64::from(spec.noop.jobs), jobs)
+        }
+        Stage::Mine => {
+            let refs = |src: &Source| -> Vec<String> {
+                match src {
                     Source::Github { refs, .. } | Source::Git { refs, .. } => refs.clone(),
                     Source::Pypi { versions, .. } => versions.clone(),
                     Source::Dir { .. } => vec![String::new()],
-                };
-                refs.into_iter().map(move |r| {
-                    let key = format!("{}@{r}", source_key(src));
+                }
+            };
+            let count = spec
+                .sources
+                .iter()
+                .map(|s| refs(s).len() as u64)
+                .fold(0u64, u64::saturating_add);
+            let (sources, globs) = (spec.sources.clone(), spec.mine.globs.clone());
+            let jobs = sources.into_iter().flat_map(move |src| {
+                let globs = globs.clone();
+                refs(&src).into_iter().map(move |r| {
+                    let key = format!("{}@{r}", source_key(&src));
                     (
                         key,
                         Job::Mine(MineShard {
                             source: src.clone(),
                             reference: r,
-                            globs: spec.mine.globs.clone(),
+                            globs: globs.clone(),
                         }),
                     )
                 })
-            })
-            .collect(),
-        other => return Err(PlanError::Unsupported(other, other.role())),
-    };
-    finish(state, stage, now_ms, jobs)
+            });
+            finish(state, stage, now_ms, caps, count, jobs)
+        }
+        other => Err(PlanError::Unsupported(other, other.role())),
+    }
 }
 
-fn finish(
+/// Checks the job count against the limit in force and numbers the jobs.
+fn finish<I>(
     state: &RunState,
     stage: Stage,
     now_ms: i64,
-    jobs: Vec<(String, Job)>,
-) -> Result<Vec<Envelope>, PlanError> {
-    let limit = state.spec.limits.max_jobs_per_stage;
-    if jobs.len() > limit as usize {
+    caps: &Caps,
+    count: u64,
+    jobs: I,
+) -> Result<StagePlan, PlanError>
+where
+    I: Iterator<Item = (String, Job)> + Send + 'static,
+{
+    let limit = state.spec.max_jobs_per_stage(caps);
+    if count > u64::from(limit) {
         return Err(PlanError::TooManyJobs {
             stage,
-            jobs: jobs.len(),
+            jobs: count,
             limit,
         });
     }
-    Ok(jobs
-        .into_iter()
+    let run = state.run_id.clone();
+    let iter = jobs
+        .take(count as usize)
         .enumerate()
-        .map(|(i, (key, job))| {
-            Envelope::new(state.run_id.clone(), stage, i as u32, &key, now_ms, job)
-        })
-        .collect())
+        .map(move |(i, (key, job))| Envelope::new(run.clone(), stage, i as u32, &key, now_ms, job));
+    Ok(StagePlan {
+        jobs: count as u32,
+        iter: Box::new(iter),
+    })
 }
 
 fn source_key(src: &Source) -> String {
@@ -486,8 +565,9 @@ mod tests {
     #[test]
     fn planning_is_deterministic() {
         let s = state("name = \"n\"\nstages = [\"noop\"]\n[noop]\njobs = 3\nfatal_jobs = [1]");
-        let a = plan(&s, Stage::Noop, 1).unwrap();
-        let b = plan(&s, Stage::Noop, 2).unwrap();
+        let caps = Caps::default();
+        let a: Vec<_> = plan(&s, Stage::Noop, 1, &caps).unwrap().collect();
+        let b: Vec<_> = plan(&s, Stage::Noop, 2, &caps).unwrap().collect();
         assert_eq!(a.len(), 3);
         assert_eq!(
             a.iter().map(|e| &e.job_id).collect::<Vec<_>>(),
@@ -501,8 +581,9 @@ mod tests {
         let s = state(
             "name = \"n\"\nstages = [\"mine\"]\n[[sources]]\nkind = \"pypi\"\npackage = \"apache-airflow\"\nversions = [\"2.6.3\", \"2.10.5\"]\n[[sources]]\nkind = \"dir\"\npath = \"dags\"",
         );
-        let jobs = plan(&s, Stage::Mine, 0).unwrap();
-        assert_eq!(jobs.len(), 3);
+        let p = plan(&s, Stage::Mine, 0, &Caps::default()).unwrap();
+        assert_eq!(p.jobs, 3);
+        assert_eq!(p.count(), 3);
     }
 
     #[test]
@@ -518,10 +599,41 @@ mod tests {
     #[test]
     fn job_limit_is_enforced() {
         let mut s = state("name = \"n\"\nstages = [\"noop\"]\n[noop]\njobs = 3");
-        s.spec.limits.max_jobs_per_stage = 2;
+        s.spec.limits.max_jobs_per_stage = Some(2);
         assert!(matches!(
-            plan(&s, Stage::Noop, 0),
+            plan(&s, Stage::Noop, 0, &Caps::default()),
             Err(PlanError::TooManyJobs { .. })
         ));
+        // The operator's cap wins over a spec that asks for more.
+        s.spec.limits.max_jobs_per_stage = Some(u32::MAX);
+        let caps = Caps {
+            max_jobs_per_stage: 2,
+            ..Caps::default()
+        };
+        assert!(matches!(
+            plan(&s, Stage::Noop, 0, &caps),
+            Err(PlanError::TooManyJobs {
+                jobs: 3,
+                limit: 2,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn a_huge_stage_is_made_page_by_page() {
+        let s = state("name = \"n\"\nstages = [\"noop\"]\n[noop]\njobs = 100000");
+        let mut p = plan(&s, Stage::Noop, 0, &Caps::default()).unwrap();
+        assert_eq!(p.jobs, 100_000);
+        let mut seen = 0;
+        loop {
+            let page = p.next_page(10_000);
+            if page.is_empty() {
+                break;
+            }
+            assert_eq!(page[0].index, seen);
+            seen += page.len() as u32;
+        }
+        assert_eq!(seen, 100_000);
     }
 }

@@ -11,11 +11,12 @@
 //!   run-manifest entry written next to the artifacts.
 //! - [`Event`]: progress and results on the events stream.
 //! - [`RunState`]: the coordinator's per-run state, kept in a JetStream KV bucket.
-//! - [`RunSpec`]: the user's TOML description of a run.
+//! - [`RunSpec`]: the user's TOML description of a run; [`Caps`]: the operator's limits on it.
 //! - [`subjects`]: every stream, subject, consumer, bucket and header name, in one place.
 //! - [`codec`]: the rmp-serde codec (named fields) with typed errors for bad bytes and unknown
 //!   schema versions.
 
+pub mod caps;
 pub mod codec;
 pub mod envelope;
 pub mod event;
@@ -26,6 +27,7 @@ pub mod stage;
 pub mod state;
 pub mod subjects;
 
+pub use caps::Caps;
 pub use codec::{decode_envelope, decode_event, encode, CodecError};
 pub use envelope::{Envelope, TraceContext, SCHEMA_VERSION};
 pub use event::{Event, EventKind};

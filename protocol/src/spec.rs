@@ -34,13 +34,41 @@ pub enum SpecError {
         /// What is wrong and what is allowed.
         message: String,
     },
+    /// A key asks for more than the operator's `[caps]` allow.
+    #[error("run spec key `{key}` is {value}, over {cap}")]
+    OverCap {
+        /// The offending key, dotted.
+        key: String,
+        /// The value asked for.
+        value: String,
+        /// The cap, named by its config key.
+        cap: String,
+    },
 }
 
 fn invalid(key: &str, message: impl Into<String>) -> SpecError {
     SpecError::Invalid {
         key: key.into(),
-        message: message.into(),
+        message: clip_lines(&message.into()),
     }
+}
+
+/// Longest stretch of a user's value an error message repeats.
+const ECHO_CHARS: usize = 160;
+
+/// `s` cut to [`ECHO_CHARS`] characters, saying how long it was: an error must name the
+/// bad value without repeating all of it.
+pub fn clip(s: &str) -> String {
+    match s.char_indices().nth(ECHO_CHARS) {
+        None => s.to_string(),
+        Some((at, _)) => format!("{}… ({} bytes in all)", &s[..at], s.len()),
+    }
+}
+
+/// Every line of `s` clipped, and at most a few lines kept.
+fn clip_lines(s: &str) -> String {
+    let lines: Vec<String> = s.lines().take(12).map(clip).collect();
+    lines.join("\n")
 }
 
 /// A pipeline run, as written by the user.
@@ -561,11 +589,12 @@ pub struct ModelsSpec {
 }
 
 /// Limits.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
-    /// Most jobs one stage may be split into.
-    pub max_jobs_per_stage: u32,
+    /// Most jobs one stage may be split into; the operator's `caps.max_jobs_per_stage` when
+    /// absent, and never more than it.
+    pub max_jobs_per_stage: Option<u32>,
     /// Jobs of one stage that may end dead-lettered before the run fails.
     pub max_failed_jobs: u32,
     /// Wall-clock limit of the whole run; none when absent.
@@ -573,15 +602,6 @@ pub struct Limits {
     pub deadline: Option<Duration>,
 }
 
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            max_jobs_per_stage: 10_000,
-            max_failed_jobs: 0,
-            deadline: None,
-        }
-    }
-}
 
 /// Synthetic jobs of the `noop` stage.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -602,7 +622,8 @@ pub struct NoopSpec {
 impl RunSpec {
     /// Parses and validates a TOML spec.
     pub fn from_toml(text: &str) -> Result<Self, SpecError> {
-        let spec: RunSpec = toml::from_str(text).map_err(|e| SpecError::Parse(e.to_string()))?;
+        let spec: RunSpec =
+            toml::from_str(text).map_err(|e| SpecError::Parse(clip_lines(&e.to_string())))?;
         spec.validate()?;
         Ok(spec)
     }
@@ -642,7 +663,7 @@ impl RunSpec {
                 ));
             }
         }
-        if self.limits.max_jobs_per_stage == 0 {
+        if self.limits.max_jobs_per_stage == Some(0) {
             return Err(invalid("limits.max_jobs_per_stage", "must be at least 1"));
         }
         if self.stages.contains(&Stage::Mine) && self.sources.is_empty() {
@@ -796,12 +817,16 @@ impl RunSpec {
                     "the `noop` stage needs at least 1 job",
                 ));
             }
-            if self.noop.jobs > self.limits.max_jobs_per_stage {
+            if let Some(max) = self
+                .limits
+                .max_jobs_per_stage
+                .filter(|m| self.noop.jobs > *m)
+            {
                 return Err(invalid(
                     "noop.jobs",
                     format!(
-                        "{} jobs exceed limits.max_jobs_per_stage = {}",
-                        self.noop.jobs, self.limits.max_jobs_per_stage
+                        "{} jobs exceed limits.max_jobs_per_stage = {max}",
+                        self.noop.jobs
                     ),
                 ));
             }
@@ -837,6 +862,19 @@ mod tests {
         .unwrap();
         assert_eq!(spec.stages, vec![Stage::Mine, Stage::Judge]);
         assert_eq!(spec.limits.deadline, Some(Duration::from_secs(7200)));
+    }
+
+    #[test]
+    fn errors_never_repeat_a_whole_long_value() {
+        let long = "x".repeat(100_000);
+        let err = RunSpec::from_toml(&format!("name = \"{long}\"\nstages = [\"noop\"]"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.len() < 400 && err.contains("bytes in all)"), "{err}");
+        let err = RunSpec::from_toml(&format!("name = \"n\"\nstages = [\"{long}\"]"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.len() < 2_000, "{} bytes", err.len());
     }
 
     #[test]

@@ -94,6 +94,9 @@ pub struct StageState {
     /// When the last job finished.
     #[serde(default)]
     pub finished_at_ms: i64,
+    /// Times another coordinator took the dispatch over from a holder whose lease ran out.
+    #[serde(default)]
+    pub dispatch_takeovers: u32,
     /// Sums of the metrics of finished jobs (rows, tokens, `cost_usd`, ...), each job counted
     /// once.
     #[serde(default)]
@@ -123,6 +126,9 @@ pub struct RunState {
     /// Why the run failed.
     #[serde(default)]
     pub error: Option<String>,
+    /// Why a running run has not started yet (e.g. `caps.max_active_runs` reached).
+    #[serde(default)]
+    pub waiting: Option<String>,
 }
 
 impl RunState {
@@ -141,6 +147,7 @@ impl RunState {
                 lease_until_ms: 0,
                 started_at_ms: 0,
                 finished_at_ms: 0,
+                dispatch_takeovers: 0,
                 metrics: Default::default(),
             })
             .collect();
@@ -151,6 +158,7 @@ impl RunState {
             stages,
             created_at_ms: now_ms,
             error: None,
+            waiting: None,
         }
     }
 

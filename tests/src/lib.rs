@@ -225,6 +225,7 @@ pub fn fast_coordinator(id: &str) -> CoordinatorConfig {
         reconcile_every: Duration::from_millis(300),
         dispatch_lease: Duration::from_secs(3),
         event_batch: 1000,
+        ..Default::default()
     }
 }
 
@@ -269,7 +270,7 @@ impl Stack {
             wc.worker_id = format!("w{i}");
             wc.concurrency = 8;
             wc.shutdown_grace = Duration::from_secs(5);
-            let w = Worker::new(b, store.clone(), dagfleet_noop::NoopHandler, wc);
+            let w = Worker::new(b, store.clone(), dagfleet_noop::NoopHandler::default(), wc);
             let s = stop.clone();
             tasks.spawn(async move {
                 w.run(s).await.expect("worker");
@@ -285,7 +286,7 @@ impl Stack {
 
     /// Submits a run spec.
     pub async fn submit(&self, spec: &str) -> RunId {
-        dagfleet_coordinator::submit(&self.bus, &self.store, spec)
+        dagfleet_coordinator::submit(&self.bus, &self.store, spec, &Default::default())
             .await
             .expect("submit")
     }

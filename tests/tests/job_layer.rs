@@ -257,6 +257,7 @@ async fn progress_events_and_bad_specs() {
         &stack.bus,
         &store,
         "name = \"x\"\nstages = [\"noop\"]\n[noop]\njobs = 0",
+        &Default::default(),
     )
     .await
     .unwrap_err()
@@ -266,6 +267,7 @@ async fn progress_events_and_bad_specs() {
         &stack.bus,
         &store,
         "name = \"x\"\nstages = [\"train\"]\n[models.base]\nprovider = \"file\"\nmodel = \"m\"",
+        &Default::default(),
     )
     .await
     .unwrap_err()
@@ -312,9 +314,14 @@ async fn a_dispatch_cut_short_by_a_dead_coordinator_is_finished_without_duplicat
     let bus = dagfleet_runtime::Bus::connect(&nats.config(), fast_queues(), "ghost")
         .await
         .unwrap();
-    let run = dagfleet_coordinator::submit(&bus, &store, &noop_spec("ghost", 100, ""))
-        .await
-        .unwrap();
+    let run = dagfleet_coordinator::submit(
+        &bus,
+        &store,
+        &noop_spec("ghost", 100, ""),
+        &Default::default(),
+    )
+    .await
+    .unwrap();
     let entry = bus.runs().entry(run.as_str()).await.unwrap().unwrap();
     let mut st: dagfleet_protocol::RunState = decode("run state", &entry.value).unwrap();
     st.stages[0].status = StageStatus::Dispatching;
@@ -324,7 +331,9 @@ async fn a_dispatch_cut_short_by_a_dead_coordinator_is_finished_without_duplicat
         .update(run.as_str(), encode(&st).unwrap().into(), entry.revision)
         .await
         .unwrap();
-    let jobs = dagfleet_coordinator::plan::plan(&st, Stage::Noop, 0).unwrap();
+    let jobs: Vec<_> = dagfleet_coordinator::plan::plan(&st, Stage::Noop, 0, &Default::default())
+        .unwrap()
+        .collect();
     assert_eq!(bus.publish_jobs(&jobs[..50]).await.unwrap(), 50);
 
     // A live coordinator waits out the lease, takes over and republishes everything;

@@ -7,13 +7,24 @@
 
 use bytes::Bytes;
 use dagfleet_protocol::jobs::NoopJob;
-use dagfleet_protocol::{Envelope, Job, Role};
+use dagfleet_protocol::{Caps, Envelope, Job, Role};
 use dagfleet_runtime::{Handler, JobContext, JobError, JobOutput};
 use std::time::Duration;
 
-/// Handler of the `noop` role.
+/// Handler of the `noop` role. A job asking for more than the operator's caps allow (it
+/// did not come through a coordinator with the same caps) is refused and dead-lettered, so
+/// one job cannot take the worker and its other in-flight jobs down.
 #[derive(Clone, Debug, Default)]
-pub struct NoopHandler;
+pub struct NoopHandler {
+    caps: Caps,
+}
+
+impl NoopHandler {
+    /// A handler that refuses jobs over `caps`.
+    pub fn new(caps: Caps) -> Self {
+        Self { caps }
+    }
+}
 
 /// The artifact a noop job writes: its job id repeated to `len` bytes.
 pub fn noop_output(env: &Envelope, len: usize) -> Bytes {
@@ -37,6 +48,20 @@ impl Handler for NoopHandler {
                 env.job.stage()
             )));
         };
+        if u64::from(job.output_bytes) > self.caps.max_artifact_bytes {
+            return Err(JobError::fatal(format!(
+                "noop job {} asks for a {}-byte artifact, over caps.max_artifact_bytes = {}",
+                env.index, job.output_bytes, self.caps.max_artifact_bytes
+            )));
+        }
+        if Duration::from_millis(job.work_ms) > self.caps.max_job_time {
+            return Err(JobError::fatal(format!(
+                "noop job {} asks to work {} ms, over caps.max_job_time = {} ms",
+                env.index,
+                job.work_ms,
+                self.caps.max_job_time.as_millis()
+            )));
+        }
         if job.fatal {
             return Err(JobError::fatal(format!(
                 "noop job {} is configured to fail (noop.fatal_jobs)",

@@ -227,6 +227,38 @@ impl ArtifactStore {
         Ok(data)
     }
 
+    /// The reference of `key` and its count of non-empty lines, read as a stream so a large
+    /// JSONL file never sits in memory whole; `None` when absent.
+    pub async fn line_stats(&self, key: &str) -> Result<Option<(ArtifactRef, u64)>, StoreError> {
+        use futures::StreamExt;
+        let mut stream = match self.inner.get(&self.path(key)).await {
+            Ok(r) => r.into_stream(),
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let (mut hasher, mut bytes, mut rows, mut in_line) = (Sha256::new(), 0u64, 0u64, false);
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk?;
+            hasher.update(&chunk);
+            bytes += chunk.len() as u64;
+            for b in chunk.iter() {
+                if *b == b'\n' {
+                    rows += u64::from(in_line);
+                    in_line = false;
+                } else {
+                    in_line = true;
+                }
+            }
+        }
+        rows += u64::from(in_line);
+        let r = ArtifactRef {
+            key: key.to_string(),
+            sha256: hex::encode(hasher.finalize()),
+            bytes,
+        };
+        Ok(Some((r, rows)))
+    }
+
     /// Keys under `prefix`, relative to the store root, sorted.
     pub async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
         use futures::TryStreamExt;
@@ -283,6 +315,25 @@ impl ArtifactStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn line_stats_streams_rows_and_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ArtifactStore::open(&StoreConfig {
+            url: dir.path().to_str().unwrap().into(),
+            ..Default::default()
+        })
+        .unwrap();
+        for (data, rows) in [(&b"a\nb\n"[..], 2), (b"a\n\nb", 2), (b"", 0), (b"\n\n", 0)] {
+            let r = store
+                .put_overwrite("f.jsonl", Bytes::copy_from_slice(data))
+                .await
+                .unwrap();
+            let (got, n) = store.line_stats("f.jsonl").await.unwrap().unwrap();
+            assert_eq!((got, n), (r, rows));
+        }
+        assert!(store.line_stats("missing").await.unwrap().is_none());
+    }
 
     #[tokio::test]
     async fn put_if_absent_keeps_the_first_writer() {

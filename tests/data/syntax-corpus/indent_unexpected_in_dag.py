@@ -1,0 +1,4 @@
+from airflow import DAG
+with DAG('d') as dag:
+    a = 1
+        b = 2

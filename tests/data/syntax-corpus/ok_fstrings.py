@@ -1,0 +1,2 @@
+x = 1
+y = f'{x!r:>{10}} {x=} {{literal}} {"nested"}'

@@ -1,0 +1,1 @@
+g = lambda x, y=1, *a, k, **kw: x

@@ -1,0 +1,2 @@
+x = rb'\d' + b'a'
+y = '\N{BULLET}' + u'x' + '\x41'
