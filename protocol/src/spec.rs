@@ -602,7 +602,6 @@ pub struct Limits {
     pub deadline: Option<Duration>,
 }
 
-
 /// Synthetic jobs of the `noop` stage.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]

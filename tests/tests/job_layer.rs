@@ -350,3 +350,49 @@ async fn a_dispatch_cut_short_by_a_dead_coordinator_is_finished_without_duplicat
     );
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_over_caps_max_active_runs_wait_their_turn_with_the_reason() {
+    let nats = NatsServer::start();
+    let (_d, store) = temp_store();
+    // Workers only: the coordinator below has caps.max_active_runs = 1.
+    let stack = Stack::start(&nats.config(), store.clone(), 0, 2).await;
+    let mut cfg = fast_coordinator("capped");
+    cfg.caps.max_active_runs = 1;
+    let cbus = dagfleet_runtime::Bus::connect(&nats.config(), fast_queues(), "capped")
+        .await
+        .unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let c = dagfleet_coordinator::Coordinator::new(cbus, store.clone(), cfg);
+    let s = stop.clone();
+    let task = tokio::spawn(async move { c.run(s).await });
+    let first = stack.submit(&noop_spec("first", 4, "work_ms = 700")).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let second = stack.submit(&noop_spec("second", 2, "")).await;
+    // While the first runs, the second says why it has not started.
+    let t0 = std::time::Instant::now();
+    loop {
+        let (st, _) = dagfleet_coordinator::load_run(&stack.bus, &second)
+            .await
+            .unwrap()
+            .unwrap();
+        if let Some(w) = st.waiting {
+            assert!(w.contains("caps.max_active_runs = 1"), "{w}");
+            assert_eq!(st.stages[0].started_at_ms, 0);
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "second run never waited"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let a = wait_run(&stack.bus, &first, Duration::from_secs(30)).await;
+    let b = wait_run(&stack.bus, &second, Duration::from_secs(30)).await;
+    assert_eq!((a.status, b.status), (RunStatus::Done, RunStatus::Done));
+    assert!(b.stages[0].started_at_ms >= a.stages[0].finished_at_ms);
+    assert!(b.waiting.is_none());
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    stack.stop().await;
+}
