@@ -13,20 +13,26 @@
 //!
 //! # Layout
 //! - [`report`]: the report types.
-//! - `syntax`: syntax findings.
+//! - `syntax`: syntax findings from the tree (grammar rules CPython enforces).
+//! - `tokens`: what CPython's tokenizer rejects (indentation, brackets, characters,
+//!   literals, f-strings).
+//! - [`encoding`]: source bytes to text as CPython reads a module (PEP 263).
 //! - `analyze`: DAGs, tasks, dependencies, imports and names.
 //! - [`imports`]: the deprecation table and internal-test rules.
 //! - [`clean`]: licence-header stripping for mined files.
 
 mod analyze;
 pub mod clean;
+pub mod encoding;
 pub mod imports;
 pub mod kb;
 pub mod report;
 mod syntax;
+mod tokens;
 
 use std::collections::{BTreeSet, HashMap};
 
+pub use encoding::decode_source;
 pub use report::{Category, Dag, DagStyle, Finding, Import, Metadata, Report, Severity, Task};
 
 /// Longest task_id Airflow accepts.
@@ -77,6 +83,14 @@ pub fn analyze(src: &str, opts: &Options) -> Report {
     let root = tree.root_node();
     let mut findings = Vec::new();
     syntax::check(root, src, &mut findings);
+    // The tokenizer's errors that tree-sitter recovers from; the earlier of the two wins,
+    // as CPython reports its first error only.
+    if let Some(t) = tokens::check(src) {
+        match findings.first() {
+            Some(f) if (f.line, f.column) <= (t.line, t.column) => {}
+            _ => findings = vec![t],
+        }
+    }
 
     let scan = analyze::Scan::run(root, src);
     let mut w = analyze::Walker::new(src, &scan);

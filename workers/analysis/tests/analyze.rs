@@ -182,7 +182,10 @@ fn what_cpython_rejects_is_a_syntax_error() {
         ("f(a=1, a=2)\n", "keyword argument repeated"),
         ("return 1\n", "'return' outside function"),
         ("break\n", "'break' outside loop"),
-        ("def f(a=1, b):\n    pass\n", "parameter without a default"),
+        (
+            "def f(a=1, b):\n    pass\n",
+            "non-default argument follows default argument",
+        ),
         ("x = = 1\nprint(x)\n", "invalid syntax"),
     ] {
         let r = run(src);

@@ -123,7 +123,8 @@ pub fn judge_source(code: &str, opts: &Options) -> Verdict {
     }
 }
 
-/// Judges a file, refusing binary, non-UTF-8 and oversized files with a finding that says so.
+/// Judges a file, read as CPython reads a module (PEP 263 coding lines, UTF-8 otherwise);
+/// binary and oversized files are refused with a finding that says so.
 pub fn judge_file(path: &Path, opts: &Options) -> Verdict {
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
@@ -135,12 +136,10 @@ pub fn judge_file(path: &Path, opts: &Options) -> Verdict {
             bytes.len()
         ));
     }
-    if bytes.contains(&0) {
-        return unreadable("file contains NUL bytes: binary, not Python source".into());
-    }
-    match std::str::from_utf8(&bytes) {
-        Ok(s) => judge_source(s, opts),
-        Err(e) => unreadable(format!("file is not UTF-8 text: {e}")),
+    // As CPython reads a module: UTF-8 unless a coding line says otherwise.
+    match dagfleet_analysis::decode_source(&bytes) {
+        Ok(s) => judge_source(&s, opts),
+        Err(f) => unreadable(f.message),
     }
 }
 
