@@ -6,7 +6,7 @@
 //! DAG(...)` bodies, and the bodies of `@dag` / `@task_group` functions at their call sites.
 //! `@task` function bodies run only when the task runs, so they are not followed.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use tree_sitter::Node;
 
 use crate::report::{Category, Dag, DagStyle, Finding, Import, Severity, Task};
@@ -327,6 +327,36 @@ enum Binding {
 struct Ctx {
     dag: Option<usize>,
     prefix: Vec<String>,
+    /// The code runs more than once (a loop or comprehension over two or more items), so a
+    /// constant task_id in it repeats.
+    repeats: bool,
+}
+
+/// How many times a `for` over `iter` runs, when the source says: `range(n)`, `range(a, b)`,
+/// a list, tuple or set literal, `enumerate`/`zip` of one.
+fn iterations(iter: Node<'_>, src: &str) -> Option<i64> {
+    match iter.kind() {
+        "list" | "tuple" | "set" => {
+            let mut c = iter.walk();
+            let n = iter.named_children(&mut c).filter(|k| k.kind() != "comment").count();
+            Some(n as i64)
+        }
+        "parenthesized_expression" => iterations(iter.named_child(0)?, src),
+        "call" => {
+            let f = text(iter.child_by_field_name("function")?, src);
+            let args = iter.child_by_field_name("arguments")?;
+            let mut c = args.walk();
+            let a: Vec<Node<'_>> = args.named_children(&mut c).collect();
+            let int = |n: &Node<'_>| text(*n, src).replace('_', "").parse::<i64>().ok();
+            match (f, a.as_slice()) {
+                ("range", [n]) => int(n),
+                ("range", [lo, hi]) => Some(int(hi)? - int(lo)?),
+                ("enumerate" | "reversed" | "sorted" | "list" | "tuple", [x, ..]) => iterations(*x, src),
+                _ => None,
+            }
+        }
+        _ => None,
+    }
 }
 
 pub(crate) struct Walker<'s, 't> {
@@ -426,8 +456,19 @@ impl<'s, 't> Walker<'s, 't> {
                 // Headers run at import; walk every branch.
                 let mut c = n.walk();
                 let kids: Vec<Node<'t>> = n.named_children(&mut c).collect();
+                let body = n.child_by_field_name("body").map(|b| b.id());
+                let repeats = n.kind() == "for_statement"
+                    && n
+                        .child_by_field_name("right")
+                        .and_then(|r| iterations(r, self.src))
+                        .is_some_and(|k| k >= 2);
                 for k in kids {
                     match k.kind() {
+                        "block" if repeats && Some(k.id()) == body => {
+                            let mut inner = ctx.clone();
+                            inner.repeats = true;
+                            self.walk_block(k, &inner)
+                        }
                         "block" => self.walk_block(k, ctx),
                         "elif_clause" | "else_clause" | "except_clause" | "finally_clause" => {
                             let mut c2 = k.walk();
@@ -585,6 +626,24 @@ impl<'s, 't> Walker<'s, 't> {
                 Some(Binding::Tasks(right))
             }
             "call" => self.call(n, ctx),
+            "list_comprehension" | "generator_expression" | "set_comprehension"
+            | "dictionary_comprehension" => {
+                let mut c = n.walk();
+                let kids: Vec<Node<'t>> = n.named_children(&mut c).collect();
+                let repeats = kids.iter().any(|k| {
+                    k.kind() == "for_in_clause"
+                        && k.child_by_field_name("right")
+                            .and_then(|r| iterations(r, self.src))
+                            .is_some_and(|i| i >= 2)
+                });
+                let mut inner = ctx.clone();
+                inner.repeats |= repeats;
+                let mut all = Vec::new();
+                for k in kids {
+                    all.extend(self.expr(k, &inner));
+                }
+                Some(Binding::Tasks(all))
+            }
             _ => {
                 // Look inside for calls (e.g. a task built inside a dict or a lambda-free expr).
                 let mut c = n.walk();
@@ -764,6 +823,17 @@ impl<'s, 't> Walker<'s, 't> {
             .or(ctx.dag);
         // Arguments may hold other tasks (rare) or task-building calls.
         self.args(call, ctx);
+        if ctx.repeats && !tid.contains('<') {
+            self.findings.push(Finding {
+                category: Category::DuplicateTaskId,
+                severity: Severity::Error,
+                line: line(call),
+                column: 1,
+                message: format!(
+                    "task_id `{tid}` is a constant inside a loop that runs more than once: every iteration after the first adds a task with the same id"
+                ),
+            });
+        }
         self.tasks.push(Task {
             task_id: self.full_id(ctx, &tid),
             operator: last_segment(class).to_string(),
@@ -840,6 +910,7 @@ impl<'s, 't> Walker<'s, 't> {
         let ctx = Ctx {
             dag: Some(d),
             prefix: Vec::new(),
+            repeats: false,
         };
         let body = dd
             .child_by_field_name("definition")
@@ -1052,85 +1123,8 @@ pub(crate) const BUILTINS: &[&str] = &[
     "EncodingWarning",
 ];
 
-/// Names read at import time that nothing defines. Conservative: a name bound anywhere in the
-/// file counts as defined, and a `*` import turns the check off.
-pub(crate) fn undefined_names(nodes: &[Node<'_>], src: &str, scan: &Scan<'_>) -> Vec<Finding> {
-    if scan.star_import {
-        return Vec::new();
-    }
-    let mut seen = BTreeSet::new();
-    let mut out = Vec::new();
-    // Parents travel with the nodes: `Node::parent` walks down from the root each time.
-    let mut stack: Vec<(Node<'_>, Option<Node<'_>>)> =
-        nodes.iter().map(|n| (*n, n.parent())).collect();
-    let mut cursor;
-    while let Some((n, parent)) = stack.pop() {
-        match n.kind() {
-            // Bodies of functions and lambdas run later, if at all.
-            "function_definition" | "lambda" | "class_definition" => continue,
-            "decorated_definition" => {
-                let mut c = n.walk();
-                for d in n.children(&mut c).filter(|d| d.kind() == "decorator") {
-                    stack.push((d, Some(n)));
-                }
-                continue;
-            }
-            "identifier" => {
-                let name = text(n, src);
-                if parent.is_some_and(|p| is_load(n, p))
-                    && !scan.bound.contains(name)
-                    && !BUILTINS.contains(&name)
-                    && seen.insert(name.to_string())
-                {
-                    let pos = n.start_position();
-                    let airflow_like = is_operator_name(name)
-                        || matches!(
-                            name,
-                            "DAG"
-                                | "TaskGroup"
-                                | "Variable"
-                                | "Param"
-                                | "chain"
-                                | "cross_downstream"
-                                | "task"
-                                | "dag"
-                                | "task_group"
-                                | "Dataset"
-                                | "Asset"
-                                | "XComArg"
-                                | "Label"
-                        );
-                    out.push(Finding {
-                        category: if airflow_like {
-                            Category::MissingImport
-                        } else {
-                            Category::UndefinedName
-                        },
-                        severity: Severity::Error,
-                        line: pos.row + 1,
-                        column: pos.column + 1,
-                        message: if airflow_like {
-                            format!("`{name}` is used but never imported")
-                        } else {
-                            format!("name `{name}` is not defined")
-                        },
-                    });
-                }
-                continue;
-            }
-            _ => {}
-        }
-        cursor = n.walk();
-        for ch in n.children(&mut cursor) {
-            stack.push((ch, Some(n)));
-        }
-    }
-    out.sort_by_key(|f| (f.line, f.column));
-    out
-}
-
 /// Whether an identifier is read (not bound, not an attribute or keyword name).
-fn is_load(n: Node<'_>, p: Node<'_>) -> bool {
+pub(crate) fn is_load(n: Node<'_>, p: Node<'_>) -> bool {
     let field_is = |name: &str| {
         p.child_by_field_name(name)
             .is_some_and(|c| c.id() == n.id())

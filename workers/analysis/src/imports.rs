@@ -151,6 +151,35 @@ pub fn check(imports: &[Import], target: (u32, u32)) -> Vec<Finding> {
                 });
                 continue;
             }
+            crate::kb::Lookup::OtherProvider(p) => {
+                out.push(Finding {
+                    category: Category::MissingProvider,
+                    severity: Severity::Error,
+                    line: imp.line,
+                    column: 1,
+                    message: format!(
+                        "`{}` needs the provider package `apache-airflow-providers-{p}`, which dagfleet's knowledge base does not cover: the DAG loads only where it is installed, if it exists",
+                        imp.module
+                    ),
+                });
+                continue;
+            }
+            crate::kb::Lookup::Exists if !crate::kb::Kb::get().in_major(&imp.module, target.0) => {
+                out.push(Finding {
+                    category: Category::HallucinatedModule,
+                    severity: Severity::Error,
+                    line: imp.line,
+                    column: 1,
+                    message: format!(
+                        "module `{}` does not exist in Airflow {}.{} (it ships with Airflow {})",
+                        imp.module,
+                        target.0,
+                        target.1,
+                        if target.0 >= 3 { "2" } else { "3" }
+                    ),
+                });
+                continue;
+            }
             crate::kb::Lookup::NoName => {
                 out.push(Finding {
                     category: Category::HallucinatedName,

@@ -56,7 +56,9 @@ pub enum Lookup {
     NoModule,
     /// The module exists but does not define the name.
     NoName,
-    /// The index cannot tell (a provider it does not cover, or not under `airflow.`).
+    /// An `airflow.providers.<name>` module of a provider the index does not cover.
+    OtherProvider(String),
+    /// The index cannot tell (not under `airflow.`).
     Unknown,
 }
 
@@ -128,8 +130,14 @@ impl Kb {
 
     /// Looks up `from module import name` (or `import module` when `name` is `None`).
     pub fn lookup(&self, module: &str, name: Option<&str>) -> Lookup {
-        if self.modules.is_empty() || !self.covers(module) {
+        if self.modules.is_empty() {
             return Lookup::Unknown;
+        }
+        if !self.covers(module) {
+            return match module.strip_prefix("airflow.providers.") {
+                Some(rest) => Lookup::OtherProvider(provider_name(rest)),
+                None => Lookup::Unknown,
+            };
         }
         let Some(m) = self.modules.get(module) else {
             return Lookup::NoModule;
@@ -140,6 +148,19 @@ impl Kb {
             Some(n) if self.modules.contains_key(&format!("{module}.{n}")) => Lookup::Exists,
             Some(_) => Lookup::NoName,
         }
+    }
+
+    /// Whether `module` ships with Airflow `major` (core and task-SDK modules by their
+    /// distribution; providers ship apart from Airflow and always count).
+    pub fn in_major(&self, module: &str, major: u32) -> bool {
+        let Some(m) = self.modules.get(module) else {
+            return true;
+        };
+        m.dists.iter().any(|d| match d.as_str() {
+            "apache-airflow" => major == 2,
+            "apache-airflow-core" | "apache-airflow-task-sdk" => major >= 3,
+            _ => true,
+        })
     }
 
     /// The provider distributions a module comes from, when only providers ship it.
@@ -155,6 +176,21 @@ impl Kb {
             _ => Vec::new(),
         }
     }
+}
+
+/// The provider a module path under `airflow.providers.` names, as its package is named
+/// (`cncf.kubernetes.operators.pod` → `cncf-kubernetes`): the first segment, or the first
+/// two for the namespaces that group providers.
+fn provider_name(rest: &str) -> String {
+    let parts: Vec<&str> = rest.split('.').collect();
+    let n = if matches!(parts[0], "apache" | "cncf" | "microsoft" | "common" | "atlassian" | "dbt")
+        && parts.len() > 1
+    {
+        2
+    } else {
+        1
+    };
+    parts[..n.min(parts.len())].join("-")
 }
 
 #[cfg(test)]
@@ -192,14 +228,17 @@ mod tests {
             ),
             Lookup::Exists
         );
-        // A provider the index does not cover is not called hallucinated.
+        // A provider the index does not cover is not called hallucinated: it is missing
+        // where it is not installed.
         assert_eq!(
             kb.lookup(
                 "airflow.providers.opsgenie.hooks.opsgenie",
                 Some("OpsgenieAlertHook")
             ),
-            Lookup::Unknown
+            Lookup::OtherProvider("opsgenie".into())
         );
+        assert!(!kb.in_major("airflow.sdk", 2) && kb.in_major("airflow.sdk", 3));
+        assert!(kb.in_major("airflow.operators.bash", 2));
         assert_eq!(kb.lookup("pandas", Some("DataFrame")), Lookup::Unknown);
         assert_eq!(
             kb.providers_of("airflow.providers.amazon.aws.operators.s3"),

@@ -17,7 +17,8 @@
 //! - `tokens`: what CPython's tokenizer rejects (indentation, brackets, characters,
 //!   literals, f-strings).
 //! - [`encoding`]: source bytes to text as CPython reads a module (PEP 263).
-//! - `analyze`: DAGs, tasks, dependencies, imports and names.
+//! - `analyze`: DAGs, tasks, dependencies and imports.
+//! - `names`: names read at import time, in Python's execution order.
 //! - [`imports`]: the deprecation table and internal-test rules.
 //! - [`clean`]: licence-header stripping for mined files.
 
@@ -27,6 +28,7 @@ pub mod encoding;
 pub mod imports;
 pub mod kb;
 pub mod report;
+mod names;
 mod syntax;
 mod tokens;
 
@@ -180,7 +182,7 @@ pub fn analyze(src: &str, opts: &Options) -> Report {
         ));
     }
     findings.extend(imports::check(&scan.imports, opts.airflow_version));
-    findings.extend(analyze::undefined_names(&w.import_time, src, &scan));
+    findings.extend(names::undefined_names(&w.import_time, root, src, &scan));
     findings.sort_by_key(|f| (f.line, f.column, f.category));
 
     let metadata = metadata(&w, &edges, &scan);

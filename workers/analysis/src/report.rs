@@ -35,6 +35,10 @@ pub enum Category {
     HallucinatedModule,
     /// An import of a name that the (real) module does not define.
     HallucinatedName,
+    /// An import from a provider package the knowledge base does not cover: it loads only
+    /// where that provider is installed, if the provider exists at all (environment-
+    /// dependent, reported apart from hallucinated modules).
+    MissingProvider,
 }
 
 /// How bad a finding is. Errors make a file invalid.

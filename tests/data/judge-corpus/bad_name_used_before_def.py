@@ -1,0 +1,10 @@
+import pendulum
+from airflow import DAG
+from airflow.operators.bash import BashOperator
+from airflow.operators.python import PythonOperator
+with DAG("order", start_date=pendulum.datetime(2024, 1, 1, tz="UTC"), schedule=None, catchup=False) as dag:
+    PythonOperator(task_id="w", python_callable=make_callable())
+
+
+def make_callable():
+    return lambda: 1

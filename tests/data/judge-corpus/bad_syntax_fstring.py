@@ -1,0 +1,8 @@
+import pendulum
+from airflow import DAG
+from airflow.operators.bash import BashOperator
+from airflow.operators.python import PythonOperator
+
+NAME = 'x'
+with DAG("fstr", start_date=pendulum.datetime(2024, 1, 1, tz="UTC"), schedule=None, catchup=False) as dag:
+    BashOperator(task_id="a", bash_command=f"echo {}")
