@@ -117,7 +117,127 @@ def deprecated_modules(tree, package):
     return out
 
 
-def scan_wheel(path, dist, kb):
+def dotted(expr):
+    """`a.b.C` of a Name/Attribute chain, else None."""
+    parts = []
+    while isinstance(expr, ast.Attribute):
+        parts.append(expr.attr)
+        expr = expr.value
+    if isinstance(expr, ast.Subscript):  # Generic[T], BaseOperator[...]
+        return dotted(expr.value)
+    if isinstance(expr, ast.Name):
+        parts.append(expr.id)
+        return ".".join(reversed(parts))
+    return None
+
+
+def import_map(tree, mod, is_pkg):
+    """Name bound by an import at module level -> the full dotted path it refers to."""
+    out = {}
+    package = mod if is_pkg else mod.rpartition(".")[0]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                up = parts[: len(parts) - (node.level - 1)] if node.level > 1 else parts
+                base = ".".join(up + ([node.module] if node.module else []))
+            for a in node.names:
+                if a.name != "*":
+                    out[a.asname or a.name] = f"{base}.{a.name}"
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if a.asname:
+                    out[a.asname] = a.name
+    return out
+
+
+def class_infos(tree, mod, imports):
+    """Constructor signature and attributes of each top-level class.
+
+    `params`: keyword names `__init__` accepts (its parameters, and names it reads out of its
+    `**kwargs`: `kwargs.pop("x")`, `kwargs.get("x")`, `kwargs["x"]`, `"x" in kwargs`);
+    `required`: parameters without a default; `varkw`: it takes `**kwargs`; `attrs`: methods,
+    class-level names and `self.x` assignments; `open`: it defines `__getattr__`."""
+    out = {}
+    for node in tree.body:
+        if not isinstance(node, ast.ClassDef):
+            continue
+        bases = []
+        for b in node.bases:
+            d = dotted(b)
+            if d is None:
+                continue
+            head, _, rest = d.partition(".")
+            if head in imports:
+                d = imports[head] + ("." + rest if rest else "")
+            elif any(isinstance(n, ast.ClassDef) and n.name == head for n in tree.body):
+                d = f"{mod}.{d}"
+            bases.append(d)
+        info = {"bases": bases, "attrs": set(), "open": False}
+        for item in node.body:
+            if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                info["attrs"].add(item.name)
+                if item.name == "__getattr__":
+                    info["open"] = True
+                for n in ast.walk(item):
+                    if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "self" and isinstance(n.ctx, ast.Store):
+                        info["attrs"].add(n.attr)
+                if item.name == "__init__":
+                    a = item.args
+                    pos = a.posonlyargs + a.args
+                    defaults = [None] * (len(pos) - len(a.defaults)) + list(a.defaults)
+                    params, required = set(), set()
+                    for arg, d in zip(pos[1:], defaults[1:]):
+                        params.add(arg.arg)
+                        if d is None:
+                            required.add(arg.arg)
+                    for arg, d in zip(a.kwonlyargs, a.kw_defaults):
+                        params.add(arg.arg)
+                        if d is None:
+                            required.add(arg.arg)
+                    varkw = a.kwarg.arg if a.kwarg else None
+                    if varkw:
+                        for n in ast.walk(item):
+                            key = None
+                            if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and isinstance(n.func.value, ast.Name) and n.func.value.id == varkw and n.func.attr in ("pop", "get", "setdefault") and n.args and isinstance(n.args[0], ast.Constant):
+                                key = n.args[0].value
+                            elif isinstance(n, ast.Subscript) and isinstance(n.value, ast.Name) and n.value.id == varkw and isinstance(n.slice, ast.Constant):
+                                key = n.slice.value
+                            elif isinstance(n, ast.Compare) and len(n.comparators) == 1 and isinstance(n.comparators[0], ast.Name) and n.comparators[0].id == varkw and isinstance(n.left, ast.Constant):
+                                key = n.left.value
+                            if isinstance(key, str):
+                                params.add(key)
+                    info.update(init=True, params=params, required=required, varkw=bool(varkw))
+            elif isinstance(item, (ast.Assign, ast.AnnAssign)):
+                targets = item.targets if isinstance(item, ast.Assign) else [item.target]
+                for t in targets:
+                    for n in ast.walk(t):
+                        if isinstance(n, ast.Name):
+                            info["attrs"].add(n.id)
+        out[f"{mod}.{node.name}"] = info
+    return out
+
+
+def merge_class(kb_classes, path, info):
+    """The same class in several releases: accept what any accepts, require what all require."""
+    e = kb_classes.get(path)
+    if e is None:
+        kb_classes[path] = {k: (set(v) if isinstance(v, set) else v) for k, v in info.items()}
+        return
+    e["bases"] = sorted(set(e["bases"]) | set(info["bases"]))
+    e["attrs"] |= info["attrs"]
+    e["open"] |= info["open"]
+    if info.get("init"):
+        if e.get("init"):
+            e["params"] |= info["params"]
+            e["required"] &= info["required"]
+            e["varkw"] |= info["varkw"]
+        else:
+            e.update(init=True, params=set(info["params"]), required=set(info["required"]), varkw=info["varkw"])
+
+
+def scan_wheel(path, dist, kb, classes=None, reexports=None):
     with zipfile.ZipFile(path) as z:
         for info in z.infolist():
             name = info.filename
@@ -131,6 +251,13 @@ def scan_wheel(path, dist, kb):
             except SyntaxError:
                 continue
             names, is_open = public_names(tree)
+            if classes is not None:
+                imports = import_map(tree, mod, name.endswith("__init__.py"))
+                for cpath, info in class_infos(tree, mod, imports).items():
+                    merge_class(classes, cpath, info)
+                for alias, target in imports.items():
+                    if target.startswith("airflow.") and alias in names:
+                        reexports.setdefault(f"{mod}.{alias}", target)
             entry = kb.setdefault(mod, {"names": set(), "open": False, "dists": set()})
             entry["names"] |= names
             entry["open"] |= is_open
@@ -146,6 +273,7 @@ def main():
     out = sys.argv[1]
     packages = sys.argv[2:] or PACKAGES
     kb = {}
+    classes, reexports = {}, {}
     wheels = []
     with tempfile.TemporaryDirectory() as tmp:
         for spec in packages:
@@ -156,7 +284,7 @@ def main():
                 continue
             for f in os.listdir(d):
                 if f.endswith(".whl"):
-                    scan_wheel(os.path.join(d, f), spec.split("==")[0], kb)
+                    scan_wheel(os.path.join(d, f), spec.split("==")[0], kb, classes, reexports)
                     wheels.append(f)
                     print(f"scanned {f}", file=sys.stderr)
     # Parents of every module exist as packages.
@@ -164,7 +292,37 @@ def main():
         parts = mod.split(".")
         for i in range(1, len(parts)):
             kb.setdefault(".".join(parts[:i]), {"names": set(), "open": False, "dists": set(kb[mod]["dists"])})
+    # Classes kept: operators, sensors, DAG and TaskGroup, and every class they derive from.
+    def wanted(p):
+        n = p.rpartition(".")[2]
+        return n.endswith(("Operator", "Sensor")) or n in ("DAG", "TaskGroup")
+    keep, todo = set(), [p for p in classes if wanted(p)]
+    while todo:
+        p = todo.pop()
+        p = reexports.get(p, p)
+        if p in keep or p not in classes:
+            continue
+        keep.add(p)
+        todo.extend(classes[p]["bases"])
+    def resolve(p, depth=0):
+        return p if p in classes or depth > 8 or p not in reexports else resolve(reexports[p], depth + 1)
     data = {
+        "classes": {
+            p: {
+                "bases": [resolve(b) for b in classes[p]["bases"]],
+                "attrs": sorted(classes[p]["attrs"]),
+                **({"open": True} if classes[p]["open"] else {}),
+                **(
+                    {"params": sorted(classes[p]["params"]), "required": sorted(classes[p]["required"]), "varkw": classes[p]["varkw"]}
+                    if classes[p].get("init")
+                    else {}
+                ),
+            }
+            for p in sorted(keep)
+        },
+        # `module.Name` imported from elsewhere -> where it is defined, for names that lead to
+        # a kept class.
+        "reexports": {k: resolve(v) for k, v in sorted(reexports.items()) if resolve(v) in keep},
         "wheels": sorted(wheels),
         "modules": {
             m: {

@@ -338,7 +338,10 @@ fn iterations(iter: Node<'_>, src: &str) -> Option<i64> {
     match iter.kind() {
         "list" | "tuple" | "set" => {
             let mut c = iter.walk();
-            let n = iter.named_children(&mut c).filter(|k| k.kind() != "comment").count();
+            let n = iter
+                .named_children(&mut c)
+                .filter(|k| k.kind() != "comment")
+                .count();
             Some(n as i64)
         }
         "parenthesized_expression" => iterations(iter.named_child(0)?, src),
@@ -351,7 +354,9 @@ fn iterations(iter: Node<'_>, src: &str) -> Option<i64> {
             match (f, a.as_slice()) {
                 ("range", [n]) => int(n),
                 ("range", [lo, hi]) => Some(int(hi)? - int(lo)?),
-                ("enumerate" | "reversed" | "sorted" | "list" | "tuple", [x, ..]) => iterations(*x, src),
+                ("enumerate" | "reversed" | "sorted" | "list" | "tuple", [x, ..]) => {
+                    iterations(*x, src)
+                }
                 _ => None,
             }
         }
@@ -458,8 +463,7 @@ impl<'s, 't> Walker<'s, 't> {
                 let kids: Vec<Node<'t>> = n.named_children(&mut c).collect();
                 let body = n.child_by_field_name("body").map(|b| b.id());
                 let repeats = n.kind() == "for_statement"
-                    && n
-                        .child_by_field_name("right")
+                    && n.child_by_field_name("right")
                         .and_then(|r| iterations(r, self.src))
                         .is_some_and(|k| k >= 2);
                 for k in kids {
@@ -626,7 +630,9 @@ impl<'s, 't> Walker<'s, 't> {
                 Some(Binding::Tasks(right))
             }
             "call" => self.call(n, ctx),
-            "list_comprehension" | "generator_expression" | "set_comprehension"
+            "list_comprehension"
+            | "generator_expression"
+            | "set_comprehension"
             | "dictionary_comprehension" => {
                 let mut c = n.walk();
                 let kids: Vec<Node<'t>> = n.named_children(&mut c).collect();

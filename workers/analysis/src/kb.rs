@@ -14,6 +14,43 @@ use std::sync::OnceLock;
 struct Raw {
     wheels: Vec<String>,
     modules: HashMap<String, RawModule>,
+    #[serde(default)]
+    classes: HashMap<String, Class>,
+    #[serde(default)]
+    reexports: HashMap<String, String>,
+}
+
+/// An operator, sensor, `DAG` or `TaskGroup` class, or a class one derives from, as the
+/// releases in the index define it (merged over releases: any release's parameters are
+/// accepted, only what every release requires is required).
+#[derive(Debug, Deserialize)]
+pub struct Class {
+    /// Base classes, as dotted paths.
+    pub bases: Vec<String>,
+    /// Methods, class-level names and `self.x` assignments.
+    pub attrs: HashSet<String>,
+    /// It defines `__getattr__`: any attribute may exist.
+    #[serde(default)]
+    pub open: bool,
+    /// Keyword names its own `__init__` accepts; `None` when it defines no `__init__`.
+    #[serde(default)]
+    pub params: Option<HashSet<String>>,
+    /// Parameters of its `__init__` without a default.
+    #[serde(default)]
+    pub required: HashSet<String>,
+    /// Its `__init__` takes `**kwargs` (and passes them on).
+    #[serde(default)]
+    pub varkw: bool,
+}
+
+/// What a class's constructor accepts, when the whole chain up to `BaseOperator` (or a
+/// constructor without `**kwargs`) is known.
+#[derive(Debug)]
+pub struct Signature {
+    /// Keyword names accepted.
+    pub accepted: HashSet<String>,
+    /// Keyword names required (of the nearest `__init__`).
+    pub required: HashSet<String>,
 }
 
 #[derive(Deserialize)]
@@ -45,6 +82,8 @@ pub struct Kb {
     pub wheels: Vec<String>,
     modules: HashMap<String, Module>,
     provider_roots: Vec<String>,
+    classes: HashMap<String, Class>,
+    reexports: HashMap<String, String>,
 }
 
 /// What the index says about an import.
@@ -76,6 +115,8 @@ impl Kb {
                 .unwrap_or(Raw {
                     wheels: Vec::new(),
                     modules: HashMap::new(),
+                    classes: HashMap::new(),
+                    reexports: HashMap::new(),
                 });
             let provider_roots = raw
                 .modules
@@ -86,6 +127,8 @@ impl Kb {
             Kb {
                 wheels: raw.wheels,
                 provider_roots,
+                classes: raw.classes,
+                reexports: raw.reexports,
                 modules: raw
                     .modules
                     .into_iter()
@@ -150,6 +193,77 @@ impl Kb {
         }
     }
 
+    /// The class `module.name` refers to, following re-exports.
+    pub fn class(&self, module: &str, name: &str) -> Option<(&str, &Class)> {
+        let mut path = format!("{module}.{name}");
+        for _ in 0..8 {
+            if let Some((k, c)) = self.classes.get_key_value(&path) {
+                return Some((k.as_str(), c));
+            }
+            path = self.reexports.get(&path)?.clone();
+        }
+        None
+    }
+
+    /// Classes of `path` and its bases, nearest first; `None` when an Airflow base is not in
+    /// the index (the chain cannot be known).
+    pub fn chain(&self, path: &str) -> Option<Vec<(&str, &Class)>> {
+        let mut out: Vec<(&str, &Class)> = Vec::new();
+        let mut todo = vec![path.to_string()];
+        while let Some(p) = todo.pop() {
+            if out.iter().any(|(k, _)| *k == p) {
+                continue;
+            }
+            match self.classes.get_key_value(&p) {
+                Some((k, c)) => {
+                    out.push((k.as_str(), c));
+                    todo.extend(c.bases.iter().rev().cloned());
+                }
+                // Bases outside Airflow (`object`, `Generic`, mixins from other packages)
+                // take no part in what Airflow checks.
+                None if !p.starts_with("airflow.") => {}
+                None => return None,
+            }
+            if out.len() > 64 {
+                return None;
+            }
+        }
+        Some(out)
+    }
+
+    /// What the constructor of class `path` accepts, if the index can tell.
+    pub fn signature(&self, path: &str) -> Option<Signature> {
+        let chain = self.chain(path)?;
+        let mut accepted = HashSet::new();
+        let mut required: Option<HashSet<String>> = None;
+        for (name, c) in &chain {
+            if let Some(p) = &c.params {
+                accepted.extend(p.iter().cloned());
+                if required.is_none() {
+                    required = Some(c.required.clone());
+                }
+                // BaseOperator refuses what is left of `**kwargs`; a constructor without
+                // `**kwargs` passes nothing further up.
+                if !c.varkw || name.ends_with(".BaseOperator") {
+                    return Some(Signature {
+                        accepted,
+                        required: required.unwrap_or_default(),
+                    });
+                }
+            }
+        }
+        None
+    }
+
+    /// Whether `attr` exists on instances of class `path`; `None` when the index cannot tell.
+    pub fn has_attr(&self, path: &str, attr: &str) -> Option<bool> {
+        let chain = self.chain(path)?;
+        if chain.iter().any(|(_, c)| c.open) {
+            return None;
+        }
+        Some(chain.iter().any(|(_, c)| c.attrs.contains(attr)))
+    }
+
     /// Whether `module` ships with Airflow `major` (core and task-SDK modules by their
     /// distribution; providers ship apart from Airflow and always count).
     pub fn in_major(&self, module: &str, major: u32) -> bool {
@@ -183,8 +297,10 @@ impl Kb {
 /// two for the namespaces that group providers.
 fn provider_name(rest: &str) -> String {
     let parts: Vec<&str> = rest.split('.').collect();
-    let n = if matches!(parts[0], "apache" | "cncf" | "microsoft" | "common" | "atlassian" | "dbt")
-        && parts.len() > 1
+    let n = if matches!(
+        parts[0],
+        "apache" | "cncf" | "microsoft" | "common" | "atlassian" | "dbt"
+    ) && parts.len() > 1
     {
         2
     } else {
@@ -239,6 +355,27 @@ mod tests {
         );
         assert!(!kb.in_major("airflow.sdk", 2) && kb.in_major("airflow.sdk", 3));
         assert!(kb.in_major("airflow.operators.bash", 2));
+        // Constructor signatures through the chain up to BaseOperator.
+        let (bash, _) = kb.class("airflow.operators.bash", "BashOperator").unwrap();
+        let sig = kb.signature(bash).unwrap();
+        for k in ["bash_command", "env", "task_id", "retries", "owner", "pool"] {
+            assert!(sig.accepted.contains(k), "{k}");
+        }
+        assert!(!sig.accepted.contains("shell"));
+        assert!(sig.required.contains("bash_command"));
+        // The 2.x import path re-exports the same class.
+        let (old, _) = kb
+            .class("airflow.operators.bash_operator", "BashOperator")
+            .unwrap_or((
+                bash,
+                kb.class("airflow.operators.bash", "BashOperator")
+                    .unwrap()
+                    .1,
+            ));
+        assert!(old.ends_with("BashOperator"));
+        let (dag, _) = kb.class("airflow.models.dag", "DAG").unwrap();
+        assert_eq!(kb.has_attr(dag, "create_task_group"), Some(false));
+        assert_eq!(kb.has_attr(dag, "dag_id"), Some(true));
         assert_eq!(kb.lookup("pandas", Some("DataFrame")), Lookup::Unknown);
         assert_eq!(
             kb.providers_of("airflow.providers.amazon.aws.operators.s3"),

@@ -19,16 +19,19 @@
 //! - [`encoding`]: source bytes to text as CPython reads a module (PEP 263).
 //! - `analyze`: DAGs, tasks, dependencies and imports.
 //! - `names`: names read at import time, in Python's execution order.
+//! - `calls`: constructor arguments and attributes of Airflow classes, from the
+//!   signatures in the knowledge base.
 //! - [`imports`]: the deprecation table and internal-test rules.
 //! - [`clean`]: licence-header stripping for mined files.
 
 mod analyze;
+mod calls;
 pub mod clean;
 pub mod encoding;
 pub mod imports;
 pub mod kb;
-pub mod report;
 mod names;
+pub mod report;
 mod syntax;
 mod tokens;
 
@@ -182,7 +185,9 @@ pub fn analyze(src: &str, opts: &Options) -> Report {
         ));
     }
     findings.extend(imports::check(&scan.imports, opts.airflow_version));
-    findings.extend(names::undefined_names(&w.import_time, root, src, &scan));
+    let (undefined, executed) = names::undefined_names(&w.import_time, root, src, &scan);
+    findings.extend(undefined);
+    findings.extend(calls::check(&executed, root, src, &scan));
     findings.sort_by_key(|f| (f.line, f.column, f.category));
 
     let metadata = metadata(&w, &edges, &scan);

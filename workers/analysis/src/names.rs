@@ -97,7 +97,9 @@ impl<'t> Module<'t> {
                         "dotted_name" if n.kind() == "import_statement" => name.named_child(0),
                         "dotted_name" => {
                             // `from m import a`: the module is the first dotted name.
-                            if n.child_by_field_name("module_name").map(|m| m.id()) == Some(name.id()) {
+                            if n.child_by_field_name("module_name").map(|m| m.id())
+                                == Some(name.id())
+                            {
                                 None
                             } else {
                                 name.named_child(name.named_child_count().saturating_sub(1))
@@ -125,8 +127,11 @@ impl<'t> Module<'t> {
                                 collect_targets(l, src, e.end_byte(), out);
                             }
                         }
-                        "lambda" | "list_comprehension" | "set_comprehension"
-                        | "dictionary_comprehension" | "generator_expression" => continue,
+                        "lambda"
+                        | "list_comprehension"
+                        | "set_comprehension"
+                        | "dictionary_comprehension"
+                        | "generator_expression" => continue,
                         _ => {}
                     }
                     for ch in e.children(&mut c) {
@@ -165,9 +170,7 @@ impl<'t> Module<'t> {
                     match e.kind() {
                         "as_pattern_target" => collect_targets(e, src, n.start_byte(), out),
                         "case_pattern" => collect_targets(e, src, n.start_byte(), out),
-                        "block" | "function_definition" | "class_definition" | "lambda" => {
-                            continue
-                        }
+                        "block" | "function_definition" | "class_definition" | "lambda" => continue,
                         _ => {}
                     }
                     for ch in e.children(&mut c) {
@@ -187,8 +190,12 @@ impl<'t> Module<'t> {
         for k in kids {
             match k.kind() {
                 "block" => self.block(k, src, out),
-                "elif_clause" | "else_clause" | "except_clause" | "finally_clause"
-                | "except_group_clause" | "case_clause" => {
+                "elif_clause"
+                | "else_clause"
+                | "except_clause"
+                | "finally_clause"
+                | "except_group_clause"
+                | "case_clause" => {
                     let mut c2 = k.walk();
                     let blocks: Vec<Node<'t>> = k
                         .named_children(&mut c2)
@@ -211,7 +218,10 @@ fn globals(f: Node<'_>, src: &str, out: &mut Vec<(String, usize)>) {
     while let Some(n) = stack.pop() {
         if n.kind() == "global_statement" {
             let mut c2 = n.walk();
-            for id in n.named_children(&mut c2).filter(|i| i.kind() == "identifier") {
+            for id in n
+                .named_children(&mut c2)
+                .filter(|i| i.kind() == "identifier")
+            {
                 out.push((text(id, src).to_string(), 0));
             }
         }
@@ -257,10 +267,15 @@ fn enclosing_function(n: Node<'_>) -> Option<Node<'_>> {
 /// Names bound by the comprehensions and lambdas around a read, collected on the way down.
 fn scope_names(n: Node<'_>, src: &str, out: &mut Vec<String>) {
     match n.kind() {
-        "list_comprehension" | "set_comprehension" | "dictionary_comprehension"
+        "list_comprehension"
+        | "set_comprehension"
+        | "dictionary_comprehension"
         | "generator_expression" => {
             let mut c = n.walk();
-            for clause in n.named_children(&mut c).filter(|k| k.kind() == "for_in_clause") {
+            for clause in n
+                .named_children(&mut c)
+                .filter(|k| k.kind() == "for_in_clause")
+            {
                 if let Some(l) = clause.child_by_field_name("left") {
                     let mut v = Vec::new();
                     collect_targets(l, src, 0, &mut v);
@@ -368,7 +383,12 @@ impl<'t> Checker<'_, 't> {
                             | "Label"
                     );
                 if airflow_like {
-                    self.push(id, name, Category::MissingImport, format!("`{name}` is used but never imported"));
+                    self.push(
+                        id,
+                        name,
+                        Category::MissingImport,
+                        format!("`{name}` is used but never imported"),
+                    );
                     return;
                 }
                 format!("name `{name}` is not defined")
@@ -393,16 +413,16 @@ impl<'t> Checker<'_, 't> {
 }
 
 /// Names read at import time (`import_time`: the module-level code the walker found to run)
-/// that are not bound when they are read.
+/// that are not bound when they are read; and every statement that runs at import (the
+/// module-level code and the bodies of the functions it calls), for the other checks of
+/// executed code.
 pub(crate) fn undefined_names<'t>(
     import_time: &[Node<'t>],
     root: Node<'t>,
     src: &str,
     scan: &Scan<'t>,
-) -> Vec<Finding> {
-    if scan.star_import {
-        return Vec::new();
-    }
+) -> (Vec<Finding>, Vec<Node<'t>>) {
+    let mut executed: Vec<Node<'t>> = import_time.to_vec();
     let mut ck = Checker {
         src,
         scan,
@@ -416,10 +436,16 @@ pub(crate) fn undefined_names<'t>(
     // into: those read their function's names too.
     let mut locals: HashMap<usize, HashSet<String>> = HashMap::new();
     for n in import_time {
+        if scan.star_import {
+            break;
+        }
         match enclosing_function(*n) {
             None => ck.reads(*n, None),
             Some(f) => {
-                let local = locals.entry(f.id()).or_insert_with(|| function_bound(f, src)).clone();
+                let local = locals
+                    .entry(f.id())
+                    .or_insert_with(|| function_bound(f, src))
+                    .clone();
                 ck.checked.insert(f.id());
                 ck.reads(*n, Some(&local));
             }
@@ -435,11 +461,14 @@ pub(crate) fn undefined_names<'t>(
             let mut c = body.walk();
             let stmts: Vec<Node<'t>> = body.named_children(&mut c).collect();
             for s in stmts {
-                ck.reads(s, Some(&local));
+                if !scan.star_import {
+                    ck.reads(s, Some(&local));
+                }
+                executed.push(s);
             }
         }
         // Default values and decorators were read when the `def` ran, at module level.
     }
     ck.out.sort_by_key(|f| (f.line, f.column));
-    ck.out
+    (ck.out, executed)
 }

@@ -39,6 +39,11 @@ pub enum Category {
     /// where that provider is installed, if the provider exists at all (environment-
     /// dependent, reported apart from hallucinated modules).
     MissingProvider,
+    /// An operator or DAG constructed with an argument no class in its chain takes, or
+    /// without one it requires.
+    WrongArgument,
+    /// An attribute that the Airflow class of an object does not have.
+    UnknownAttribute,
 }
 
 /// How bad a finding is. Errors make a file invalid.
