@@ -215,6 +215,48 @@ fn judge_gives_a_verdict_per_file_and_fails_on_invalid_ones() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--airflow-version"));
+    // A version of Airflow that does not exist is refused like a word.
+    let out = dagfleet()
+        .args(["judge", "--airflow-version", "9.99"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--airflow-version `9.99`"));
+
+    // Paths that cannot be judged are error rows; every other verdict is still printed.
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let out = dagfleet()
+        .args(["judge", "--json"])
+        .arg(dir.path().join("good.py"))
+        .arg(dir.path().join("missing.py"))
+        .arg(&empty)
+        .arg("/dev/zero")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 4, "{rows:?}");
+    assert_eq!(rows[0]["valid"], true);
+    assert!(
+        rows[1]["error"].as_str().unwrap().contains("No such file"),
+        "{rows:?}"
+    );
+    assert!(
+        rows[2]["error"].as_str().unwrap().contains("no .py files"),
+        "{rows:?}"
+    );
+    assert!(
+        rows[3]["error"]
+            .as_str()
+            .unwrap()
+            .contains("not a regular file"),
+        "{rows:?}"
+    );
 }
 
 #[test]

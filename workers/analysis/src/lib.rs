@@ -188,6 +188,14 @@ pub fn analyze(src: &str, opts: &Options) -> Report {
     let (undefined, executed) = names::undefined_names(&w.import_time, root, src, &scan);
     findings.extend(undefined);
     findings.extend(calls::check(&executed, root, src, &scan));
+    // Python stops at a syntax error: nothing after it ran, so what the tree seems to say
+    // beyond it (names, arguments, task ids) is noise.
+    if findings
+        .iter()
+        .any(|f| matches!(f.category, Category::SyntaxError | Category::Truncated))
+    {
+        findings.retain(|f| matches!(f.category, Category::SyntaxError | Category::Truncated));
+    }
     findings.sort_by_key(|f| (f.line, f.column, f.category));
 
     let metadata = metadata(&w, &edges, &scan);

@@ -354,3 +354,19 @@ fn hallucinated_modules_and_names_are_caught_real_ones_pass() {
             && !cats(&ok).contains(&Category::HallucinatedName)
     );
 }
+
+#[test]
+fn a_truncated_file_reports_truncation_only() {
+    for src in [
+        "x = (",
+        "from airflow import DAG\nwith DAG(\"d\") as dag:\n    x = foo(\n",
+    ] {
+        let r = run(src);
+        assert!(
+            r.findings.iter().all(|f| f.category == Category::Truncated),
+            "{src:?}: {:?}",
+            r.findings
+        );
+        assert!(!r.findings.is_empty());
+    }
+}

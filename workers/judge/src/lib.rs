@@ -126,14 +126,32 @@ pub fn judge_source(code: &str, opts: &Options) -> Verdict {
 /// Judges a file, read as CPython reads a module (PEP 263 coding lines, UTF-8 otherwise);
 /// binary and oversized files are refused with a finding that says so.
 pub fn judge_file(path: &Path, opts: &Options) -> Verdict {
-    let bytes = match std::fs::read(path) {
-        Ok(b) => b,
-        Err(e) => return unreadable(format!("cannot read {}: {e}", path.display())),
+    use std::io::Read;
+    let cannot = |e: std::io::Error| unreadable(format!("cannot read {}: {e}", path.display()));
+    // Regular files only, and never more than the limit: `/dev/zero` or a FIFO named as a
+    // DAG file must not hang or exhaust the judge.
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) => return cannot(e),
     };
-    if bytes.len() > MAX_SOURCE_BYTES {
+    if !meta.is_file() {
+        return unreadable(format!("{} is not a regular file", path.display()));
+    }
+    if meta.len() > MAX_SOURCE_BYTES as u64 {
         return unreadable(format!(
             "file is {} bytes; the judge reads at most {MAX_SOURCE_BYTES}",
-            bytes.len()
+            meta.len()
+        ));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    if let Err(e) = std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_SOURCE_BYTES as u64 + 1).read_to_end(&mut bytes))
+    {
+        return cannot(e);
+    }
+    if bytes.len() > MAX_SOURCE_BYTES {
+        return unreadable(format!(
+            "file grew past {MAX_SOURCE_BYTES} bytes while it was read"
         ));
     }
     // As CPython reads a module: UTF-8 unless a coding line says otherwise.

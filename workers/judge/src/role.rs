@@ -77,22 +77,30 @@ impl Handler for JudgeHandler {
         let mut eval = Vec::new();
         let mut summary = Summary::default();
         let mut bad_rows = 0u64;
+        let mut rows = Vec::new();
         for (i, line) in text.lines().enumerate() {
             let n = i as u64;
             if n < start || n >= end || line.trim().is_empty() {
                 continue;
             }
             match row_to_gen(line, n) {
-                Ok(row) => {
-                    let r = judge_row(&row, &opts);
-                    summary.add(&r);
-                    let mut l = serde_json::to_vec(&r)
-                        .map_err(|e| JobError::fatal(format!("cannot encode row {n}: {e}")))?;
-                    l.push(b'\n');
-                    eval.extend_from_slice(&l);
-                }
+                Ok(row) => rows.push((n, row)),
                 Err(_) => bad_rows += 1,
             }
+        }
+        // Rows are judged on all cores, and written in their order.
+        let judged: Vec<_> = {
+            use rayon::prelude::*;
+            rows.par_iter()
+                .map(|(n, row)| (*n, judge_row(row, &opts)))
+                .collect()
+        };
+        for (n, r) in judged {
+            summary.add(&r);
+            let mut l = serde_json::to_vec(&r)
+                .map_err(|e| JobError::fatal(format!("cannot encode row {n}: {e}")))?;
+            l.push(b'\n');
+            eval.extend_from_slice(&l);
         }
         let rows = summary.models.values().map(|m| m.rows).sum::<usize>();
         let valid = summary.models.values().map(|m| m.valid).sum::<usize>();
