@@ -43,8 +43,9 @@ pub(crate) fn check<'t>(
         let (m, n) = imported.get(text(f, src))?;
         kb.class(m, n)
     };
-    let (default_keys, defaults_known) = default_args(root, src);
-    let bindings = binding_counts(root, src);
+    // Whole-file facts, computed only when a check needs them.
+    let mut defaults: Option<(HashSet<String>, bool)> = None;
+    let mut bindings: Option<HashMap<&str, usize>> = None;
 
     let mut out = Vec::new();
     let mut typed: HashMap<String, &'static str> = HashMap::new();
@@ -153,7 +154,9 @@ pub(crate) fn check<'t>(
                 });
             }
         }
-        if positional == 0 && defaults_known {
+        let (default_keys, defaults_known) =
+            defaults.get_or_insert_with(|| default_args(root, src));
+        if positional == 0 && *defaults_known {
             let names: HashSet<&str> = given.iter().map(|(k, _)| *k).collect();
             let mut missing: Vec<&String> = sig
                 .required
@@ -187,6 +190,7 @@ pub(crate) fn check<'t>(
         let Some(path) = typed.get(name) else {
             continue;
         };
+        let bindings = bindings.get_or_insert_with(|| binding_counts(root, src));
         if bindings.get(name).copied().unwrap_or(0) != 1 {
             continue;
         }
@@ -276,11 +280,11 @@ fn default_args(root: Node<'_>, src: &str) -> (HashSet<String>, bool) {
 /// definitions, parameters): an instance's type is trusted only for a name bound once.
 fn binding_counts<'a>(root: Node<'_>, src: &'a str) -> HashMap<&'a str, usize> {
     let mut out: HashMap<&str, usize> = HashMap::new();
-    let mut stack = vec![root];
+    let mut stack = vec![(root, None)];
     let mut c = root.walk();
-    while let Some(n) = stack.pop() {
+    while let Some((n, parent)) = stack.pop() {
         if n.kind() == "identifier" {
-            if let Some(p) = n.parent() {
+            if let Some(p) = parent {
                 if !crate::analyze::is_load(n, p)
                     && p.kind() != "attribute"
                     && p.kind() != "keyword_argument"
@@ -290,7 +294,7 @@ fn binding_counts<'a>(root: Node<'_>, src: &'a str) -> HashMap<&'a str, usize> {
             }
         }
         for ch in n.children(&mut c) {
-            stack.push(ch);
+            stack.push((ch, Some(n)));
         }
     }
     out

@@ -235,18 +235,19 @@ fn globals(f: Node<'_>, src: &str, out: &mut Vec<(String, usize)>) {
 /// conservative, so a name Python could find is never reported.
 fn function_bound(f: Node<'_>, src: &str) -> HashSet<String> {
     let mut out = HashSet::new();
-    let mut stack = vec![f];
+    // Parents travel with the nodes: `Node::parent` walks down from the root each time.
+    let mut stack = vec![(f, f.parent())];
     let mut c = f.walk();
-    while let Some(n) = stack.pop() {
+    while let Some((n, parent)) = stack.pop() {
         if n.kind() == "identifier" {
-            if let Some(p) = n.parent() {
+            if let Some(p) = parent {
                 if !is_load(n, p) && p.kind() != "attribute" && p.kind() != "keyword_argument" {
                     out.insert(text(n, src).to_string());
                 }
             }
         }
         for ch in n.children(&mut c) {
-            stack.push(ch);
+            stack.push((ch, Some(n)));
         }
     }
     out
