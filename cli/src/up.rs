@@ -37,16 +37,16 @@ fn local_port(url: &str) -> Option<u16> {
 pub async fn ensure_nats(cfg: &Config, dir: &Path) -> Result<Option<Child>> {
     let mut probe = cfg.nats.clone();
     probe.connect_timeout = Duration::from_secs(1);
-    if dagfleet_runtime::bus::connect(&probe, "dagfleet-probe")
-        .await
-        .is_ok()
-    {
-        info!(url = %dagfleet_runtime::bus::redact_url(&cfg.nats.url), "using the NATS server already running");
-        return Ok(None);
-    }
+    let why = match dagfleet_runtime::bus::connect(&probe, "dagfleet-probe").await {
+        Ok(_) => {
+            info!(url = %dagfleet_runtime::bus::redact_url(&cfg.nats.url), "using the NATS server already running");
+            return Ok(None);
+        }
+        Err(e) => e,
+    };
     let Some(port) = local_port(&cfg.nats.url) else {
         anyhow::bail!(
-            "no NATS server answers at {} and it is not on this machine, so `dagfleet up` cannot start one",
+            "no NATS server answers at {} ({why}) and it is not on this machine, so `dagfleet up` cannot start one",
             dagfleet_runtime::bus::redact_url(&cfg.nats.url)
         );
     };

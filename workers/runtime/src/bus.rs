@@ -313,6 +313,8 @@ async fn drain(
 /// Connects to NATS with unlimited reconnects, failing with a clear error when no server
 /// answers within `connect_timeout`.
 pub async fn connect(nats: &NatsConfig, name: &str) -> Result<async_nats::Client, BusError> {
+    // Ignored when a provider is already installed (by an earlier connect, or the host).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let mut opts = async_nats::ConnectOptions::new()
         .name(name)
         .connection_timeout(nats.connect_timeout)
@@ -334,6 +336,33 @@ pub async fn connect(nats: &NatsConfig, name: &str) -> Result<async_nats::Client
                 url: redact_url(&nats.url),
                 reason: format!("nats.creds_file `{c}`: {e}"),
             })?;
+    }
+    let tls_err = |key: &str, path: &str, why: &str| BusError::Connect {
+        url: redact_url(&nats.url),
+        reason: format!("nats.{key} `{path}`: {why}"),
+    };
+    if let Some(ca) = &nats.tls_ca {
+        if !std::path::Path::new(ca).is_file() {
+            return Err(tls_err("tls_ca", ca, "no such file"));
+        }
+        opts = opts.add_root_certificates(ca.into());
+    }
+    match (&nats.tls_cert, &nats.tls_key) {
+        (Some(cert), Some(key)) => {
+            for (k, p) in [("tls_cert", cert), ("tls_key", key)] {
+                if !std::path::Path::new(p).is_file() {
+                    return Err(tls_err(k, p, "no such file"));
+                }
+            }
+            opts = opts.add_client_certificate(cert.into(), key.into());
+        }
+        (Some(cert), None) => return Err(tls_err("tls_cert", cert, "needs nats.tls_key")),
+        (None, Some(key)) => return Err(tls_err("tls_key", key, "needs nats.tls_cert")),
+        (None, None) => {}
+    }
+    let tls_url = nats.url.split(',').any(|u| u.trim().starts_with("tls://"));
+    if nats.tls_required || tls_url || nats.tls_cert.is_some() {
+        opts = opts.require_tls(true);
     }
     opts.connect(nats.url.as_str())
         .await

@@ -56,6 +56,14 @@ pub struct NatsConfig {
     pub token: Option<Secret>,
     /// Path to a `.creds` file (JWT + NKey).
     pub creds_file: Option<String>,
+    /// PEM file of the CA that signed the server's certificate (private CAs).
+    pub tls_ca: Option<String>,
+    /// PEM client certificate, for servers that verify clients (with `tls_key`).
+    pub tls_cert: Option<String>,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: Option<String>,
+    /// Refuse to connect without TLS (implied by `tls://` URLs and by `tls_cert`).
+    pub tls_required: bool,
     /// How long to wait for the first connection before giving up.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
@@ -69,6 +77,10 @@ impl Default for NatsConfig {
             password: None,
             token: None,
             creds_file: None,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_required: false,
             connect_timeout: Duration::from_secs(10),
         }
     }
