@@ -208,6 +208,20 @@ impl Config {
         if self.nats.url.trim().is_empty() {
             anyhow::bail!("invalid configuration: nats.url is empty");
         }
+        // Credentials in the URL would be printed and logged with it; they have their own,
+        // redacted keys.
+        if self.nats.url.split(',').any(|u| {
+            u.split_once("://")
+                .map_or(u, |(_, r)| r)
+                .split('/')
+                .next()
+                .unwrap_or("")
+                .contains('@')
+        }) {
+            anyhow::bail!(
+                "invalid configuration: nats.url carries credentials (`user:password@`); set nats.user and nats.password (DAGFLEET_NATS__PASSWORD), nats.token or nats.creds_file instead"
+            );
+        }
         Ok(())
     }
 
@@ -217,7 +231,28 @@ impl Config {
     }
 }
 
+/// Keys whose values are secrets: an error about one never repeats the value.
+fn secret_key(path: &[String]) -> bool {
+    path.last().is_some_and(|k| {
+        let k = k.to_ascii_lowercase();
+        ["password", "token", "secret", "api_key", "access_key"]
+            .iter()
+            .any(|s| k.contains(s))
+    })
+}
+
 fn describe(e: &figment::Error) -> String {
+    if secret_key(&e.path) {
+        let src = e
+            .metadata
+            .as_ref()
+            .map(|m| format!(" (from {})", m.name))
+            .unwrap_or_default();
+        return format!(
+            "key `{}`: invalid value, not shown because it is a secret; expected a string{src}",
+            e.path.join(".")
+        );
+    }
     let key = if e.path.is_empty() {
         String::new()
     } else {
@@ -254,6 +289,31 @@ mod tests {
             )
             .map_err(|e| e.to_string())?;
             assert_eq!(cfg.nats.url, "nats://flag:1");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn secrets_are_never_echoed_and_url_credentials_refused() {
+        figment::Jail::expect_with(|jail| {
+            // A numeric password is a password.
+            jail.set_env("DAGFLEET_NATS__PASSWORD", "987654321");
+            let cfg = Config::load(None, &[]).map_err(|e| e.to_string())?;
+            assert_eq!(cfg.nats.password.unwrap().expose(), "987654321");
+            // A secret of the wrong shape is refused without its value.
+            jail.set_env("DAGFLEET_NATS__PASSWORD", "[987654321]");
+            let e = Config::load(None, &[]).unwrap_err().to_string();
+            assert!(
+                !e.contains("987654321") && e.contains("nats.password"),
+                "{e}"
+            );
+            jail.set_env("DAGFLEET_NATS__PASSWORD", "s");
+            jail.set_env("DAGFLEET_NATS__URL", "nats://alice:hunter2@127.0.0.1:4222");
+            let e = Config::load(None, &[]).unwrap_err().to_string();
+            assert!(
+                !e.contains("hunter2") && e.contains("carries credentials"),
+                "{e}"
+            );
             Ok(())
         });
     }

@@ -219,6 +219,21 @@ pub(crate) async fn connect(cfg: &Config, name: &str) -> Result<Bus> {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
+    // `dagfleet status | head`: a closed stdout ends the process quietly, as it ends other
+    // command-line tools (exit status 141, as for SIGPIPE), instead of panicking.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if msg.contains("failed printing to stdout") && msg.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default_hook(info);
+    }));
     match real_main().await {
         Ok(code) => code,
         Err(e) => {
@@ -286,15 +301,17 @@ async fn real_main() -> Result<std::process::ExitCode> {
         }
         Cmd::Worker { role, concurrency } => {
             if let Some(c) = concurrency {
+                anyhow::ensure!(c >= 1, "--concurrency must be at least 1");
                 cfg.worker.concurrency = c;
             }
-            let bus = connect(&cfg, &format!("dagfleet-worker-{role}")).await?;
+            // A bad store URL is refused before anything connects.
             let store = cfg.open_store()?;
+            let bus = connect(&cfg, &format!("dagfleet-worker-{role}")).await?;
             roles::run_worker(role, &cfg, bus, store, shutdown_signal()).await?;
         }
         Cmd::Coordinator => {
-            let bus = connect(&cfg, "dagfleet-coordinator").await?;
             let store = cfg.open_store()?;
+            let bus = connect(&cfg, "dagfleet-coordinator").await?;
             let c =
                 dagfleet_coordinator::Coordinator::new(bus, store, up::coordinator_config(&cfg));
             c.run(shutdown_signal()).await?;

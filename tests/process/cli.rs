@@ -410,3 +410,60 @@ fn every_example_spec_is_valid() {
     }
     assert!(n >= 5, "examples found: {n}");
 }
+
+#[test]
+fn small_inputs_are_refused_or_handled() {
+    // A mistyped store URL is not a local directory.
+    let out = dagfleet()
+        .args([
+            "--store-url",
+            "s3:/bucket/prefix",
+            "worker",
+            "--role",
+            "noop",
+        ])
+        .env("DAGFLEET_NATS__URL", "nats://127.0.0.1:1")
+        .env("DAGFLEET_NATS__CONNECT_TIMEOUT", "1s")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("malformed scheme"), "{err}");
+    // Zero concurrency is refused before anything connects.
+    let out = dagfleet()
+        .args(["worker", "--role", "noop", "--concurrency", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--concurrency"));
+    // Credentials in nats.url are refused without being repeated.
+    let out = dagfleet()
+        .arg("config")
+        .env("DAGFLEET_NATS__URL", "nats://alice:hunter2@127.0.0.1:4222")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !all.contains("hunter2") && all.contains("carries credentials"),
+        "{all}"
+    );
+    // A closed pipe ends the output quietly.
+    let mut child = dagfleet()
+        .arg("config")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("panicked"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

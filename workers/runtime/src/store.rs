@@ -101,6 +101,19 @@ impl ArtifactStore {
             });
         }
         let dir = url.strip_prefix("file://").unwrap_or(url);
+        // `s3:/bucket` or `s3:bucket` is a mistyped URL, not a directory named `s3:`.
+        if let Some((scheme, _)) = url.split_once(':') {
+            if !url.contains("://")
+                && scheme.len() > 1
+                && scheme
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '+')
+            {
+                return Err(StoreError::Config(format!(
+                    "store.url `{url}` looks like a URL with a malformed scheme; write {scheme}://..., or ./{url} for a directory"
+                )));
+            }
+        }
         if url.contains("://") && !url.starts_with("file://") {
             return Err(StoreError::Config(format!(
                 "store.url `{url}`: unsupported scheme; use a directory, file://, s3:// or memory://"
@@ -315,6 +328,19 @@ impl ArtifactStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mistyped_urls_are_refused() {
+        for url in ["s3:/bucket/prefix", "s3:bucket", "file:/tmp/x"] {
+            let e = ArtifactStore::open(&StoreConfig {
+                url: url.into(),
+                ..Default::default()
+            })
+            .err()
+            .unwrap_or_else(|| panic!("{url} was accepted"));
+            assert!(e.to_string().contains("malformed scheme"), "{e}");
+        }
+    }
 
     #[tokio::test]
     async fn line_stats_streams_rows_and_hash() {
