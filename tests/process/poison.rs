@@ -171,6 +171,50 @@ async fn poison_specs_fail_their_runs_while_both_coordinators_stay_up() {
         );
     }
 
+    // A job envelope published by hand for a run nobody submitted is dead-lettered by the
+    // worker process, and nothing is written under that run's prefix.
+    let forged = dagfleet_protocol::Envelope::new(
+        RunId::new("ghost-run").unwrap(),
+        dagfleet_protocol::Stage::Noop,
+        0,
+        "forged",
+        0,
+        dagfleet_protocol::Job::Noop(dagfleet_protocol::jobs::NoopJob {
+            output_bytes: 16,
+            ..Default::default()
+        }),
+    );
+    bus.publish_jobs(&[forged]).await.unwrap();
+    let t0 = std::time::Instant::now();
+    loop {
+        let mut dlq = bus
+            .jetstream()
+            .get_stream(dagfleet_protocol::subjects::DLQ_STREAM)
+            .await
+            .unwrap();
+        let n = dlq.info().await.unwrap().state.messages;
+        let mut found = false;
+        for seq in 1..=n {
+            if let Ok(m) = dlq.get_raw_message(seq).await {
+                let reason = m
+                    .headers
+                    .get(dagfleet_protocol::subjects::HDR_REASON)
+                    .map(|v| v.to_string())
+                    .unwrap_or_default();
+                found |= reason.contains("`ghost-run`, which does not exist");
+            }
+        }
+        if found {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the forged job was not dead-lettered"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(store.list("runs/ghost-run").await.unwrap().is_empty());
+
     // A normal run after them completes, through the same two coordinators.
     let normal = spec_dir.path().join("normal.toml");
     std::fs::write(

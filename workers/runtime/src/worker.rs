@@ -275,6 +275,8 @@ struct Shared<H> {
     next_id: AtomicU64,
     /// Cancelled when shutdown starts, before the grace period.
     stopping: CancellationToken,
+    /// Runs seen in the run-state bucket, so each is looked up once.
+    known_runs: Mutex<std::collections::HashSet<String>>,
 }
 
 /// A running job whose message needs in-progress acks.
@@ -391,6 +393,7 @@ impl<H: Handler> Worker<H> {
                 keepalive: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(0),
                 stopping: CancellationToken::new(),
+                known_runs: Mutex::new(Default::default()),
             }),
         }
     }
@@ -579,6 +582,16 @@ async fn process<H: Handler>(sh: &Shared<H>, msg: jetstream::Message, hard: Canc
         dead_letter(sh, &msg, Some(&env), &origin, reason).await;
         return;
     }
+    // A job for a run nobody submitted (a hand-published envelope) must not write under
+    // that run's prefix.
+    if !run_exists(sh, &env).await {
+        let reason = format!(
+            "the job names run `{}`, which does not exist (no entry in the run-state bucket): refused, nothing written",
+            env.run_id
+        );
+        dead_letter(sh, &msg, Some(&env), &origin, reason).await;
+        return;
+    }
     let q = sh.bus.queues().stage(env.stage);
     if delivered > q.max_attempts {
         let reason = format!(
@@ -762,6 +775,30 @@ async fn nak<H: Handler>(
     debug!(reason, ?delay, "nak");
     let _ = msg.ack_with(AckKind::Nak(Some(delay))).await;
     Outcome::Retry(delay)
+}
+
+/// Whether `env`'s run has an entry in the run-state bucket. A bucket that cannot be read
+/// does not stop work: the job goes on, as it would have before the check.
+async fn run_exists<H: Handler>(sh: &Shared<H>, env: &Envelope) -> bool {
+    let run = env.run_id.as_str();
+    if lock(&sh.known_runs).contains(run) {
+        return true;
+    }
+    match sh.bus.runs().entry(run).await {
+        Ok(Some(e)) if e.operation == async_nats::jetstream::kv::Operation::Put => {
+            let mut known = lock(&sh.known_runs);
+            if known.len() > 10_000 {
+                known.clear();
+            }
+            known.insert(run.to_string());
+            true
+        }
+        Ok(_) => false,
+        Err(e) => {
+            tracing::warn!(run, error = %e, "run-state bucket unreadable; running the job anyway");
+            true
+        }
+    }
 }
 
 async fn dead_letter<H: Handler>(
