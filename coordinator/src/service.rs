@@ -227,6 +227,9 @@ impl Coordinator {
                 Err(e) => warn!(subject = %m.subject, error = %e, "unreadable event skipped"),
             }
         }
+        for (run, kinds) in &mut by_run {
+            self.keep_recorded(run, kinds).await;
+        }
         for (run, kinds) in &by_run {
             let touched = kinds.iter().any(|k| {
                 matches!(
@@ -261,6 +264,49 @@ impl Coordinator {
             let _ = m.ack().await;
         }
         Ok(())
+    }
+
+    /// Drops completions whose job record is not in the store: a worker writes the record
+    /// before it announces the job, so a `jobs_done` without one was not sent by a worker
+    /// that did the job (a hand-published event must not finish a run). When the store cannot
+    /// be read the completion counts: dropping a real one would leave its run hanging.
+    async fn keep_recorded(&self, run: &RunId, kinds: &mut Vec<EventKind>) {
+        use futures::stream::{self, StreamExt as _};
+        for k in kinds.iter_mut() {
+            let EventKind::JobsDone { records } = k else {
+                continue;
+            };
+            let checks = stream::iter(records.iter().cloned())
+                .map(|rec| async move {
+                    let stored = self
+                        .store
+                        .job_record(&rec.run_id, rec.stage, &rec.job_id)
+                        .await;
+                    let ok = match &stored {
+                        Ok(Some(s)) => {
+                            s.run_id == rec.run_id && s.stage == rec.stage && s.index == rec.index
+                        }
+                        Ok(None) => false,
+                        Err(_) => true,
+                    };
+                    (rec, ok)
+                })
+                .buffer_unordered(32)
+                .collect::<Vec<_>>()
+                .await;
+            let before = records.len();
+            *records = checks
+                .into_iter()
+                .filter_map(|(r, ok)| ok.then_some(r))
+                .collect();
+            if records.len() < before {
+                warn!(
+                    run = %run,
+                    dropped = before - records.len(),
+                    "completions without a job record in the store ignored"
+                );
+            }
+        }
     }
 
     async fn reconcile_all(&self) -> Result<(), CoordinatorError> {

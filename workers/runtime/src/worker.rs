@@ -42,8 +42,9 @@ pub trait Handler: Send + Sync + 'static {
     fn role(&self) -> Role;
 
     /// Whether this job writes artifacts. When it does, the runtime checks for an existing
-    /// job record before running it and writes one after; a job without outputs has nothing
-    /// to deduplicate, so both store round trips are skipped.
+    /// job record before running it; a job without outputs has nothing to deduplicate, so
+    /// that read is skipped. Every finished job's record is written either way: the
+    /// coordinator counts a completion only when its record is in the store.
     fn writes_artifacts(&self, _job: &Job) -> bool {
         true
     }
@@ -694,13 +695,11 @@ async fn run_job<H: Handler>(
                 duration_ms: t0.elapsed().as_millis() as u64,
                 finished_at_ms: now_ms(),
             };
-            let rec = if records {
-                match sh.store.write_job_record(&rec).await {
-                    Ok(r) => r,
-                    Err(e) => return nak(sh, msg, Duration::from_secs(2), &e.to_string()).await,
-                }
-            } else {
-                rec
+            // Every finished job has its record in the store before it is announced: the
+            // coordinator counts only completions it can find there.
+            let rec = match sh.store.write_job_record(&rec).await {
+                Ok(r) => r,
+                Err(e) => return nak(sh, msg, Duration::from_secs(2), &e.to_string()).await,
             };
             match finish_done(sh, msg, rec).await {
                 Ok(()) => {
