@@ -241,7 +241,10 @@ fn function_bound(f: Node<'_>, src: &str) -> HashSet<String> {
     while let Some((n, parent)) = stack.pop() {
         if n.kind() == "identifier" {
             if let Some(p) = parent {
-                if !is_load(n, p) && p.kind() != "attribute" && p.kind() != "keyword_argument" {
+                let splat = matches!(p.kind(), "list_splat_pattern" | "dictionary_splat_pattern");
+                if splat
+                    || (!is_load(n, p) && p.kind() != "attribute" && p.kind() != "keyword_argument")
+                {
                     out.insert(text(n, src).to_string());
                 }
             }
@@ -323,7 +326,9 @@ impl<'t> Checker<'_, 't> {
                         .filter(|f| f.kind() == "identifier")
                     {
                         let name = text(f, self.src);
-                        let shadowed = local.is_some_and(|l| l.contains(name));
+                        // Calling a TaskFlow function makes a task; its body runs later.
+                        let shadowed = local.is_some_and(|l| l.contains(name))
+                            || self.scan.taskflow.contains_key(name);
                         if let (false, Some(def)) = (shadowed, self.module.functions.get(name)) {
                             self.called.push(*def);
                         }

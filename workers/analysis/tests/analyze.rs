@@ -370,3 +370,34 @@ fn a_truncated_file_reports_truncation_only() {
         assert!(!r.findings.is_empty());
     }
 }
+
+#[test]
+fn names_bound_by_splat_parameters_and_taskflow_bodies_are_not_import_time() {
+    let r = run(r#"
+import pendulum
+from airflow import DAG
+from airflow.decorators import task
+
+
+def helper(*args, **kwargs):
+    return kwargs.get("x"), args
+
+
+helper(1, x=2)
+
+with DAG("d", start_date=pendulum.datetime(2024, 1, 1, tz="UTC"), schedule=None) as dag:
+
+    @task
+    def get_names(**kwargs):
+        return kwargs["ti"].xcom_pull(task_ids=LATER)
+
+    get_names()
+"#);
+    assert!(
+        !r.findings
+            .iter()
+            .any(|f| f.category == Category::UndefinedName),
+        "{:?}",
+        r.findings
+    );
+}
