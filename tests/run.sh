@@ -25,6 +25,14 @@ if ! command -v cargo >/dev/null; then
   . "$HOME/.cargo/env"
 fi
 
+# The TLS test makes its CA and certificates with the openssl command.
+if ! command -v openssl >/dev/null; then
+  echo "== installing openssl"
+  if command -v apt-get >/dev/null; then apt_install openssl
+  elif command -v brew >/dev/null; then brew install openssl
+  else echo "install openssl and run again" >&2; exit 1; fi
+fi
+
 VENV="${DAGFLEET_VENV:-$HOME/.cache/dagfleet-venv}"
 if ! "$VENV/bin/python" -c 'import helm_python, kubernetes_validate' 2>/dev/null; then
   echo "== preparing Python venv for the Helm chart checks in $VENV"
