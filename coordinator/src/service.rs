@@ -270,7 +270,7 @@ impl Coordinator {
     /// before it announces the job, so a `jobs_done` without one was not sent by a worker
     /// that did the job (a hand-published event must not finish a run). When the store cannot
     /// be read the completion counts: dropping a real one would leave its run hanging.
-    async fn keep_recorded(&self, run: &RunId, kinds: &mut Vec<EventKind>) {
+    async fn keep_recorded(&self, run: &RunId, kinds: &mut [EventKind]) {
         use futures::stream::{self, StreamExt as _};
         for k in kinds.iter_mut() {
             let EventKind::JobsDone { records } = k else {

@@ -340,13 +340,7 @@ impl<'a> Lexer<'a> {
                 return tab_error();
             }
             if let Some(at) = self.block_open.take() {
-                let (l, _) = position(self.src, at);
-                return err(
-                    self.i,
-                    format!(
-                        "expected an indented block after the `:` on line {l} (IndentationError)"
-                    ),
-                );
+                return self.missing_block(at);
             }
         } else if col > top {
             if alt <= top_alt {
@@ -371,16 +365,19 @@ impl<'a> Lexer<'a> {
                 return tab_error();
             }
             if let Some(at) = self.block_open.take() {
-                let (l, _) = position(self.src, at);
-                return err(
-                    self.i,
-                    format!(
-                        "expected an indented block after the `:` on line {l} (IndentationError)"
-                    ),
-                );
+                return self.missing_block(at);
             }
         }
         Ok(())
+    }
+
+    /// A line at or left of the block opened by the `:` at byte `at`.
+    fn missing_block(&self, at: usize) -> Result<(), Problem> {
+        let (l, _) = position(self.src, at);
+        err(
+            self.i,
+            format!("expected an indented block after the `:` on line {l} (IndentationError)"),
+        )
     }
 
     fn identifier(&mut self) -> Result<(), Problem> {
