@@ -450,6 +450,26 @@ impl DagStack {
             rand::random::<u16>()
         ))?;
         let n = (rate * secs as f64) as u32;
+        // The bench plays the coordinator's dispatch: the run exists, its stage already
+        // dispatched with `n` jobs (workers refuse jobs for runs that do not exist).
+        let spec = dagfleet_protocol::RunSpec::from_toml(&format!(
+            "name = \"bench-lat\"\nstages = [\"noop\"]\n[noop]\njobs = {}\n[limits]\nmax_jobs_per_stage = {}",
+            n.max(1),
+            n.max(1)
+        ))?;
+        let mut state =
+            dagfleet_protocol::RunState::new(run.clone(), spec, dagfleet_runtime::now_ms());
+        state.stages[0].status = dagfleet_protocol::StageStatus::Dispatched;
+        state.stages[0].jobs = n;
+        state.stages[0].started_at_ms = dagfleet_runtime::now_ms();
+        self.bus
+            .runs()
+            .create(
+                run.as_str(),
+                bytes::Bytes::from(dagfleet_protocol::encode(&state)?),
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("creating the bench run: {e}"))?;
         let sent: Arc<Mutex<HashMap<u32, Instant>>> = Arc::default();
         let mut sub = self
             .bus
