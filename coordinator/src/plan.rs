@@ -491,7 +491,9 @@ pub fn plan(
                     (
                         key,
                         Job::Mine(MineShard {
-                            source: src.clone(),
+                            // Only this shard's ref: a source listing 100k versions must not
+                            // travel whole in each of its 100k jobs.
+                            source: shard_source(&src, &r),
                             reference: r,
                             globs: globs.clone(),
                         }),
@@ -533,6 +535,29 @@ where
         jobs: count as u32,
         iter: Box::new(iter),
     })
+}
+
+/// `src` narrowed to the one ref a shard reads.
+fn shard_source(src: &Source, r: &str) -> Source {
+    match src {
+        Source::Github { repo, api_url, .. } => Source::Github {
+            repo: repo.clone(),
+            refs: vec![r.to_string()],
+            api_url: api_url.clone(),
+        },
+        Source::Git { path, .. } => Source::Git {
+            path: path.clone(),
+            refs: vec![r.to_string()],
+        },
+        Source::Dir { path } => Source::Dir { path: path.clone() },
+        Source::Pypi {
+            package, index_url, ..
+        } => Source::Pypi {
+            package: package.clone(),
+            versions: vec![r.to_string()],
+            index_url: index_url.clone(),
+        },
+    }
 }
 
 fn source_key(src: &Source) -> String {

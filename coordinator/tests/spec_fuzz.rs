@@ -473,6 +473,25 @@ fn one_case(base: usize, muts: &[Mutation], tally: &mut Tally) {
 #[test]
 fn every_spec_is_refused_clearly_or_plans_in_bounded_memory() {
     use proptest::test_runner::{Config, TestRunner};
+    // Found by this test: a source listing 90k versions was copied whole into each of its
+    // 90k shards (about 24 GB before the OOM killer). Each shard now carries its own ref.
+    let versions: Vec<String> = (0..90_000).map(|i| format!("2.{i}")).collect();
+    let mut spec: RunSpec = toml::from_str(BASES[1]).unwrap();
+    spec.sources = vec![dagfleet_protocol::jobs::Source::Pypi {
+        package: "apache-airflow".into(),
+        versions,
+        index_url: None,
+    }];
+    let state = RunState::new(RunId::new("many-refs").unwrap(), spec, 0);
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap()
+        .block_on(plan_all(
+            &state,
+            &STORE.with(|s| s.clone()),
+            &Caps::default(),
+        ));
+
     let mut runner = TestRunner::new(Config {
         cases: 600,
         failure_persistence: None,

@@ -665,6 +665,24 @@ impl RunSpec {
         if self.limits.max_jobs_per_stage == Some(0) {
             return Err(invalid("limits.max_jobs_per_stage", "must be at least 1"));
         }
+        // Lists copied into every job of a stage stay short.
+        for (key, n, max) in [
+            ("mine.globs", self.mine.globs.len(), 100),
+            ("synthesize.aspects", self.synthesize.aspects.len(), 100),
+            ("synthesize.tasks", self.synthesize.tasks.len(), 50),
+            ("train.export", self.train.export.len(), 20),
+            ("train.target_modules", self.train.target_modules.len(), 20),
+        ] {
+            if n > max {
+                return Err(invalid(key, format!("lists {n} entries; at most {max}")));
+            }
+        }
+        if let Some(g) = self.mine.globs.iter().find(|g| g.len() > 1_000) {
+            return Err(invalid(
+                "mine.globs",
+                format!("a glob of {} characters; at most 1000", g.len()),
+            ));
+        }
         if self.stages.contains(&Stage::Mine) && self.sources.is_empty() {
             return Err(invalid(
                 "sources",
