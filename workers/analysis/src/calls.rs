@@ -142,16 +142,9 @@ pub(crate) fn check<'t>(
         let class = path.rsplit('.').next().unwrap_or(path);
         for (k, node) in &given {
             if !sig.accepted.contains(*k) && seen.insert((call.id(), k.to_string())) {
-                let pos = node.start_position();
-                out.push(Finding {
-                    category: Category::WrongArgument,
-                    severity: Severity::Error,
-                    line: pos.row + 1,
-                    column: pos.column + 1,
-                    message: format!(
+                out.push(error_at(*node, Category::WrongArgument, format!(
                         "Invalid arguments were passed to {class}: `{k}` is not a parameter of {class} or of the classes it derives from"
-                    ),
-                });
+                    )));
             }
         }
         let (default_keys, defaults_known) =
@@ -165,14 +158,11 @@ pub(crate) fn check<'t>(
                 .collect();
             missing.sort();
             if let Some(r) = missing.first() {
-                let pos = call.start_position();
-                out.push(Finding {
-                    category: Category::WrongArgument,
-                    severity: Severity::Error,
-                    line: pos.row + 1,
-                    column: pos.column + 1,
-                    message: format!("missing keyword argument '{r}' for {class}"),
-                });
+                out.push(error_at(
+                    call,
+                    Category::WrongArgument,
+                    format!("missing keyword argument '{r}' for {class}"),
+                ));
             }
         }
     }
@@ -200,17 +190,26 @@ pub(crate) fn check<'t>(
         }
         if kb.has_attr(path, attr) == Some(false) && seen.insert((a.id(), attr.to_string())) {
             let class = path.rsplit('.').next().unwrap_or(path);
-            let pos = a.start_position();
-            out.push(Finding {
-                category: Category::UnknownAttribute,
-                severity: Severity::Error,
-                line: pos.row + 1,
-                column: pos.column + 1,
-                message: format!("'{class}' object has no attribute '{attr}'"),
-            });
+            out.push(error_at(
+                a,
+                Category::UnknownAttribute,
+                format!("'{class}' object has no attribute '{attr}'"),
+            ));
         }
     }
     out
+}
+
+/// An error finding at `node`.
+fn error_at(node: Node<'_>, category: Category, message: String) -> Finding {
+    let pos = node.start_position();
+    Finding {
+        category,
+        severity: Severity::Error,
+        line: pos.row + 1,
+        column: pos.column + 1,
+        message,
+    }
 }
 
 /// Keys of every `default_args` dict in the file, and whether all of them are literals
