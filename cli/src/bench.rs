@@ -564,6 +564,7 @@ fn bench_judge(corpus: &std::path::Path, passes: u32, python: &str) -> Result<()
         .map_err(|e| anyhow::anyhow!(e))?;
     let src = dagfleet_protocol::jobs::Source::Dir {
         path: dir.path().to_string_lossy().into_owned(),
+        airflow_version: None,
     };
     let rt = tokio::runtime::Handle::current();
     let t1 = Instant::now();

@@ -5,7 +5,7 @@
 use anyhow::{Context, Result};
 use dagfleet_protocol::{Caps, Role};
 use dagfleet_providers::{ProviderConfig, ProviderKind};
-use dagfleet_runtime::config::{InferenceSettings, TrainerSettings};
+use dagfleet_runtime::config::{InferenceSettings, JudgeSettings, TrainerSettings};
 use dagfleet_runtime::{NatsConfig, QueueConfig, StoreConfig};
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
@@ -40,6 +40,8 @@ pub struct Config {
     pub inference: InferenceSettings,
     /// Trainer workers.
     pub trainer: TrainerSettings,
+    /// Judge workers (DagBag environments).
+    pub judge: JudgeSettings,
     /// The operator's limits on run specs: a spec may ask for less, never more.
     pub caps: Caps,
 }
@@ -56,6 +58,7 @@ impl Default for Config {
             log: Default::default(),
             inference: Default::default(),
             trainer: Default::default(),
+            judge: Default::default(),
             caps: Default::default(),
             providers: BTreeMap::from([
                 (
@@ -108,6 +111,10 @@ pub struct CoordinatorSettings {
     /// How long a stage-dispatch lease lasts before another coordinator may take over.
     #[serde(with = "humantime_serde")]
     pub dispatch_lease: Duration,
+    /// How long a stage whose jobs need a capability only some workers have (DagBag judging
+    /// with one Airflow version) waits for such a worker before its run fails.
+    #[serde(with = "humantime_serde")]
+    pub lane_wait: Duration,
 }
 
 impl Default for CoordinatorSettings {
@@ -115,6 +122,7 @@ impl Default for CoordinatorSettings {
         Self {
             reconcile_every: Duration::from_secs(2),
             dispatch_lease: Duration::from_secs(30),
+            lane_wait: Duration::from_secs(30),
         }
     }
 }

@@ -2,6 +2,7 @@
 
 use anyhow::{Context, Result};
 use dagfleet_analysis::Options;
+use dagfleet_judge::dagbag::{Dagbag, DagbagVerdict};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -73,9 +74,88 @@ fn collect(path: &Path, top: bool, out: &mut Vec<Item>) {
     }
 }
 
+/// The DagBag helpers for `version` (its `MAJOR.MINOR`), from the `[judge]` settings.
+pub fn dagbag_pool(
+    settings: &dagfleet_runtime::config::JudgeSettings,
+    version: &str,
+) -> Result<Dagbag> {
+    let (major, minor) = parse_version(version)?;
+    let v = format!("{major}.{minor}");
+    let root = match settings.airflow_envs.as_deref() {
+        Some(d) => Some(PathBuf::from(d)),
+        None => dagfleet_judge::dagbag::default_root(),
+    };
+    let envs = root
+        .as_deref()
+        .map(dagfleet_judge::dagbag::discover)
+        .unwrap_or_default();
+    let Some(env) = envs.iter().find(|e| e.version == v) else {
+        anyhow::bail!(
+            "--dagbag: no Airflow {v} environment under {} (found: {}); install one with `bash tests/airflow-env.sh {v}`",
+            root.as_deref().map_or("(no directory)".into(), |r| r.display().to_string()),
+            if envs.is_empty() {
+                "none".to_string()
+            } else {
+                envs.iter().map(|e| e.version.as_str()).collect::<Vec<_>>().join(", ")
+            }
+        );
+    };
+    let procs = match settings.dagbag_procs {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    Dagbag::start(env, procs, settings.dagbag_timeout).map_err(anyhow::Error::msg)
+}
+
+/// `--rows`: judges JSONL rows (generations or mined records) and writes evaluation rows to
+/// stdout, the per-model summary to stderr.
+pub fn run_rows(paths: &[PathBuf], version: &str, dagbag: Option<&Dagbag>) -> Result<ExitCode> {
+    use rayon::prelude::*;
+    let opts = Options {
+        airflow_version: parse_version(version)?,
+    };
+    let mut summary = dagfleet_judge::Summary::default();
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut bad = 0usize;
+    for p in paths {
+        let text = std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
+        let rows: Vec<(usize, dagfleet_judge::GenRow)> = text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+            .filter_map(|(i, l)| match dagfleet_judge::role::row_to_gen(l, i as u64) {
+                Ok(r) => Some((i, r)),
+                Err(e) => {
+                    eprintln!("{}: {e}", p.display());
+                    bad += 1;
+                    None
+                }
+            })
+            .collect();
+        let judged: Vec<dagfleet_judge::EvalRow> = rows
+            .par_iter()
+            .map(|(_, r)| {
+                let mut e = dagfleet_judge::judge_row(r, &opts);
+                if let Some(d) = dagbag {
+                    e.dagbag = Some(d.check(&e.code));
+                }
+                e
+            })
+            .collect();
+        for e in judged {
+            summary.add(&e);
+            writeln!(out, "{}", serde_json::to_string(&e)?)?;
+        }
+    }
+    out.flush()?;
+    eprint!("{}", summary.markdown());
+    Ok(if bad > 0 { ExitCode::from(2) } else { ExitCode::SUCCESS })
+}
+
 /// Judges every file, on all cores, and prints the verdicts in order. Exit 0 when all are
-/// valid, 1 when any is invalid, 2 when a path could not be judged (after every verdict).
-pub fn run(paths: &[PathBuf], json: bool, version: &str) -> Result<ExitCode> {
+/// valid, 1 when any is invalid (statically, or to DagBag when it runs), 2 when a path
+/// could not be judged (after every verdict).
+pub fn run(paths: &[PathBuf], json: bool, version: &str, dagbag: Option<&Dagbag>) -> Result<ExitCode> {
     use rayon::prelude::*;
     let opts = Options {
         airflow_version: parse_version(version)?,
@@ -84,18 +164,33 @@ pub fn run(paths: &[PathBuf], json: bool, version: &str) -> Result<ExitCode> {
     for p in paths {
         collect(p, true, &mut items);
     }
-    let verdicts: Vec<Option<dagfleet_judge::Verdict>> = items
+    type Judged = (dagfleet_judge::Verdict, Option<DagbagVerdict>);
+    let verdicts: Vec<Option<Judged>> = items
         .par_iter()
         .map(|i| match i {
-            Item::File(f) => Some(dagfleet_judge::judge_file(f, &opts)),
+            Item::File(f) => {
+                let v = dagfleet_judge::judge_file(f, &opts);
+                // DagBag reads the file itself, as Airflow would.
+                let d = dagbag.map(|d| match std::fs::read(f) {
+                    Ok(b) if b.len() <= dagfleet_judge::MAX_SOURCE_BYTES => {
+                        d.check(&String::from_utf8_lossy(&b))
+                    }
+                    _ => DagbagVerdict {
+                        status: "unread".into(),
+                        error_class: Some("Unreadable".into()),
+                        ..Default::default()
+                    },
+                });
+                Some((v, d))
+            }
             Item::Error(..) => None,
         })
         .collect();
     let (mut invalid, mut errors, mut judged) = (0, 0, 0);
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     for (item, v) in items.iter().zip(verdicts) {
-        let (f, v) = match (item, v) {
-            (Item::File(f), Some(v)) => (f, v),
+        let (f, v, d) = match (item, v) {
+            (Item::File(f), Some((v, d))) => (f, v, d),
             (Item::Error(p, reason), _) => {
                 errors += 1;
                 if json {
@@ -112,22 +207,34 @@ pub fn run(paths: &[PathBuf], json: bool, version: &str) -> Result<ExitCode> {
             (Item::File(_), None) => continue,
         };
         judged += 1;
-        if !v.valid {
+        if !v.valid || d.as_ref().is_some_and(|d| !d.clean) {
             invalid += 1;
         }
         if json {
-            let line = serde_json::json!({
+            let mut line = serde_json::json!({
                 "path": f.display().to_string(),
                 "valid": v.valid,
                 "dag_ids": v.dag_ids,
                 "tasks": v.tasks,
                 "findings": v.findings,
             });
+            if let Some(d) = &d {
+                line["dagbag"] = serde_json::to_value(d)?;
+            }
             writeln!(out, "{line}").ok();
         } else {
+            let dag = match &d {
+                None => String::new(),
+                Some(d) if d.clean => format!(" (DagBag {}: clean)", d.airflow),
+                Some(d) => format!(
+                    " (DagBag {}: {})",
+                    d.airflow,
+                    d.error.as_deref().or(d.error_class.as_deref()).unwrap_or("not clean")
+                ),
+            };
             writeln!(
                 out,
-                "{}: {}",
+                "{}: {}{dag}",
                 f.display(),
                 if v.valid { "valid" } else { "INVALID" }
             )

@@ -118,6 +118,15 @@ enum Cmd {
         /// Target Airflow version for deprecation findings, e.g. 2.10 or 3.0.
         #[arg(long, default_value = "2.10")]
         airflow_version: String,
+        /// Also load every file with Airflow's own DagBag, in the environment for
+        /// --airflow-version that `tests/airflow-env.sh` installed (see `[judge]`).
+        #[arg(long)]
+        dagbag: bool,
+        /// The paths are JSONL files of generated rows (`output`) or mined records
+        /// (`content`): write one evaluation row per line to stdout and a summary per model
+        /// (Markdown, with DagBag agreement under --dagbag) to stderr.
+        #[arg(long)]
+        rows: bool,
     },
     /// Run the train stage of a spec on this machine, without a cluster: LoRA fine-tuning of
     /// `models.base` on `train.dataset`, with every export and the report written under
@@ -326,7 +335,18 @@ async fn real_main() -> Result<std::process::ExitCode> {
             paths,
             json,
             airflow_version,
-        } => return judge::run(&paths, json, &airflow_version),
+            dagbag,
+            rows,
+        } => {
+            let dagbag = match dagbag {
+                true => Some(judge::dagbag_pool(&cfg.judge, &airflow_version)?),
+                false => None,
+            };
+            if rows {
+                return judge::run_rows(&paths, &airflow_version, dagbag.as_ref());
+            }
+            return judge::run(&paths, json, &airflow_version, dagbag.as_ref());
+        }
         #[cfg(feature = "inference")]
         Cmd::Serve { model, addr } => {
             use dagfleet_inference::SettingsExt;
@@ -388,7 +408,9 @@ async fn mine_local(
         let refs = match src {
             Source::Github { refs, .. } | Source::Git { refs, .. } => refs.clone(),
             Source::Pypi { versions, .. } => versions.clone(),
-            Source::Dir { .. } => vec![String::new()],
+            Source::Dir { airflow_version, .. } => {
+                vec![airflow_version.clone().unwrap_or_default()]
+            }
         };
         let name = dagfleet_miner::sources::source_name(src);
         for r in refs {

@@ -73,7 +73,7 @@ pub async fn run_worker(
         }
         #[cfg(feature = "judge")]
         Role::Judge => {
-            dagfleet_runtime::Worker::new(bus, store, dagfleet_judge::JudgeHandler, wc)
+            dagfleet_runtime::Worker::new(bus, store, dagfleet_judge::JudgeHandler::new(&cfg.judge), wc)
                 .run(shutdown)
                 .await?
         }

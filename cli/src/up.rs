@@ -15,6 +15,7 @@ pub fn coordinator_config(cfg: &Config) -> CoordinatorConfig {
     CoordinatorConfig {
         reconcile_every: cfg.coordinator.reconcile_every,
         dispatch_lease: cfg.coordinator.dispatch_lease,
+        lane_wait: cfg.coordinator.lane_wait,
         caps: cfg.caps.clone(),
         ..Default::default()
     }

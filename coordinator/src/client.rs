@@ -19,9 +19,10 @@ use tracing::{debug, info, warn};
 use crate::{state_err, CoordinatorError};
 
 /// The local files a spec uploads with the run: (key, the spec field, the stored name).
-fn uploads(spec: &mut RunSpec) -> [(&'static str, &mut Option<String>, &'static str); 3] {
+fn uploads(spec: &mut RunSpec) -> [(&'static str, &mut Option<String>, &'static str); 4] {
     [
         ("infer.prompts", &mut spec.infer.prompts, "prompts.jsonl"),
+        ("dataset.held_out", &mut spec.dataset.held_out, "held_out.jsonl"),
         ("train.dataset", &mut spec.train.dataset, "train.jsonl"),
         ("train.valid", &mut spec.train.valid, "valid.jsonl"),
     ]

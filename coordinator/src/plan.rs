@@ -35,6 +35,28 @@ pub enum PlanError {
         /// The limit.
         limit: u32,
     },
+    /// The stage's jobs need a capability no live worker advertises.
+    #[error("stage `{stage}` needs {need}, and no live worker serves it: {hint}")]
+    NoLane {
+        /// The stage.
+        stage: Stage,
+        /// What it needs.
+        need: String,
+        /// How to get it.
+        hint: String,
+    },
+}
+
+/// The lane a stage's jobs travel on, when they need one.
+pub fn needed_lane(state: &RunState, stage: Stage) -> Option<String> {
+    match stage {
+        Stage::Judge => state
+            .spec
+            .judge
+            .dagbag_version()
+            .map(|v| dagfleet_protocol::jobs::airflow_lane(&v)),
+        _ => None,
+    }
 }
 
 /// The jobs of one stage, made on demand.
@@ -71,6 +93,9 @@ impl Iterator for StagePlan {
 pub struct FleetHints {
     /// The largest `max_batch` any live inference worker advertises.
     pub infer_max_batch: Option<u64>,
+    /// Lanes live workers of the stage's role serve (e.g. `airflow-2_10` for judges that
+    /// can run DagBag with Airflow 2.10).
+    pub lanes: std::collections::BTreeSet<String>,
 }
 
 /// `[start, end)` ranges of at most `size` rows covering `rows` rows.
@@ -240,8 +265,30 @@ pub async fn plan_stage(
             let batch = state.spec.judge.batch_rows.max(1);
             let count = batches(&inputs, batch);
             let airflow_version = state.spec.judge.airflow_version.clone();
+            let dagbag = state.spec.judge.dagbag_version();
+            if let Some(v) = &dagbag {
+                // Jobs on a lane nobody serves would wait forever: say so now.
+                let lane = dagfleet_protocol::jobs::airflow_lane(v);
+                if !hints.lanes.contains(&lane) {
+                    return Err(PlanError::NoLane {
+                        stage,
+                        need: format!("a judge worker that can load DAG files with Airflow {v} (judge.dagbag)"),
+                        hint: format!(
+                            "install it where a judge runs with `bash tests/airflow-env.sh {v}` and restart that worker{}",
+                            if hints.lanes.is_empty() {
+                                String::new()
+                            } else {
+                                format!(
+                                    "; live judges serve {}",
+                                    hints.lanes.iter().cloned().collect::<Vec<_>>().join(", ")
+                                )
+                            }
+                        ),
+                    });
+                }
+            }
             let jobs = inputs.into_iter().flat_map(move |(input, rows)| {
-                let airflow_version = airflow_version.clone();
+                let (airflow_version, dagbag) = (airflow_version.clone(), dagbag.clone());
                 row_ranges(rows, batch).map(move |(start, end)| {
                     (
                         format!("{}:{start}-{end}", input.key),
@@ -249,6 +296,7 @@ pub async fn plan_stage(
                             input: input.clone(),
                             rows: (start, end),
                             airflow_version: airflow_version.clone(),
+                            dagbag: dagbag.clone(),
                         }),
                     )
                 })
@@ -289,6 +337,16 @@ pub async fn plan_stage(
                     .into_iter()
                     .map(|(a, _)| a)
                     .collect();
+            // What the run evaluates on is held out of its training data.
+            let mut held_out = Vec::new();
+            for (key, value) in [
+                ("dataset.held_out", &state.spec.dataset.held_out),
+                ("infer.prompts", &state.spec.infer.prompts),
+            ] {
+                if let Some(v) = value {
+                    held_out.push(uploaded(stage, store, key, v).await?.0);
+                }
+            }
             // One job even without inputs: it fails with a clear "no pairs" error, which
             // fails the run instead of producing an empty dataset.
             let jobs = vec![(
@@ -296,6 +354,7 @@ pub async fn plan_stage(
                 Job::Dataset(DatasetBuild {
                     inputs,
                     spec: state.spec.dataset.clone(),
+                    held_out,
                 }),
             )];
             finish(state, stage, now_ms, caps, 1, jobs.into_iter())
@@ -475,7 +534,7 @@ pub fn plan(
                 match src {
                     Source::Github { refs, .. } | Source::Git { refs, .. } => refs.clone(),
                     Source::Pypi { versions, .. } => versions.clone(),
-                    Source::Dir { .. } => vec![String::new()],
+                    Source::Dir { airflow_version, .. } => vec![airflow_version.clone().unwrap_or_default()],
                 }
             };
             let count = spec
@@ -549,7 +608,13 @@ fn shard_source(src: &Source, r: &str) -> Source {
             path: path.clone(),
             refs: vec![r.to_string()],
         },
-        Source::Dir { path } => Source::Dir { path: path.clone() },
+        Source::Dir {
+            path,
+            airflow_version,
+        } => Source::Dir {
+            path: path.clone(),
+            airflow_version: airflow_version.clone(),
+        },
         Source::Pypi {
             package, index_url, ..
         } => Source::Pypi {
@@ -564,7 +629,7 @@ fn source_key(src: &Source) -> String {
     match src {
         Source::Github { repo, .. } => format!("github:{repo}"),
         Source::Git { path, .. } => format!("git:{path}"),
-        Source::Dir { path } => format!("dir:{path}"),
+        Source::Dir { path, .. } => format!("dir:{path}"),
         Source::Pypi {
             package, index_url, ..
         } => format!(

@@ -43,6 +43,9 @@ pub struct CoordinatorConfig {
     pub max_dispatch_takeovers: u32,
     /// Panics while moving one run forward before that run fails.
     pub max_run_panics: u32,
+    /// How long a stage whose jobs need a lane (e.g. DagBag judging with one Airflow
+    /// version) waits for a live worker serving it before its run fails.
+    pub lane_wait: Duration,
 }
 
 impl Default for CoordinatorConfig {
@@ -56,6 +59,7 @@ impl Default for CoordinatorConfig {
             dispatch_page: 10_000,
             max_dispatch_takeovers: 3,
             max_run_panics: 3,
+            lane_wait: Duration::from_secs(30),
         }
     }
 }
@@ -577,7 +581,19 @@ impl Coordinator {
             return self.fail_run(run, format!("run spec refused: {e}")).await;
         }
         let now = now_ms();
-        let hints = self.fleet_hints(stage).await;
+        let mut hints = self.fleet_hints(stage).await;
+        if let Some(lane) = plan::needed_lane(&state, stage) {
+            // A worker may still be starting: wait a while for one that serves the lane,
+            // keeping the lease.
+            let deadline = std::time::Instant::now() + self.cfg.lane_wait;
+            while !hints.lanes.contains(&lane) && std::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                if !self.while_holding(run, stage, |_| {}).await? {
+                    return Ok(());
+                }
+                hints = self.fleet_hints(stage).await;
+            }
+        }
         let mut plan =
             match plan::plan_stage(&state, stage, now, &self.store, &hints, &self.cfg.caps).await {
                 Ok(p) => p,
@@ -610,25 +626,32 @@ impl Coordinator {
         Ok(())
     }
 
-    /// What live workers advertise in their heartbeats, for stages sized to the fleet.
+    /// What live workers advertise in their heartbeats, for stages sized to the fleet or
+    /// routed to lanes.
     async fn fleet_hints(&self, stage: Stage) -> plan::FleetHints {
         let mut hints = plan::FleetHints::default();
-        if stage != Stage::Infer {
+        if !matches!(stage, Stage::Infer | Stage::Judge) {
             return hints;
         }
-        let prefix = format!("{}.", dagfleet_protocol::Role::Inference);
+        let prefix = format!("{}.", stage.role());
         if let Ok(mut keys) = self.bus.workers().keys().await {
             while let Some(Ok(k)) = futures::StreamExt::next(&mut keys).await {
                 if !k.starts_with(&prefix) {
                     continue;
                 }
-                if let Ok(Some(v)) = self.bus.workers().get(&k).await {
-                    let b = serde_json::from_slice::<serde_json::Value>(&v)
-                        .ok()
-                        .and_then(|hb| hb["capacity"]["max_batch"].as_u64());
-                    if let Some(b) = b {
-                        hints.infer_max_batch = Some(hints.infer_max_batch.unwrap_or(0).max(b));
-                    }
+                let Ok(Some(v)) = self.bus.workers().get(&k).await else {
+                    continue;
+                };
+                let Ok(hb) = serde_json::from_slice::<serde_json::Value>(&v) else {
+                    continue;
+                };
+                if let Some(b) = hb["capacity"]["max_batch"].as_u64() {
+                    hints.infer_max_batch = Some(hints.infer_max_batch.unwrap_or(0).max(b));
+                }
+                if let Some(lanes) = hb["lanes"].as_array() {
+                    hints
+                        .lanes
+                        .extend(lanes.iter().filter_map(|l| l.as_str()).map(String::from));
                 }
             }
         }

@@ -376,6 +376,7 @@ async fn plan_all(state: &RunState, store: &ArtifactStore, caps: &Caps) {
         PEAK.store(base, Ordering::Relaxed);
         let hints = FleetHints {
             infer_max_batch: Some(u64::MAX / 4),
+            lanes: ["airflow-2_10".to_string()].into(),
         };
         match plan_stage(state, stage, 1, store, &hints, caps).await {
             Ok(mut plan) => {

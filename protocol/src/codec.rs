@@ -154,6 +154,7 @@ mod tests {
             Job::Dataset(DatasetBuild {
                 inputs: vec![art(2)],
                 spec: crate::spec::DatasetSpec::default(),
+                held_out: vec![art(10)],
             }),
             Job::Train(TrainJob {
                 base: model.clone(),
@@ -173,6 +174,7 @@ mod tests {
                 input: art(6),
                 rows: (0, 100),
                 airflow_version: Some("2.10.5".into()),
+                dagbag: Some("2.10".into()),
             }),
             Job::Report(ReportJob {
                 inputs: vec![art(7)],

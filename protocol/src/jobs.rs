@@ -43,6 +43,10 @@ pub enum Source {
     Dir {
         /// Path to the directory.
         path: String,
+        /// The Airflow release its files target (e.g. `2.10.5`, when they were checked to load
+        /// with it), recorded as their ref so instructions name it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        airflow_version: Option<String>,
     },
     /// Release archives of a package from a PyPI-compatible index.
     Pypi {
@@ -97,6 +101,9 @@ pub struct DatasetBuild {
     pub inputs: Vec<ArtifactRef>,
     /// Seed, splits, system prompt, near-duplicate threshold.
     pub spec: crate::spec::DatasetSpec,
+    /// Held-out rows (evaluation prompts, test DAGs) no pair may come near.
+    #[serde(default)]
+    pub held_out: Vec<ArtifactRef>,
 }
 
 /// LoRA fine-tuning of a base model on a dataset.
@@ -141,6 +148,10 @@ pub struct JudgeBatch {
     pub rows: (u64, u64),
     /// Target Airflow version for deprecation checks.
     pub airflow_version: Option<String>,
+    /// Load each file with this Airflow version's DagBag too (`MAJOR.MINOR`); such jobs
+    /// travel on that version's lane, to workers that have it installed.
+    #[serde(default)]
+    pub dagbag: Option<String>,
 }
 
 /// Assemble the run report.
@@ -199,6 +210,26 @@ impl Job {
             Job::Noop(_) => Stage::Noop,
         }
     }
+
+    /// The lane this job travels on within its role's queue, when it needs a capability
+    /// only some workers of the role have: a DagBag judge batch goes to workers that have
+    /// its Airflow version installed (`airflow-2_10`).
+    pub fn lane(&self) -> Option<String> {
+        match self {
+            Job::Judge(j) => j.dagbag.as_deref().map(airflow_lane),
+            _ => None,
+        }
+    }
+}
+
+/// The lane of judge workers that can load files with Airflow `version` (`2.10` →
+/// `airflow-2_10`: subject tokens cannot hold dots).
+pub fn airflow_lane(version: &str) -> String {
+    let v: String = version
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    format!("airflow-{v}")
 }
 
 /// What one finished job produced. Sent in a `jobs_done` event and stored as the job's

@@ -528,6 +528,16 @@ pub struct DatasetSpec {
     pub system_prompt: String,
     /// MinHash Jaccard estimate at or above which two rows count as near-duplicates.
     pub near_duplicate: f64,
+    /// Held-out rows training must never come near: a local JSONL file (uploaded with the
+    /// run) of evaluation prompts (`messages`) and/or test DAGs (`content`). The infer
+    /// stage's `infer.prompts` is always held out as well.
+    pub held_out: Option<String>,
+    /// Word 3-shingle Jaccard similarity at or above which a pair's response or instruction
+    /// counts as a copy of a held-out row; every pair of its source DAG is then removed.
+    pub leak_threshold: f64,
+    /// Append `Airflow Version: X` to instructions that do not name their version, for DAGs
+    /// that target a known release (the form evaluation prompts take).
+    pub version_line: bool,
 }
 
 impl Default for DatasetSpec {
@@ -537,6 +547,9 @@ impl Default for DatasetSpec {
             splits: [0.8, 0.1, 0.1],
             system_prompt: "You are an expert Apache Airflow engineer. Write complete, correct Airflow DAG files.".into(),
             near_duplicate: 0.9,
+            held_out: None,
+            leak_threshold: 0.5,
+            version_line: true,
         }
     }
 }
@@ -549,6 +562,27 @@ pub struct JudgeSpec {
     pub batch_rows: u64,
     /// Target Airflow version for deprecation findings, e.g. `2.10`.
     pub airflow_version: Option<String>,
+    /// Also load every file with Airflow's own DagBag (ground truth), on a judge worker that
+    /// has that Airflow version installed (`judge.airflow_version`, default 2.10).
+    pub dagbag: bool,
+}
+
+/// The Airflow version DagBag judging uses when the spec names none.
+pub const DEFAULT_DAGBAG_AIRFLOW: &str = "2.10";
+
+impl JudgeSpec {
+    /// The `MAJOR.MINOR` DagBag should load files with, when `dagbag` is on.
+    pub fn dagbag_version(&self) -> Option<String> {
+        if !self.dagbag {
+            return None;
+        }
+        let v = self.airflow_version.as_deref().unwrap_or(DEFAULT_DAGBAG_AIRFLOW);
+        let mut parts = v.split('.');
+        Some(match (parts.next(), parts.next()) {
+            (Some(a), Some(b)) => format!("{a}.{b}"),
+            _ => format!("{v}.0"),
+        })
+    }
 }
 
 impl Default for JudgeSpec {
@@ -556,6 +590,7 @@ impl Default for JudgeSpec {
         Self {
             batch_rows: 500,
             airflow_version: None,
+            dagbag: false,
         }
     }
 }
@@ -782,6 +817,12 @@ impl RunSpec {
             if !(0.0..=1.0).contains(&d.near_duplicate) {
                 return Err(invalid("dataset.near_duplicate", "must be within 0 to 1"));
             }
+            if !(d.leak_threshold > 0.0 && d.leak_threshold <= 1.0) {
+                return Err(invalid(
+                    "dataset.leak_threshold",
+                    "must be above 0 and at most 1",
+                ));
+            }
         }
         if self.stages.contains(&Stage::Train) {
             self.train.validate("train")?;
@@ -814,6 +855,22 @@ impl RunSpec {
             }
             if self.judge.batch_rows == 0 {
                 return Err(invalid("judge.batch_rows", "must be at least 1"));
+            }
+            if let Some(v) = &self.judge.airflow_version {
+                let parts: Vec<&str> = v.split('.').collect();
+                let ok = (2..=3).contains(&parts.len())
+                    && parts
+                        .iter()
+                        .all(|p| !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()));
+                if !ok {
+                    return Err(invalid(
+                        "judge.airflow_version",
+                        format!(
+                            "`{}` is not an Airflow version: expected MAJOR.MINOR, e.g. 2.10 or 3.0",
+                            clip(v)
+                        ),
+                    ));
+                }
             }
         }
         if self.stages.contains(&Stage::Report)

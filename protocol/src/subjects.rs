@@ -50,6 +50,26 @@ pub fn job(stage: Stage) -> String {
     format!("dagfleet.jobs.{}.{}", stage.role(), stage)
 }
 
+/// The subject of a job of `stage` on `lane` (see [`crate::Job::lane`]). A lane is a
+/// separate subject tree, `dagfleet.jobs.<role>-<lane>.<stage>`, so the role's shared
+/// consumer never sees it and only workers that subscribe to the lane take its jobs.
+pub fn job_on(stage: Stage, lane: Option<&str>) -> String {
+    match lane {
+        None => job(stage),
+        Some(l) => format!("dagfleet.jobs.{}-{l}.{}", stage.role(), stage),
+    }
+}
+
+/// The filter of the consumer of `role`'s `lane`.
+pub fn lane_filter(role: Role, lane: &str) -> String {
+    format!("dagfleet.jobs.{role}-{lane}.>")
+}
+
+/// The durable consumer shared by the workers of `role` that serve `lane`.
+pub fn lane_consumer(role: Role, lane: &str) -> String {
+    format!("dagfleet-{role}-{lane}")
+}
+
 /// Filter subject of `role`'s consumer.
 pub fn role_filter(role: Role) -> String {
     format!("dagfleet.jobs.{role}.>")
@@ -96,6 +116,10 @@ mod tests {
             assert!(subj.starts_with(role_filter(s.role()).trim_end_matches('>')));
             assert!(dead_letter(s.role(), Some(s)).starts_with("dagfleet.dlq."));
         }
+        let lane = job_on(Stage::Judge, Some("airflow-2_10"));
+        assert_eq!(lane, "dagfleet.jobs.judge-airflow-2_10.judge");
+        assert!(lane.starts_with(lane_filter(Role::Judge, "airflow-2_10").trim_end_matches('>')));
+        assert!(!lane.starts_with(role_filter(Role::Judge).trim_end_matches('>')));
         let run = RunId::new("r1").unwrap();
         assert_eq!(event(&run, "job_done"), "dagfleet.events.r1.job_done");
     }

@@ -11,6 +11,7 @@
 //!   verdict and findings, with a slot for LLM-judge scores.
 //! - [`Summary`] is the per-model validity rate and counts per category, as JSON and Markdown.
 
+pub mod dagbag;
 pub mod report;
 pub mod role;
 
@@ -195,6 +196,9 @@ pub struct EvalRow {
     pub verdict: Verdict,
     /// LLM-judge scores, filled when an LLM judge runs.
     pub llm_scores: Option<BTreeMap<String, f64>>,
+    /// What Airflow's own DagBag made of the code, when the judge ran it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dagbag: Option<dagbag::DagbagVerdict>,
 }
 
 /// Judges one generated output. A `length` finish whose code fails to parse at its end, or
@@ -219,6 +223,7 @@ pub fn judge_row(row: &GenRow, opts: &Options) -> EvalRow {
         code: ex.code,
         verdict,
         llm_scores: None,
+        dagbag: None,
     }
 }
 
@@ -233,6 +238,113 @@ pub struct ModelSummary {
     pub validity_rate: f64,
     /// Rows with at least one error finding of each category.
     pub by_category: BTreeMap<String, usize>,
+    /// DagBag figures, for the rows DagBag loaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dagbag: Option<DagbagSummary>,
+}
+
+/// DagBag's verdicts for one model, and how far the static judge agrees with them.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DagbagSummary {
+    /// Airflow version(s) that loaded the rows.
+    pub airflow: Vec<String>,
+    /// Rows DagBag loaded.
+    pub rows: usize,
+    /// Rows with at least one DAG and no import error.
+    pub clean: usize,
+    /// clean / rows.
+    pub clean_rate: f64,
+    /// Unclean rows by error class (`ModuleNotFoundError:missing_provider`, `NameError`, ...).
+    pub by_class: BTreeMap<String, usize>,
+    /// Confusion matrix of the static judge against DagBag.
+    pub agreement: Agreement,
+}
+
+/// The static judge's valid/invalid calls against DagBag's clean/unclean.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Agreement {
+    /// Static valid, DagBag clean.
+    pub both_valid: usize,
+    /// Static valid, DagBag not clean: files the judge let through.
+    pub static_only_valid: usize,
+    /// Static invalid, DagBag clean: files the judge wrongly rejected.
+    pub dagbag_only_valid: usize,
+    /// Both reject.
+    pub both_invalid: usize,
+}
+
+impl Agreement {
+    /// Rows compared.
+    pub fn rows(&self) -> usize {
+        self.both_valid + self.static_only_valid + self.dagbag_only_valid + self.both_invalid
+    }
+
+    /// Share of rows where the two agree.
+    pub fn rate(&self) -> f64 {
+        match self.rows() {
+            0 => 0.0,
+            n => (self.both_valid + self.both_invalid) as f64 / n as f64,
+        }
+    }
+
+    fn add(&mut self, o: &Agreement) {
+        self.both_valid += o.both_valid;
+        self.static_only_valid += o.static_only_valid;
+        self.dagbag_only_valid += o.dagbag_only_valid;
+        self.both_invalid += o.both_invalid;
+    }
+}
+
+/// The class a DagBag verdict is counted under.
+pub fn dagbag_class(v: &dagbag::DagbagVerdict) -> Option<String> {
+    let c = v.error_class.clone()?;
+    Some(match &v.cause {
+        Some(cause) => format!("{c}:{cause}"),
+        None => c,
+    })
+}
+
+impl DagbagSummary {
+    fn add(&mut self, static_valid: bool, v: &dagbag::DagbagVerdict) {
+        self.rows += 1;
+        if !self.airflow.contains(&v.airflow) {
+            self.airflow.push(v.airflow.clone());
+            self.airflow.sort();
+        }
+        if v.clean {
+            self.clean += 1;
+        } else if let Some(c) = dagbag_class(v) {
+            *self.by_class.entry(c).or_default() += 1;
+        }
+        let a = &mut self.agreement;
+        match (static_valid, v.clean) {
+            (true, true) => a.both_valid += 1,
+            (true, false) => a.static_only_valid += 1,
+            (false, true) => a.dagbag_only_valid += 1,
+            (false, false) => a.both_invalid += 1,
+        }
+        self.clean_rate = self.clean as f64 / self.rows as f64;
+    }
+
+    fn merge(&mut self, o: &DagbagSummary) {
+        self.rows += o.rows;
+        self.clean += o.clean;
+        for v in &o.airflow {
+            if !self.airflow.contains(v) {
+                self.airflow.push(v.clone());
+            }
+        }
+        self.airflow.sort();
+        for (c, n) in &o.by_class {
+            *self.by_class.entry(c.clone()).or_default() += n;
+        }
+        self.agreement.add(&o.agreement);
+        self.clean_rate = if self.rows == 0 {
+            0.0
+        } else {
+            self.clean as f64 / self.rows as f64
+        };
+    }
 }
 
 /// Results per model.
@@ -268,6 +380,11 @@ impl Summary {
             *m.by_category.entry(c).or_default() += 1;
         }
         m.validity_rate = m.valid as f64 / m.rows as f64;
+        if let Some(d) = &row.dagbag {
+            m.dagbag
+                .get_or_insert_with(Default::default)
+                .add(row.verdict.valid, d);
+        }
     }
 
     /// Merges another summary (from another judge batch).
@@ -279,6 +396,9 @@ impl Summary {
             for (c, n) in &o.by_category {
                 *m.by_category.entry(c.clone()).or_default() += n;
             }
+            if let Some(d) = &o.dagbag {
+                m.dagbag.get_or_insert_with(Default::default).merge(d);
+            }
             m.validity_rate = if m.rows == 0 {
                 0.0
             } else {
@@ -287,29 +407,69 @@ impl Summary {
         }
     }
 
-    /// A Markdown report.
+    /// A Markdown report: validity per model, and, where DagBag ran, its clean rate, its
+    /// failure classes and the static judge's agreement with it.
     pub fn markdown(&self) -> String {
         let mut out = String::from(
             "| model | rows | valid | validity | top failures |\n|---|---|---|---|---|\n",
         );
         for (model, m) in &self.models {
-            let mut top: Vec<(&String, &usize)> = m.by_category.iter().collect();
-            top.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
-            let top: Vec<String> = top
-                .iter()
-                .take(4)
-                .map(|(c, n)| format!("{c} {n}"))
-                .collect();
             out.push_str(&format!(
                 "| {model} | {} | {} | {:.1}% | {} |\n",
                 m.rows,
                 m.valid,
                 100.0 * m.validity_rate,
-                top.join(", ")
+                top(&m.by_category)
             ));
+        }
+        if self.models.values().any(|m| m.dagbag.is_some()) {
+            out.push_str(
+                "\n**Airflow DagBag** (ground truth: at least one DAG, no import error)\n\n\
+                 | model | Airflow | loaded | clean | clean rate | top import errors |\n|---|---|---|---|---|---|\n",
+            );
+            for (model, m) in &self.models {
+                if let Some(d) = &m.dagbag {
+                    out.push_str(&format!(
+                        "| {model} | {} | {} | {} | {:.1}% | {} |\n",
+                        d.airflow.join(", "),
+                        d.rows,
+                        d.clean,
+                        100.0 * d.clean_rate,
+                        top(&d.by_class)
+                    ));
+                }
+            }
+            out.push_str(
+                "\n**Static judge vs DagBag**\n\n\
+                 | model | agree | both valid | judge valid, DagBag not | DagBag clean, judge not | both invalid |\n|---|---|---|---|---|---|\n",
+            );
+            for (model, m) in &self.models {
+                if let Some(d) = &m.dagbag {
+                    let a = &d.agreement;
+                    out.push_str(&format!(
+                        "| {model} | {:.1}% | {} | {} | {} | {} |\n",
+                        100.0 * a.rate(),
+                        a.both_valid,
+                        a.static_only_valid,
+                        a.dagbag_only_valid,
+                        a.both_invalid
+                    ));
+                }
+            }
         }
         out
     }
+}
+
+/// The four largest counts, as `name n, ...`.
+fn top(counts: &BTreeMap<String, usize>) -> String {
+    let mut top: Vec<(&String, &usize)> = counts.iter().collect();
+    top.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    top.iter()
+        .take(4)
+        .map(|(c, n)| format!("{c} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 #[cfg(test)]

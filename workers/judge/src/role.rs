@@ -8,13 +8,85 @@
 use bytes::Bytes;
 use dagfleet_analysis::Options;
 use dagfleet_protocol::{Envelope, Job, Role};
+use dagfleet_runtime::config::JudgeSettings;
 use dagfleet_runtime::{Handler, JobContext, JobError, JobOutput};
+use std::collections::BTreeMap;
+use std::sync::{Arc, OnceLock};
 
+use crate::dagbag::{AirflowEnv, Dagbag};
 use crate::{judge_row, GenRow, Summary};
+
+/// One Airflow version this worker can run DagBag with; its helpers start on first use.
+#[derive(Debug)]
+struct Env {
+    env: AirflowEnv,
+    pool: OnceLock<Result<Arc<Dagbag>, String>>,
+}
 
 /// Handler of the `judge` role.
 #[derive(Clone, Debug, Default)]
-pub struct JudgeHandler;
+pub struct JudgeHandler {
+    envs: Arc<BTreeMap<String, Env>>,
+    procs: usize,
+    timeout: std::time::Duration,
+}
+
+impl JudgeHandler {
+    /// A judge that runs DagBag with the Airflow environments `settings` point at (see
+    /// [`crate::dagbag::discover`]); with none, it judges statically only.
+    pub fn new(settings: &JudgeSettings) -> Self {
+        let root = match settings.airflow_envs.as_deref() {
+            Some("") => None,
+            Some(d) => Some(std::path::PathBuf::from(d)),
+            None => crate::dagbag::default_root(),
+        };
+        let envs = root
+            .map(|r| crate::dagbag::discover(&r))
+            .unwrap_or_default()
+            .into_iter()
+            .map(|env| {
+                (
+                    env.version.clone(),
+                    Env {
+                        env,
+                        pool: OnceLock::new(),
+                    },
+                )
+            })
+            .collect();
+        let procs = match settings.dagbag_procs {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        Self {
+            envs: Arc::new(envs),
+            procs,
+            timeout: settings.dagbag_timeout,
+        }
+    }
+
+    /// Airflow versions (`MAJOR.MINOR`) this judge can load files with.
+    pub fn airflow_versions(&self) -> Vec<String> {
+        self.envs.keys().cloned().collect()
+    }
+
+    /// The DagBag pool for `version`, started on first use (blocking).
+    fn pool(&self, version: &str) -> Result<Arc<Dagbag>, String> {
+        let Some(e) = self.envs.get(version) else {
+            return Err(format!(
+                "this judge cannot load files with Airflow {version}: it has {}",
+                if self.envs.is_empty() {
+                    "no Airflow environment (install one with `bash tests/airflow-env.sh`)".to_string()
+                } else {
+                    self.airflow_versions().join(", ")
+                }
+            ));
+        };
+        e.pool
+            .get_or_init(|| Dagbag::start(&e.env, self.procs, self.timeout).map(Arc::new))
+            .clone()
+    }
+}
 
 /// Reads one JSONL row as something to judge.
 pub fn row_to_gen(line: &str, n: u64) -> Result<GenRow, String> {
@@ -55,6 +127,17 @@ impl Handler for JudgeHandler {
         Role::Judge
     }
 
+    fn lanes(&self) -> Vec<String> {
+        self.envs
+            .keys()
+            .map(|v| dagfleet_protocol::jobs::airflow_lane(v))
+            .collect()
+    }
+
+    fn capacity(&self) -> Option<serde_json::Value> {
+        (!self.envs.is_empty()).then(|| serde_json::json!({ "airflow": self.airflow_versions() }))
+    }
+
     async fn handle(&self, env: &Envelope, ctx: &JobContext) -> Result<JobOutput, JobError> {
         let job = match &env.job {
             Job::Judge(job) => job,
@@ -88,13 +171,32 @@ impl Handler for JudgeHandler {
                 Err(_) => bad_rows += 1,
             }
         }
-        // Rows are judged on all cores, and written in their order.
-        let judged: Vec<_> = {
-            use rayon::prelude::*;
-            rows.par_iter()
-                .map(|(n, row)| (*n, judge_row(row, &opts)))
-                .collect()
+        let pool = match &job.dagbag {
+            Some(v) => {
+                let (me, v) = (self.clone(), v.clone());
+                let pool = tokio::task::spawn_blocking(move || me.pool(&v))
+                    .await
+                    .map_err(|e| JobError::retry(format!("DagBag start-up failed: {e}")))?;
+                Some(pool.map_err(JobError::fatal)?)
+            }
+            None => None,
         };
+        // Rows are judged on all cores (DagBag on its helper processes), off the async
+        // threads, and written in their order.
+        let judged: Vec<_> = tokio::task::spawn_blocking(move || {
+            use rayon::prelude::*;
+            rows.into_par_iter()
+                .map(|(n, row)| {
+                    let mut r = judge_row(&row, &opts);
+                    if let Some(p) = &pool {
+                        r.dagbag = Some(p.check(&r.code));
+                    }
+                    (n, r)
+                })
+                .collect()
+        })
+        .await
+        .map_err(|e| JobError::retry(format!("judging failed: {e}")))?;
         for (n, r) in judged {
             summary.add(&r);
             let mut l = serde_json::to_vec(&r)
@@ -104,15 +206,24 @@ impl Handler for JudgeHandler {
         }
         let rows = summary.models.values().map(|m| m.rows).sum::<usize>();
         let valid = summary.models.values().map(|m| m.valid).sum::<usize>();
+        let clean: Option<usize> = summary
+            .models
+            .values()
+            .map(|m| m.dagbag.as_ref().map(|d| d.clean))
+            .sum();
         ctx.put("eval.jsonl", Bytes::from(eval)).await?;
         let s = serde_json::to_vec_pretty(&summary)
             .map_err(|e| JobError::fatal(format!("cannot encode summary: {e}")))?;
         ctx.put("summary.json", Bytes::from(s)).await?;
         ctx.put("summary.md", Bytes::from(summary.markdown()))
             .await?;
-        Ok(JobOutput::default()
+        let out = JobOutput::default()
             .metric("rows", rows as f64)
             .metric("valid", valid as f64)
-            .metric("unreadable_rows", bad_rows as f64))
+            .metric("unreadable_rows", bad_rows as f64);
+        Ok(match clean {
+            Some(c) => out.metric("dagbag_clean", c as f64),
+            None => out,
+        })
     }
 }

@@ -30,7 +30,7 @@ pub fn source_name(s: &Source) -> String {
     match s {
         Source::Github { repo, .. } => format!("github:{repo}"),
         Source::Git { path, .. } => format!("git:{path}"),
-        Source::Dir { path } => format!("dir:{path}"),
+        Source::Dir { path, .. } => format!("dir:{path}"),
         Source::Pypi { package, .. } => format!("pypi:{package}"),
     }
 }
@@ -42,7 +42,7 @@ pub async fn read(
     globs: &globset::GlobSet,
 ) -> Result<Vec<(String, Vec<u8>)>, SourceError> {
     match source {
-        Source::Dir { path } => {
+        Source::Dir { path, .. } => {
             let root = Path::new(path).to_path_buf();
             let globs = globs.clone();
             tokio::task::spawn_blocking(move || read_dir(&root, &globs))

@@ -160,17 +160,41 @@ impl Bus {
     /// The durable pull consumer shared by all workers of `role`, created or updated to the
     /// current queue settings.
     pub async fn role_consumer(&self, role: Role) -> Result<consumer::PullConsumer, BusError> {
+        self.jobs_consumer(role, subj::role_consumer(role), subj::role_filter(role))
+            .await
+    }
+
+    /// The durable pull consumer shared by the workers of `role` that serve `lane` (see
+    /// [`dagfleet_protocol::Job::lane`]).
+    pub async fn lane_consumer(
+        &self,
+        role: Role,
+        lane: &str,
+    ) -> Result<consumer::PullConsumer, BusError> {
+        self.jobs_consumer(
+            role,
+            subj::lane_consumer(role, lane),
+            subj::lane_filter(role, lane),
+        )
+        .await
+    }
+
+    async fn jobs_consumer(
+        &self,
+        role: Role,
+        name: String,
+        filter: String,
+    ) -> Result<consumer::PullConsumer, BusError> {
         let q = self.queues.role(role);
         let stream = self
             .js
             .get_stream(subj::JOBS_STREAM)
             .await
             .map_err(|e| topo("jobs stream", e))?;
-        let name = subj::role_consumer(role);
         stream
             .create_consumer(consumer::pull::Config {
                 durable_name: Some(name.clone()),
-                filter_subject: subj::role_filter(role),
+                filter_subject: filter,
                 ack_policy: consumer::AckPolicy::Explicit,
                 ack_wait: q.ack_wait,
                 max_deliver: (q.max_attempts + 1) as i64,
@@ -208,7 +232,7 @@ impl Bus {
         let mut pending = Vec::with_capacity(jobs.len());
         let mut fresh = 0;
         for env in jobs {
-            let subject = subj::job(env.stage);
+            let subject = subj::job_on(env.stage, env.job.lane().as_deref());
             let payload = Bytes::from(encode(env)?);
             let msg = jetstream::message::PublishMessage::build()
                 .payload(payload)

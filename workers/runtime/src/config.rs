@@ -373,3 +373,28 @@ pub struct TrainerSettings {
     /// when absent, `inference.device`.
     pub device: Option<String>,
 }
+
+/// Settings of judge workers (`[judge]`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JudgeSettings {
+    /// Where Airflow environments for DagBag judging live, one per `MAJOR.MINOR`
+    /// (`<dir>/2.10/bin/python`), as `tests/airflow-env.sh` installs them; when absent,
+    /// `$DAGFLEET_AIRFLOW_ENVS` or `~/.cache/dagfleet-airflow`. Set to `""` for none.
+    pub airflow_envs: Option<String>,
+    /// DagBag helper processes per Airflow version; 0 is one per core.
+    pub dagbag_procs: usize,
+    /// The longest one file may take to load under DagBag.
+    #[serde(with = "humantime_serde")]
+    pub dagbag_timeout: std::time::Duration,
+}
+
+impl Default for JudgeSettings {
+    fn default() -> Self {
+        Self {
+            airflow_envs: None,
+            dagbag_procs: 0,
+            dagbag_timeout: std::time::Duration::from_secs(30),
+        }
+    }
+}

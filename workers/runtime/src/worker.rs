@@ -55,6 +55,13 @@ pub trait Handler: Send + Sync + 'static {
         None
     }
 
+    /// Lanes of the role's queue this worker also serves (see
+    /// [`dagfleet_protocol::Job::lane`]), e.g. a judge with Airflow 2.10 installed serves
+    /// `airflow-2_10`. Every worker serves the role's main queue as well.
+    fn lanes(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     /// Runs one job. Artifacts are written through `ctx`; the runtime records them.
     fn handle(
         &self,
@@ -257,6 +264,8 @@ struct Heartbeat<'a> {
     at_ms: i64,
     #[serde(skip_serializing_if = "Option::is_none")]
     capacity: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    lanes: Vec<String>,
 }
 
 /// Runs a [`Handler`] against its role's queue.
@@ -409,7 +418,10 @@ impl<H: Handler> Worker<H> {
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), BusError> {
         let sh = self.shared;
         let role = sh.handler.role();
-        let consumer = sh.bus.role_consumer(role).await?;
+        let mut consumers = vec![sh.bus.role_consumer(role).await?];
+        for lane in sh.handler.lanes() {
+            consumers.push(sh.bus.lane_consumer(role, &lane).await?);
+        }
         let sem = Arc::new(Semaphore::new(sh.cfg.concurrency.max(1)));
         let tracker = TaskTracker::new();
         let hard_stop = CancellationToken::new();
@@ -423,6 +435,63 @@ impl<H: Handler> Worker<H> {
             .take()
             .map(|rx| tokio::spawn(completion_loop(sh.bus.clone(), rx)));
 
+        let loops = consumers.into_iter().map(|c| {
+            pull_loop(
+                sh.clone(),
+                c,
+                sem.clone(),
+                tracker.clone(),
+                hard_stop.clone(),
+                shutdown.clone(),
+            )
+        });
+        futures::future::join_all(loops).await;
+
+        tracker.close();
+        sh.stopping.cancel();
+        let in_flight = sh.stats.in_flight.load(Ordering::Relaxed);
+        if in_flight > 0 {
+            info!(in_flight, grace = ?sh.cfg.shutdown_grace, "draining in-flight jobs");
+        }
+        if tokio::time::timeout(sh.cfg.shutdown_grace, tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!("grace period over; handing in-flight jobs back to the queue");
+            hard_stop.cancel();
+            tracker.wait().await;
+        }
+        hb.abort();
+        keep_stop.cancel();
+        let _ = keeper.await;
+        // Every job task waits for its completion to be stored and acked before it ends, so
+        // after `tracker.wait()` the completer has nothing left to do.
+        if let Some(c) = completer {
+            c.abort();
+        }
+        let _ = sh
+            .bus
+            .workers()
+            .delete(dagfleet_protocol::subjects::worker_key(
+                role,
+                &sh.cfg.worker_id,
+            ))
+            .await;
+        info!(role = %role, worker = %sh.cfg.worker_id, "worker stopped");
+        Ok(())
+    }
+}
+
+/// Pulls batches from one consumer (the role's queue or one of its lanes) while permits
+/// allow, and runs each message as a task on `tracker`, until `shutdown`.
+async fn pull_loop<H: Handler>(
+    sh: Arc<Shared<H>>,
+    consumer: jetstream::consumer::PullConsumer,
+    sem: Arc<Semaphore>,
+    tracker: TaskTracker,
+    hard_stop: CancellationToken,
+    shutdown: CancellationToken,
+) {
         let mut failures = 0u32;
         'pull: while !shutdown.is_cancelled() {
             let first = tokio::select! {
@@ -482,40 +551,6 @@ impl<H: Handler> Worker<H> {
                 });
             }
         }
-
-        tracker.close();
-        sh.stopping.cancel();
-        let in_flight = sh.stats.in_flight.load(Ordering::Relaxed);
-        if in_flight > 0 {
-            info!(in_flight, grace = ?sh.cfg.shutdown_grace, "draining in-flight jobs");
-        }
-        if tokio::time::timeout(sh.cfg.shutdown_grace, tracker.wait())
-            .await
-            .is_err()
-        {
-            warn!("grace period over; handing in-flight jobs back to the queue");
-            hard_stop.cancel();
-            tracker.wait().await;
-        }
-        hb.abort();
-        keep_stop.cancel();
-        let _ = keeper.await;
-        // Every job task waits for its completion to be stored and acked before it ends, so
-        // after `tracker.wait()` the completer has nothing left to do.
-        if let Some(c) = completer {
-            c.abort();
-        }
-        let _ = sh
-            .bus
-            .workers()
-            .delete(dagfleet_protocol::subjects::worker_key(
-                role,
-                &sh.cfg.worker_id,
-            ))
-            .await;
-        info!(role = %role, worker = %sh.cfg.worker_id, "worker stopped");
-        Ok(())
-    }
 }
 
 async fn heartbeat_loop<H: Handler>(sh: Arc<Shared<H>>, started: i64, stop: CancellationToken) {
@@ -531,6 +566,7 @@ async fn heartbeat_loop<H: Handler>(sh: Arc<Shared<H>>, started: i64, stop: Canc
             started_at_ms: started,
             at_ms: now_ms(),
             capacity: sh.handler.capacity(),
+            lanes: sh.handler.lanes(),
         };
         if let Ok(body) = serde_json::to_vec(&hb) {
             if let Err(e) = sh.bus.workers().put(&key, body.into()).await {

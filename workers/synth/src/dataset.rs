@@ -59,6 +59,24 @@ pub struct DatasetStats {
     pub sources: [usize; 3],
     /// Rows per kind.
     pub kinds: BTreeMap<String, usize>,
+    /// Decontamination against held-out rows.
+    #[serde(default)]
+    pub held_out: HeldOutStats,
+}
+
+/// What decontamination removed (the pairs are listed in `held_out_removed.jsonl`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct HeldOutStats {
+    /// Held-out rows compared against.
+    pub rows: usize,
+    /// Held-out lines that were neither prompts nor DAGs.
+    pub unreadable_rows: usize,
+    /// Pairs removed.
+    pub removed_pairs: usize,
+    /// Source DAGs whose pairs were removed.
+    pub removed_sources: usize,
+    /// The similarity threshold used.
+    pub threshold: f64,
 }
 
 /// The built splits.
@@ -255,17 +273,26 @@ pub fn leak_check(splits: &[Vec<Pair>; 3]) -> Result<(), String> {
     Ok(())
 }
 
-/// One ChatML row.
-pub fn chatml(p: &Pair, system: &str) -> serde_json::Value {
+/// One ChatML row. With `version_line`, an instruction that does not name its Airflow
+/// version gets `Airflow Version: X` appended, as evaluation prompts carry it, when the
+/// pair's DAG targets a known release (`2.10.5`, not just a major version).
+pub fn chatml(p: &Pair, system: &str, version_line: bool) -> serde_json::Value {
     let answer = if p.response_format == "code" {
         format!("```python\n{}\n```", p.response.trim_end())
     } else {
         p.response.clone()
     };
+    let mut user = p.instruction.clone();
+    if version_line
+        && p.airflow_version.contains('.')
+        && !user.to_lowercase().contains("airflow version")
+    {
+        user = format!("{}\n\nAirflow Version: {}", user.trim_end(), p.airflow_version);
+    }
     json!({
         "messages": [
             {"role": "system", "content": system},
-            {"role": "user", "content": p.instruction},
+            {"role": "user", "content": user},
             {"role": "assistant", "content": answer},
         ],
         "meta": {

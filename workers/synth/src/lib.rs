@@ -6,13 +6,15 @@
 //!   it parses and filters the replies and adds troubleshooting pairs made by failure
 //!   injection. Output: `pairs.jsonl`, `rejected.jsonl`, `summary.json`.
 //! - **dataset**: one job over all pairs: ChatML `train.jsonl`, `valid.jsonl`, `test.jsonl`
-//!   and `stats.json` ([`dataset`]).
+//!   and `stats.json` ([`dataset`]), after removing every pair that comes near a held-out
+//!   evaluation prompt or test DAG ([`decontam`]).
 //!
 //! A job that submits a provider batch writes the batch id to the store before it polls
 //! (`runs/<run>/synthesize/<job>/provider-batches/<round>-<n>.json`); a redelivered or
 //! restarted job finds the record and re-attaches to the batch instead of paying twice.
 
 pub mod dataset;
+pub mod decontam;
 pub mod filters;
 pub mod inject;
 pub mod parse;

@@ -55,10 +55,11 @@ pub struct TeacherRow {
 
 impl TeacherRow {
     /// The Airflow version this DAG was written for: the release it came from for
-    /// `apache-airflow` and `apache-airflow-core`, else the major version its imports imply.
+    /// `apache-airflow` and `apache-airflow-core`, the version a `dir` source declares, else
+    /// the major version its imports imply.
     pub fn airflow_version(&self) -> String {
         let pkg = self.source.rsplit(':').next().unwrap_or("");
-        if (pkg == "apache-airflow" || pkg == "apache-airflow-core")
+        if (pkg == "apache-airflow" || pkg == "apache-airflow-core" || self.source.starts_with("dir:"))
             && self
                 .reference
                 .chars()
@@ -738,12 +739,54 @@ impl SynthHandler {
                 job.inputs.len()
             )));
         }
-        let built = dataset::build(pairs, &job.spec).map_err(JobError::fatal)?;
+        // Decontamination first: nothing near a held-out row reaches any split.
+        let mut held = Vec::new();
+        let mut held_unreadable = 0;
+        for h in &job.held_out {
+            let data = ctx.read(h).await?;
+            let name = h.key.rsplit('/').next().unwrap_or(&h.key);
+            let (rows, bad) = crate::decontam::parse(&String::from_utf8_lossy(&data), name);
+            held.extend(rows);
+            held_unreadable += bad;
+        }
+        let input_rows = pairs.len();
+        let (pairs, removed) =
+            crate::decontam::decontaminate(pairs, &held, job.spec.leak_threshold);
+        if pairs.is_empty() {
+            return Err(JobError::fatal(format!(
+                "all {input_rows} pairs come near the {} held-out rows (dataset.leak_threshold = {}); nothing is left to build a dataset from",
+                held.len(),
+                job.spec.leak_threshold
+            )));
+        }
+        ctx.put(
+            "held_out_removed.jsonl",
+            Bytes::from(
+                removed
+                    .iter()
+                    .map(|r| serde_json::to_string(r).unwrap_or_default() + "\n")
+                    .collect::<String>(),
+            ),
+        )
+        .await?;
+        let mut built = dataset::build(pairs, &job.spec).map_err(JobError::fatal)?;
+        built.stats.input_rows = input_rows;
+        built.stats.held_out = dataset::HeldOutStats {
+            rows: held.len(),
+            unreadable_rows: held_unreadable,
+            removed_pairs: removed.len(),
+            removed_sources: removed
+                .iter()
+                .map(|r| r.source_id.as_str())
+                .collect::<std::collections::HashSet<_>>()
+                .len(),
+            threshold: job.spec.leak_threshold,
+        };
         for (s, rows) in built.splits.iter().enumerate() {
             let mut out = Vec::new();
             for p in rows {
                 out.extend_from_slice(
-                    dataset::chatml(p, &job.spec.system_prompt)
+                    dataset::chatml(p, &job.spec.system_prompt, job.spec.version_line)
                         .to_string()
                         .as_bytes(),
                 );
@@ -765,6 +808,7 @@ impl SynthHandler {
             .metric("test_rows", st.rows[2] as f64)
             .metric("exact_duplicates", st.exact_duplicates as f64)
             .metric("near_duplicates", st.near_duplicates as f64)
+            .metric("held_out_removed", st.held_out.removed_pairs as f64)
             .metric("unreadable_rows", unreadable as f64))
     }
 }

@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# One device call: the model-quality evaluation of issue 13 on one GPU machine with
+# `dagfleet up --run` (mine -> synthesize -> dataset -> train -> infer -> judge -> report):
+#   - training DAGs: the DagBag-clean files bench/eval/prepare.sh wrote (a `dir` source
+#     targeting Airflow 2.10.5; the GPU machine has no network);
+#   - instructions from Qwen2.5-Coder-0.5B-Instruct served on the same GPU by `dagfleet serve`
+#     (the best model that can be staged there), with `Airflow Version: 2.10.5` lines;
+#   - the dataset stage holds out the evaluation's prompts (infer.prompts) and the DAGs they
+#     were written from (dataset.held_out = test_dags.jsonl), and lists what it removed;
+#   - a LoRA fine-tune of the same model, then generations of the base and of the fine-tune
+#     (its adapter over the same base) for the 194 development prompts, judged statically.
+# DagBag judging of the generations happens afterwards where Airflow is installed:
+#   dagfleet judge --rows --dagbag OUT/generations.jsonl
+# Needs $MODEL (the staged GGUF), $BIN (the CUDA build), $NATS (a nats-server binary).
+#   bash bench/eval/gpu_eval.sh DAGS_DIR PROMPTS.jsonl HELD_OUT.jsonl
+set -uo pipefail
+DAGS="$(cd "${1:?DAGS_DIR}" && pwd)"
+PROMPTS="$(readlink -f "${2:?PROMPTS}")"
+HELD="$(readlink -f "${3:?HELD_OUT}")"
+OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
+BIN="${BIN:-/root/dagfleet}"; NATS="${NATS:-/root/nats-server}"; MODEL="${MODEL:-/root/qwen05.gguf}"
+EPOCHS="${EPOCHS:-3}"; MAX_TOKENS="${MAX_TOKENS:-1536}"
+L=$(python3 -c 'import nvidia,os;print(os.path.join(list(nvidia.__path__)[0],"cu13","lib"))' 2>/dev/null)
+export LD_LIBRARY_PATH="$L:${LD_LIBRARY_PATH:-}"
+W=/root/eval; rm -rf "$W"; mkdir -p "$W"; cd "$W" || exit 1
+ln -s "$DAGS" dags
+"$NATS" -js -a 127.0.0.1 -p 4222 -sd "$W/nats" > nats.log 2>&1 &
+DAGFLEET_INFERENCE__DEVICE=cuda DAGFLEET_INFERENCE__ENGINE__MAX_BATCH=64 \
+  "$BIN" serve "$MODEL" --addr 127.0.0.1:8088 > serve.log 2>&1 &
+for _ in $(seq 1 120); do curl -sf 127.0.0.1:8088/health >/dev/null && break; sleep 0.5; done
+cat > dagfleet.toml <<TOML
+[providers.local]
+kind = "openai"
+base_url = "http://127.0.0.1:8088"
+concurrency = 64
+timeout = "600s"
+batch = false
+[trainer]
+device = "cuda"
+[inference]
+device = "cuda"
+[inference.engine]
+max_batch = 128
+[up]
+roles = ["miner", "synthesizer", "trainer", "inference", "judge"]
+TOML
+SYSTEM="You are an expert Apache Airflow developer. Generate complete, valid Airflow DAGs based on given requirements."
+cat > spec.toml <<TOML
+name = "airflow-eval"
+stages = ["mine", "synthesize", "dataset", "train", "infer", "judge", "report"]
+[[sources]]
+kind = "dir"
+path = "dags"
+airflow_version = "2.10.5"
+[models.teacher]
+provider = "local"
+model = "$(basename "$MODEL")"
+[models.base]
+provider = "file"
+model = "$MODEL"
+[synthesize]
+variants = 3
+chunk_rows = 100
+max_tokens = 400
+mode = "online"
+failures_per_dag = 1
+[dataset]
+seed = 42
+splits = [0.9, 0.1, 0.0]
+system_prompt = "$SYSTEM"
+held_out = "$HELD"
+[train]
+r = 16
+alpha = 32
+lr = 2e-4
+micro_batch = 2
+grad_accum = 4
+max_seq_len = 4096
+epochs = $EPOCHS
+warmup_steps = 10
+eval_every = 20
+checkpoint_every = 50
+[infer]
+prompts = "$PROMPTS"
+max_tokens = $MAX_TOKENS
+[judge]
+airflow_version = "2.10"
+[limits]
+deadline = "2h"
+TOML
+export DAGFLEET_PROVIDERS__LOCAL__API_KEY=local
+time timeout "${RUN_TIMEOUT:-560}" "$BIN" --config dagfleet.toml up --run spec.toml 2>&1 | tail -40 | tee "$OUT/run.txt"
+R=$(ls -d .dagfleet/artifacts/runs/*/ | head -1)
+cp spec.toml dagfleet.toml "$OUT/"
+T=$(ls -d "$R"train/*/ 2>/dev/null | head -1)
+[ -n "$T" ] && cp "$T/report.md" "$T/loss.png" "$T/metrics.csv" "$T/train.json" "$OUT/" 2>/dev/null
+D=$(ls -d "$R"dataset/*/ 2>/dev/null | head -1)
+[ -n "$D" ] && { cp "$D/stats.json" "$D/held_out_removed.jsonl" "$OUT/" 2>/dev/null; head -c 4000 "$D/train.jsonl" > "$OUT/train-sample.jsonl"; }
+cat "$R"infer/*/*.jsonl > "$OUT/generations.jsonl" 2>/dev/null
+for J in "$R"judge/*/; do cat "$J/eval.jsonl"; done > "$OUT/eval-static.jsonl" 2>/dev/null
+P=$(ls -d "$R"report/*/ 2>/dev/null | head -1)
+[ -n "$P" ] && cp "$P/report.md" "$OUT/run-report.md" 2>/dev/null
+cp "$R/manifest.json" "$OUT/" 2>/dev/null
+tail -5 serve.log > "$OUT/serve-tail.txt"
+wc -l "$OUT"/*.jsonl
+cat "$OUT/run-report.md" 2>/dev/null | head -40
