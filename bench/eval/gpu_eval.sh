@@ -13,16 +13,52 @@
 #   dagfleet judge --rows --dagbag OUT/generations.jsonl
 # Needs $MODEL (the staged GGUF), $BIN (the CUDA build), $NATS (a nats-server binary).
 #   bash bench/eval/gpu_eval.sh DAGS_DIR PROMPTS.jsonl HELD_OUT.jsonl
+# A run cut off by the call's time limit continues in the next call (same warm machine):
+#   RESUME=1 bash bench/eval/gpu_eval.sh
 set -uo pipefail
+OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
+BIN="${BIN:-/root/dagfleet}"; NATS="${NATS:-/root/nats-server}"; MODEL="${MODEL:-/root/qwen05.gguf}"
+L=$(python3 -c 'import nvidia,os;print(os.path.join(list(nvidia.__path__)[0],"cu13","lib"))' 2>/dev/null)
+export LD_LIBRARY_PATH="$L:${LD_LIBRARY_PATH:-}"
+export DAGFLEET_PROVIDERS__LOCAL__API_KEY=local
+W=/root/eval
+
+collect() {
+  cd "$W" || return
+  R=$(ls -d .dagfleet/artifacts/runs/*/ | head -1)
+  cp spec.toml dagfleet.toml "$OUT/"
+  T=$(ls -d "$R"train/*/ 2>/dev/null | head -1)
+  [ -n "$T" ] && cp "$T/report.md" "$T/loss.png" "$T/metrics.csv" "$T/train.json" "$OUT/" 2>/dev/null
+  D=$(ls -d "$R"dataset/*/ 2>/dev/null | head -1)
+  [ -n "$D" ] && { cp "$D/stats.json" "$D/held_out_removed.jsonl" "$OUT/" 2>/dev/null; head -c 4000 "$D/train.jsonl" > "$OUT/train-sample.jsonl"; }
+  cat "$R"infer/*/*.jsonl > "$OUT/generations.jsonl" 2>/dev/null
+  for J in "$R"judge/*/; do cat "$J/eval.jsonl"; done > "$OUT/eval-static.jsonl" 2>/dev/null
+  P=$(ls -d "$R"report/*/ 2>/dev/null | head -1)
+  [ -n "$P" ] && cp "$P/report.md" "$OUT/run-report.md" 2>/dev/null
+  cp "$R/manifest.json" "$OUT/" 2>/dev/null
+  tail -5 serve.log > "$OUT/serve-tail.txt"
+  wc -l "$OUT"/*.jsonl
+  head -40 "$OUT/run-report.md" 2>/dev/null
+}
+
+if [ "${RESUME:-0}" = 1 ]; then
+  cd "$W" || exit 1
+  RUN=$(basename "$(ls -d .dagfleet/artifacts/runs/*/ | head -1)")
+  "$BIN" --config dagfleet.toml up > up-resume.log 2>&1 &
+  UP=$!
+  # `up` with no spec serves the fleet; the run goes on from its state in JetStream.
+  timeout "${RUN_TIMEOUT:-560}" bash -c "until \"$BIN\" --config dagfleet.toml status $RUN --once 2>&1 | grep -qE '^run .*: (Done|Failed)'; do sleep 5; done"
+  "$BIN" --config dagfleet.toml status "$RUN" --once 2>&1 | tail -20 | tee "$OUT/run.txt"
+  kill "$UP"; wait "$UP"
+  collect
+  exit 0
+fi
+
 DAGS="$(cd "${1:?DAGS_DIR}" && pwd)"
 PROMPTS="$(readlink -f "${2:?PROMPTS}")"
 HELD="$(readlink -f "${3:?HELD_OUT}")"
-OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
-BIN="${BIN:-/root/dagfleet}"; NATS="${NATS:-/root/nats-server}"; MODEL="${MODEL:-/root/qwen05.gguf}"
 EPOCHS="${EPOCHS:-3}"; MAX_TOKENS="${MAX_TOKENS:-1536}"
-L=$(python3 -c 'import nvidia,os;print(os.path.join(list(nvidia.__path__)[0],"cu13","lib"))' 2>/dev/null)
-export LD_LIBRARY_PATH="$L:${LD_LIBRARY_PATH:-}"
-W=/root/eval; rm -rf "$W"; mkdir -p "$W"; cd "$W" || exit 1
+rm -rf "$W"; mkdir -p "$W"; cd "$W" || exit 1
 ln -s "$DAGS" dags
 "$NATS" -js -a 127.0.0.1 -p 4222 -sd "$W/nats" > nats.log 2>&1 &
 DAGFLEET_INFERENCE__DEVICE=cuda DAGFLEET_INFERENCE__ENGINE__MAX_BATCH=64 \
@@ -88,19 +124,5 @@ airflow_version = "2.10"
 [limits]
 deadline = "2h"
 TOML
-export DAGFLEET_PROVIDERS__LOCAL__API_KEY=local
 time timeout "${RUN_TIMEOUT:-560}" "$BIN" --config dagfleet.toml up --run spec.toml 2>&1 | tail -40 | tee "$OUT/run.txt"
-R=$(ls -d .dagfleet/artifacts/runs/*/ | head -1)
-cp spec.toml dagfleet.toml "$OUT/"
-T=$(ls -d "$R"train/*/ 2>/dev/null | head -1)
-[ -n "$T" ] && cp "$T/report.md" "$T/loss.png" "$T/metrics.csv" "$T/train.json" "$OUT/" 2>/dev/null
-D=$(ls -d "$R"dataset/*/ 2>/dev/null | head -1)
-[ -n "$D" ] && { cp "$D/stats.json" "$D/held_out_removed.jsonl" "$OUT/" 2>/dev/null; head -c 4000 "$D/train.jsonl" > "$OUT/train-sample.jsonl"; }
-cat "$R"infer/*/*.jsonl > "$OUT/generations.jsonl" 2>/dev/null
-for J in "$R"judge/*/; do cat "$J/eval.jsonl"; done > "$OUT/eval-static.jsonl" 2>/dev/null
-P=$(ls -d "$R"report/*/ 2>/dev/null | head -1)
-[ -n "$P" ] && cp "$P/report.md" "$OUT/run-report.md" 2>/dev/null
-cp "$R/manifest.json" "$OUT/" 2>/dev/null
-tail -5 serve.log > "$OUT/serve-tail.txt"
-wc -l "$OUT"/*.jsonl
-cat "$OUT/run-report.md" 2>/dev/null | head -40
+collect

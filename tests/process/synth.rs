@@ -138,11 +138,26 @@ async fn mine_synthesize_dataset_on_one_machine_against_both_protocols() {
     let cfg = config(dir.path(), &teacher);
     let artifacts = dir.path().join(".dagfleet/artifacts");
 
-    // 1. OpenAI-compatible server, online requests, priced.
+    // 1. OpenAI-compatible server, online requests, priced; one corpus DAG (with its
+    // DAG renamed) is held out as if it were an evaluation's source.
+    let held_src = std::fs::read_to_string(corpus().join("valid_taskflow.py")).unwrap();
+    let held = dir.path().join("held_out.jsonl");
+    std::fs::write(
+        &held,
+        format!(
+            "{}\n",
+            serde_json::json!({"content": held_src.replace("taskflow_etl", "held_etl")})
+        ),
+    )
+    .unwrap();
     let out = up_run(
         dir.path(),
         &cfg,
-        &spec("openai-run", "local", "chunk_rows = 8"),
+        &spec(
+            "openai-run",
+            "local",
+            &format!("chunk_rows = 8\n[dataset]\nheld_out = \"{}\"\n", held.display()),
+        ),
         None,
     )
     .await;
@@ -186,6 +201,31 @@ async fn mine_synthesize_dataset_on_one_machine_against_both_protocols() {
             .collect::<Vec<_>>(),
         vec!["system", "user", "assistant"]
     );
+    // Decontamination: the held-out DAG's pairs are gone from every split, and listed.
+    assert!(ds["metrics"]["held_out_removed"].as_f64().unwrap() >= 1.0, "{ds}");
+    let removed = jsonl(&artifacts, output(ds, "held_out_removed.jsonl"));
+    assert!(removed
+        .iter()
+        .all(|r| r["held_out"].as_str().unwrap().starts_with("held_out.jsonl:")
+            || r["field"] == "source"));
+    assert!(removed
+        .iter()
+        .any(|r| r["field"] == "response" && r["similarity"].as_f64().unwrap() >= 0.5));
+    let gone: std::collections::HashSet<&str> = removed
+        .iter()
+        .map(|r| r["source_id"].as_str().unwrap())
+        .collect();
+    for split in ["train.jsonl", "valid.jsonl", "test.jsonl"] {
+        for row in jsonl(&artifacts, output(ds, split)) {
+            let src = row["meta"]["source_id"].as_str().unwrap();
+            assert!(!gone.contains(src), "{split} still has {src}");
+            let answer = row["messages"][2]["content"].as_str().unwrap();
+            assert!(
+                !answer.contains(held_src.trim()),
+                "{split} has the held-out DAG"
+            );
+        }
+    }
     let total: f64 = ["train_rows", "valid_rows", "test_rows"]
         .iter()
         .map(|k| ds["metrics"][k].as_f64().unwrap())

@@ -24,9 +24,22 @@ pub fn verdict(s: &Summary) -> Option<(String, String, f64, String)> {
             && (m.as_str() == base_name || m.ends_with(&format!("/{base_name}")))
     })?;
     let (b, t) = (&s.models[base], &s.models[tuned]);
-    let delta = 100.0 * (t.validity_rate - b.validity_rate);
+    // Airflow's own DagBag decides where it ran on both; else the static judge.
+    let (what, (tr, tn, trows), (br, bn, brows)) = match (&t.dagbag, &b.dagbag) {
+        (Some(dt), Some(db)) => (
+            "load cleanly in Airflow's DagBag",
+            (dt.clean_rate, dt.clean, dt.rows),
+            (db.clean_rate, db.clean, db.rows),
+        ),
+        _ => (
+            "are valid",
+            (t.validity_rate, t.valid, t.rows),
+            (b.validity_rate, b.valid, b.rows),
+        ),
+    };
+    let delta = 100.0 * (tr - br);
     let text = format!(
-        "The fine-tune {} its base: {:.1}% of its DAGs are valid ({} of {}) against {:.1}% ({} of {}), {:+.1} points.",
+        "The fine-tune {} its base: {:.1}% of its DAGs {what} ({} of {}) against {:.1}% ({} of {}), {:+.1} points.",
         if delta > 0.0 {
             "beat"
         } else if delta == 0.0 {
@@ -34,12 +47,12 @@ pub fn verdict(s: &Summary) -> Option<(String, String, f64, String)> {
         } else {
             "did not beat"
         },
-        100.0 * t.validity_rate,
-        t.valid,
-        t.rows,
-        100.0 * b.validity_rate,
-        b.valid,
-        b.rows,
+        100.0 * tr,
+        tn,
+        trows,
+        100.0 * br,
+        bn,
+        brows,
         delta
     );
     Some((base.clone(), tuned.clone(), delta, text))
@@ -170,6 +183,20 @@ mod tests {
         );
         s.models.insert("q.gguf + LoRA (q4_k_m)".into(), m(10, 2));
         assert!(verdict(&s).unwrap().3.contains("did not beat"));
+        // Where DagBag judged both, its clean rate decides.
+        let with_dagbag = |clean: usize| crate::DagbagSummary {
+            rows: 10,
+            clean,
+            clean_rate: clean as f64 / 10.0,
+            ..Default::default()
+        };
+        s.models.get_mut("q.gguf + LoRA (q4_k_m)").unwrap().dagbag = Some(with_dagbag(3));
+        s.models.get_mut("/models/q.gguf").unwrap().dagbag = Some(with_dagbag(1));
+        let text = verdict(&s).unwrap().3;
+        assert!(
+            text.starts_with("The fine-tune beat its base: 30.0% of its DAGs load cleanly in Airflow's DagBag (3 of 10) against 10.0%"),
+            "{text}"
+        );
         s.models.remove("/models/q.gguf");
         assert!(verdict(&s).is_none());
     }
