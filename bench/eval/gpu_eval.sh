@@ -16,7 +16,9 @@
 # A run cut off by the call's time limit continues in the next call (same warm machine):
 #   RESUME=1 bash bench/eval/gpu_eval.sh
 set -uo pipefail
-OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
+# $OUT gets one archive (a device call brings back at most 8 files): eval.tgz.
+FINAL="${OUT:-/tmp/out}"; mkdir -p "$FINAL"
+OUT=/root/eval-out; mkdir -p "$OUT"
 BIN="${BIN:-/root/dagfleet}"; NATS="${NATS:-/root/nats-server}"; MODEL="${MODEL:-/root/qwen05.gguf}"
 L=$(python3 -c 'import nvidia,os;print(os.path.join(list(nvidia.__path__)[0],"cu13","lib"))' 2>/dev/null)
 export LD_LIBRARY_PATH="$L:${LD_LIBRARY_PATH:-}"
@@ -39,6 +41,8 @@ collect() {
   tail -5 serve.log > "$OUT/serve-tail.txt"
   wc -l "$OUT"/*.jsonl
   head -40 "$OUT/run-report.md" 2>/dev/null
+  tar czf "$FINAL/eval.tgz" -C "$(dirname "$OUT")" "$(basename "$OUT")"
+  ls -la "$FINAL"
 }
 
 if [ "${RESUME:-0}" = 1 ]; then
