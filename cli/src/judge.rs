@@ -118,19 +118,22 @@ pub fn run_rows(paths: &[PathBuf], version: &str, dagbag: Option<&Dagbag>) -> Re
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let mut bad = 0usize;
     for p in paths {
-        let text = std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
+        let text =
+            std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
         let rows: Vec<(usize, dagfleet_judge::GenRow)> = text
             .lines()
             .enumerate()
             .filter(|(_, l)| !l.trim().is_empty())
-            .filter_map(|(i, l)| match dagfleet_judge::role::row_to_gen(l, i as u64) {
-                Ok(r) => Some((i, r)),
-                Err(e) => {
-                    eprintln!("{}: {e}", p.display());
-                    bad += 1;
-                    None
-                }
-            })
+            .filter_map(
+                |(i, l)| match dagfleet_judge::role::row_to_gen(l, i as u64) {
+                    Ok(r) => Some((i, r)),
+                    Err(e) => {
+                        eprintln!("{}: {e}", p.display());
+                        bad += 1;
+                        None
+                    }
+                },
+            )
             .collect();
         let judged: Vec<dagfleet_judge::EvalRow> = rows
             .par_iter()
@@ -149,13 +152,22 @@ pub fn run_rows(paths: &[PathBuf], version: &str, dagbag: Option<&Dagbag>) -> Re
     }
     out.flush()?;
     eprint!("{}", summary.markdown());
-    Ok(if bad > 0 { ExitCode::from(2) } else { ExitCode::SUCCESS })
+    Ok(if bad > 0 {
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 /// Judges every file, on all cores, and prints the verdicts in order. Exit 0 when all are
 /// valid, 1 when any is invalid (statically, or to DagBag when it runs), 2 when a path
 /// could not be judged (after every verdict).
-pub fn run(paths: &[PathBuf], json: bool, version: &str, dagbag: Option<&Dagbag>) -> Result<ExitCode> {
+pub fn run(
+    paths: &[PathBuf],
+    json: bool,
+    version: &str,
+    dagbag: Option<&Dagbag>,
+) -> Result<ExitCode> {
     use rayon::prelude::*;
     let opts = Options {
         airflow_version: parse_version(version)?,
@@ -229,7 +241,10 @@ pub fn run(paths: &[PathBuf], json: bool, version: &str, dagbag: Option<&Dagbag>
                 Some(d) => format!(
                     " (DagBag {}: {})",
                     d.airflow,
-                    d.error.as_deref().or(d.error_class.as_deref()).unwrap_or("not clean")
+                    d.error
+                        .as_deref()
+                        .or(d.error_class.as_deref())
+                        .unwrap_or("not clean")
                 ),
             };
             writeln!(

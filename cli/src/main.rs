@@ -408,7 +408,9 @@ async fn mine_local(
         let refs = match src {
             Source::Github { refs, .. } | Source::Git { refs, .. } => refs.clone(),
             Source::Pypi { versions, .. } => versions.clone(),
-            Source::Dir { airflow_version, .. } => {
+            Source::Dir {
+                airflow_version, ..
+            } => {
                 vec![airflow_version.clone().unwrap_or_default()]
             }
         };

@@ -73,9 +73,14 @@ pub async fn run_worker(
         }
         #[cfg(feature = "judge")]
         Role::Judge => {
-            dagfleet_runtime::Worker::new(bus, store, dagfleet_judge::JudgeHandler::new(&cfg.judge), wc)
-                .run(shutdown)
-                .await?
+            dagfleet_runtime::Worker::new(
+                bus,
+                store,
+                dagfleet_judge::JudgeHandler::new(&cfg.judge),
+                wc,
+            )
+            .run(shutdown)
+            .await?
         }
         #[cfg(feature = "synth")]
         Role::Synthesizer => {

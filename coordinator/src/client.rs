@@ -22,7 +22,11 @@ use crate::{state_err, CoordinatorError};
 fn uploads(spec: &mut RunSpec) -> [(&'static str, &mut Option<String>, &'static str); 4] {
     [
         ("infer.prompts", &mut spec.infer.prompts, "prompts.jsonl"),
-        ("dataset.held_out", &mut spec.dataset.held_out, "held_out.jsonl"),
+        (
+            "dataset.held_out",
+            &mut spec.dataset.held_out,
+            "held_out.jsonl",
+        ),
         ("train.dataset", &mut spec.train.dataset, "train.jsonl"),
         ("train.valid", &mut spec.train.valid, "valid.jsonl"),
     ]

@@ -534,7 +534,9 @@ pub fn plan(
                 match src {
                     Source::Github { refs, .. } | Source::Git { refs, .. } => refs.clone(),
                     Source::Pypi { versions, .. } => versions.clone(),
-                    Source::Dir { airflow_version, .. } => vec![airflow_version.clone().unwrap_or_default()],
+                    Source::Dir {
+                        airflow_version, ..
+                    } => vec![airflow_version.clone().unwrap_or_default()],
                 }
             };
             let count = spec

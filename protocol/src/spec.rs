@@ -576,7 +576,10 @@ impl JudgeSpec {
         if !self.dagbag {
             return None;
         }
-        let v = self.airflow_version.as_deref().unwrap_or(DEFAULT_DAGBAG_AIRFLOW);
+        let v = self
+            .airflow_version
+            .as_deref()
+            .unwrap_or(DEFAULT_DAGBAG_AIRFLOW);
         let mut parts = v.split('.');
         Some(match (parts.next(), parts.next()) {
             (Some(a), Some(b)) => format!("{a}.{b}"),
@@ -859,9 +862,9 @@ impl RunSpec {
             if let Some(v) = &self.judge.airflow_version {
                 let parts: Vec<&str> = v.split('.').collect();
                 let ok = (2..=3).contains(&parts.len())
-                    && parts
-                        .iter()
-                        .all(|p| !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()));
+                    && parts.iter().all(|p| {
+                        !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit())
+                    });
                 if !ok {
                     return Err(invalid(
                         "judge.airflow_version",

@@ -216,7 +216,10 @@ fn a_judge_batch_with_dagbag_goes_to_a_judge_that_has_the_airflow_version() {
     assert_eq!(judge["metrics"]["dagbag_clean"], 1.0, "{judge}");
     let eval_key = judge["outputs"][0]["key"].as_str().unwrap();
     let eval = std::fs::read_to_string(arts.join(eval_key)).unwrap();
-    let rows: Vec<serde_json::Value> = eval.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let rows: Vec<serde_json::Value> = eval
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     let classes: Vec<&str> = rows
         .iter()
         .map(|r| r["dagbag"]["error_class"].as_str().unwrap_or("clean"))
@@ -246,5 +249,8 @@ fn a_judge_batch_with_dagbag_goes_to_a_judge_that_has_the_airflow_version() {
     );
     assert!(!out.status.success(), "{text}");
     assert!(text.contains("Airflow 2.9"), "{text}");
-    assert!(text.contains("airflow-2_10"), "the live lanes are named: {text}");
+    assert!(
+        text.contains("airflow-2_10"),
+        "the live lanes are named: {text}"
+    );
 }

@@ -156,7 +156,10 @@ async fn mine_synthesize_dataset_on_one_machine_against_both_protocols() {
         &spec(
             "openai-run",
             "local",
-            &format!("chunk_rows = 8\n[dataset]\nheld_out = \"{}\"\n", held.display()),
+            &format!(
+                "chunk_rows = 8\n[dataset]\nheld_out = \"{}\"\n",
+                held.display()
+            ),
         ),
         None,
     )
@@ -202,12 +205,16 @@ async fn mine_synthesize_dataset_on_one_machine_against_both_protocols() {
         vec!["system", "user", "assistant"]
     );
     // Decontamination: the held-out DAG's pairs are gone from every split, and listed.
-    assert!(ds["metrics"]["held_out_removed"].as_f64().unwrap() >= 1.0, "{ds}");
+    assert!(
+        ds["metrics"]["held_out_removed"].as_f64().unwrap() >= 1.0,
+        "{ds}"
+    );
     let removed = jsonl(&artifacts, output(ds, "held_out_removed.jsonl"));
-    assert!(removed
-        .iter()
-        .all(|r| r["held_out"].as_str().unwrap().starts_with("held_out.jsonl:")
-            || r["field"] == "source"));
+    assert!(removed.iter().all(|r| r["held_out"]
+        .as_str()
+        .unwrap()
+        .starts_with("held_out.jsonl:")
+        || r["field"] == "source"));
     assert!(removed
         .iter()
         .any(|r| r["field"] == "response" && r["similarity"].as_f64().unwrap() >= 0.5));

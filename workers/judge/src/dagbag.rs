@@ -53,7 +53,13 @@ pub fn discover(root: &Path) -> Vec<AirflowEnv> {
             let (a, b) = name.split_once('.')?;
             let key: (u32, u32) = (a.parse().ok()?, b.parse().ok()?);
             let python = e.path().join("bin/python");
-            python.is_file().then_some((key, AirflowEnv { version: name, python }))
+            python.is_file().then_some((
+                key,
+                AirflowEnv {
+                    version: name,
+                    python,
+                },
+            ))
         })
         .map(|(_, e)| e)
         .collect();
@@ -66,7 +72,10 @@ pub fn version_key(v: &str) -> (u32, u32) {
     let (a, b) = v.split_once('.').unwrap_or((v, "0"));
     (
         a.parse().unwrap_or(0),
-        b.split('.').next().and_then(|b| b.parse().ok()).unwrap_or(0),
+        b.split('.')
+            .next()
+            .and_then(|b| b.parse().ok())
+            .unwrap_or(0),
     )
 }
 
@@ -160,7 +169,10 @@ impl DagbagVerdict {
         match (a.status.as_str(), a.import_error) {
             ("timeout", _) => {
                 v.error_class = Some("Timeout".into());
-                v.error = Some(format!("the file did not finish loading within the timeout ({:.0} s)", a.seconds));
+                v.error = Some(format!(
+                    "the file did not finish loading within the timeout ({:.0} s)",
+                    a.seconds
+                ));
             }
             ("loaded", Some(err)) => {
                 let last = err
@@ -253,7 +265,10 @@ impl Helper {
             .env("AIRFLOW_HOME", dir)
             .env("LANG", "C.UTF-8")
             .env("PYTHONDONTWRITEBYTECODE", "1")
-            .env("DAGFLEET_DAGBAG_TIMEOUT", timeout.as_secs().max(1).to_string())
+            .env(
+                "DAGFLEET_DAGBAG_TIMEOUT",
+                timeout.as_secs().max(1).to_string(),
+            )
             .current_dir(dir)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -311,7 +326,12 @@ impl Helper {
             let mut line = String::new();
             loop {
                 line.clear();
-                if self.stdout.read_line(&mut line).map_err(|e| e.to_string())? == 0 {
+                if self
+                    .stdout
+                    .read_line(&mut line)
+                    .map_err(|e| e.to_string())?
+                    == 0
+                {
                     return Err(format!("the helper exited: {}", stderr_tail(&self.dir)));
                 }
                 let v: serde_json::Value = match serde_json::from_str(&line) {
@@ -365,7 +385,10 @@ impl Dagbag {
                 })
                 .collect();
             hs.into_iter()
-                .map(|h| h.join().unwrap_or_else(|_| Err("helper thread panicked".into())))
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err("helper thread panicked".into()))
+                })
                 .collect()
         });
         let mut helpers = Vec::new();
@@ -430,7 +453,9 @@ impl Dagbag {
                             airflow: self.airflow.clone(),
                             status: "crashed".into(),
                             error_class: Some("Crashed".into()),
-                            error: Some(clip(&format!("{e}; restarting the helper failed: {start}"))),
+                            error: Some(clip(&format!(
+                                "{e}; restarting the helper failed: {start}"
+                            ))),
                             ..Default::default()
                         };
                     }
@@ -481,14 +506,23 @@ mod tests {
         assert_eq!(v.error_class.as_deref(), Some("ModuleNotFoundError"));
         assert_eq!(v.module.as_deref(), Some("airflow.providers.google"));
         let v = DagbagVerdict::from_answer(
-            answer(Some("airflow.exceptions.AirflowDagCycleException: Cycle detected in DAG: d"), &[]),
+            answer(
+                Some("airflow.exceptions.AirflowDagCycleException: Cycle detected in DAG: d"),
+                &[],
+            ),
             "2.10.5",
         );
         assert_eq!(v.error_class.as_deref(), Some("AirflowDagCycleException"));
-        let v = DagbagVerdict::from_answer(answer(Some("ModuleNotFoundError: No module named 'pandasx'"), &[]), "2.10.5");
+        let v = DagbagVerdict::from_answer(
+            answer(Some("ModuleNotFoundError: No module named 'pandasx'"), &[]),
+            "2.10.5",
+        );
         assert_eq!(v.cause.as_deref(), Some("not_installed"));
         let v = DagbagVerdict::from_answer(
-            answer(Some("ModuleNotFoundError: No module named 'airflow.operators.magic'"), &[]),
+            answer(
+                Some("ModuleNotFoundError: No module named 'airflow.operators.magic'"),
+                &[],
+            ),
             "2.10.5",
         );
         assert_eq!(v.cause.as_deref(), Some("no_such_module"));

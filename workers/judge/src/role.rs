@@ -76,7 +76,8 @@ impl JudgeHandler {
             return Err(format!(
                 "this judge cannot load files with Airflow {version}: it has {}",
                 if self.envs.is_empty() {
-                    "no Airflow environment (install one with `bash tests/airflow-env.sh`)".to_string()
+                    "no Airflow environment (install one with `bash tests/airflow-env.sh`)"
+                        .to_string()
                 } else {
                     self.airflow_versions().join(", ")
                 }

@@ -492,65 +492,65 @@ async fn pull_loop<H: Handler>(
     hard_stop: CancellationToken,
     shutdown: CancellationToken,
 ) {
-        let mut failures = 0u32;
-        'pull: while !shutdown.is_cancelled() {
-            let first = tokio::select! {
-                p = sem.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-                _ = shutdown.cancelled() => break,
-            };
-            let mut permits = vec![first];
-            while let Ok(p) = sem.clone().try_acquire_owned() {
-                permits.push(p);
-            }
-            let batch = consumer
-                .batch()
-                .max_messages(permits.len())
-                .expires(sh.cfg.pull_expires)
-                .messages()
-                .await;
-            let mut batch = match batch {
-                Ok(b) => {
-                    failures = 0;
-                    b
-                }
-                Err(e) => {
-                    failures += 1;
-                    warn!(error = %e, "pull failed; retrying");
-                    let wait = Duration::from_millis((100 * u64::from(failures)).min(2_000));
-                    tokio::select! {
-                        _ = tokio::time::sleep(wait) => continue 'pull,
-                        _ = shutdown.cancelled() => break 'pull,
-                    }
-                }
-            };
-            // Read the whole batch even after shutdown starts: messages the server already
-            // delivered are handed back at once instead of waiting out their ack wait.
-            while let Some(item) = batch.next().await {
-                let msg = match item {
-                    Ok(m) => m,
-                    Err(e) => {
-                        debug!(error = %e, "batch ended with an error");
-                        break;
-                    }
-                };
-                if shutdown.is_cancelled() {
-                    let _ = msg.ack_with(AckKind::Nak(None)).await;
-                    continue;
-                }
-                let Some(permit) = permits.pop() else {
-                    let _ = msg.ack_with(AckKind::Nak(None)).await;
-                    continue;
-                };
-                let sh = sh.clone();
-                let hard = hard_stop.clone();
-                tracker.spawn(async move {
-                    sh.stats.in_flight.fetch_add(1, Ordering::Relaxed);
-                    process(&sh, msg, hard).await;
-                    sh.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
-                    drop(permit);
-                });
-            }
+    let mut failures = 0u32;
+    'pull: while !shutdown.is_cancelled() {
+        let first = tokio::select! {
+            p = sem.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            _ = shutdown.cancelled() => break,
+        };
+        let mut permits = vec![first];
+        while let Ok(p) = sem.clone().try_acquire_owned() {
+            permits.push(p);
         }
+        let batch = consumer
+            .batch()
+            .max_messages(permits.len())
+            .expires(sh.cfg.pull_expires)
+            .messages()
+            .await;
+        let mut batch = match batch {
+            Ok(b) => {
+                failures = 0;
+                b
+            }
+            Err(e) => {
+                failures += 1;
+                warn!(error = %e, "pull failed; retrying");
+                let wait = Duration::from_millis((100 * u64::from(failures)).min(2_000));
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => continue 'pull,
+                    _ = shutdown.cancelled() => break 'pull,
+                }
+            }
+        };
+        // Read the whole batch even after shutdown starts: messages the server already
+        // delivered are handed back at once instead of waiting out their ack wait.
+        while let Some(item) = batch.next().await {
+            let msg = match item {
+                Ok(m) => m,
+                Err(e) => {
+                    debug!(error = %e, "batch ended with an error");
+                    break;
+                }
+            };
+            if shutdown.is_cancelled() {
+                let _ = msg.ack_with(AckKind::Nak(None)).await;
+                continue;
+            }
+            let Some(permit) = permits.pop() else {
+                let _ = msg.ack_with(AckKind::Nak(None)).await;
+                continue;
+            };
+            let sh = sh.clone();
+            let hard = hard_stop.clone();
+            tracker.spawn(async move {
+                sh.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+                process(&sh, msg, hard).await;
+                sh.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+                drop(permit);
+            });
+        }
+    }
 }
 
 async fn heartbeat_loop<H: Handler>(sh: Arc<Shared<H>>, started: i64, stop: CancellationToken) {

@@ -287,7 +287,11 @@ pub fn chatml(p: &Pair, system: &str, version_line: bool) -> serde_json::Value {
         && p.airflow_version.contains('.')
         && !user.to_lowercase().contains("airflow version")
     {
-        user = format!("{}\n\nAirflow Version: {}", user.trim_end(), p.airflow_version);
+        user = format!(
+            "{}\n\nAirflow Version: {}",
+            user.trim_end(),
+            p.airflow_version
+        );
     }
     json!({
         "messages": [

@@ -174,13 +174,11 @@ pub fn decontaminate(
     let mut by_source: HashMap<&str, Option<(usize, f64)>> = HashMap::new();
     let mut hits: Vec<Removal> = Vec::new();
     for p in &pairs {
-        let code_hit = *by_source
-            .entry(p.source_id.as_str())
-            .or_insert_with(|| {
-                (p.response_format == "code")
-                    .then(|| best(&sig(&code_of(&p.response)), &codes, threshold))
-                    .flatten()
-            });
+        let code_hit = *by_source.entry(p.source_id.as_str()).or_insert_with(|| {
+            (p.response_format == "code")
+                .then(|| best(&sig(&code_of(&p.response)), &codes, threshold))
+                .flatten()
+        });
         if let Some((i, j)) = code_hit {
             hits.push(Removal {
                 pair: p.id.clone(),
@@ -276,7 +274,10 @@ mod tests {
         assert_eq!(by["a-1"].field, "response");
         assert_eq!(by["a-1"].held_out, "eval.jsonl:1");
         assert!(by["a-1"].similarity >= 0.5 && by["a-1"].similarity < 1.0);
-        assert_eq!(by["a-2"].field, "response", "siblings share the source's code");
+        assert_eq!(
+            by["a-2"].field, "response",
+            "siblings share the source's code"
+        );
         assert_eq!(by["c-1"].field, "instruction");
         assert_eq!(by["c-1"].held_out, "eval.jsonl:p7");
         // Nothing held out: nothing removed.

@@ -59,7 +59,9 @@ impl TeacherRow {
     /// the major version its imports imply.
     pub fn airflow_version(&self) -> String {
         let pkg = self.source.rsplit(':').next().unwrap_or("");
-        if (pkg == "apache-airflow" || pkg == "apache-airflow-core" || self.source.starts_with("dir:"))
+        if (pkg == "apache-airflow"
+            || pkg == "apache-airflow-core"
+            || self.source.starts_with("dir:"))
             && self
                 .reference
                 .chars()
