@@ -81,14 +81,7 @@ pub fn dagbag_pool(
 ) -> Result<Dagbag> {
     let (major, minor) = parse_version(version)?;
     let v = format!("{major}.{minor}");
-    let root = match settings.airflow_envs.as_deref() {
-        Some(d) => Some(PathBuf::from(d)),
-        None => dagfleet_judge::dagbag::default_root(),
-    };
-    let envs = root
-        .as_deref()
-        .map(dagfleet_judge::dagbag::discover)
-        .unwrap_or_default();
+    let (root, envs) = dagfleet_judge::dagbag::configured(settings);
     let Some(env) = envs.iter().find(|e| e.version == v) else {
         anyhow::bail!(
             "--dagbag: no Airflow {v} environment under {} (found: {}); install one with `bash tests/airflow-env.sh {v}`",
@@ -100,11 +93,12 @@ pub fn dagbag_pool(
             }
         );
     };
-    let procs = match settings.dagbag_procs {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        n => n,
-    };
-    Dagbag::start(env, procs, settings.dagbag_timeout).map_err(anyhow::Error::msg)
+    Dagbag::start(
+        env,
+        dagfleet_judge::dagbag::procs(settings),
+        settings.dagbag_timeout,
+    )
+    .map_err(anyhow::Error::msg)
 }
 
 /// `--rows`: judges JSONL rows (generations or mined records) and writes evaluation rows to

@@ -42,6 +42,28 @@ pub fn default_root() -> Option<PathBuf> {
     std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/dagfleet-airflow"))
 }
 
+/// The environments `settings` point at: `judge.airflow_envs` (`""` for none), else
+/// [`default_root`].
+pub fn configured(
+    settings: &dagfleet_runtime::config::JudgeSettings,
+) -> (Option<PathBuf>, Vec<AirflowEnv>) {
+    let root = match settings.airflow_envs.as_deref() {
+        Some("") => None,
+        Some(d) => Some(PathBuf::from(d)),
+        None => default_root(),
+    };
+    let envs = root.as_deref().map(discover).unwrap_or_default();
+    (root, envs)
+}
+
+/// Helper processes per pool: `judge.dagbag_procs`, or one per core when it is 0.
+pub fn procs(settings: &dagfleet_runtime::config::JudgeSettings) -> usize {
+    match settings.dagbag_procs {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    }
+}
+
 /// The environments under `root`: every `<MAJOR.MINOR>/bin/python` there, in version order.
 pub fn discover(root: &Path) -> Vec<AirflowEnv> {
     let mut out: Vec<AirflowEnv> = std::fs::read_dir(root)

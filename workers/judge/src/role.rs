@@ -35,14 +35,8 @@ impl JudgeHandler {
     /// A judge that runs DagBag with the Airflow environments `settings` point at (see
     /// [`crate::dagbag::discover`]); with none, it judges statically only.
     pub fn new(settings: &JudgeSettings) -> Self {
-        let root = match settings.airflow_envs.as_deref() {
-            Some("") => None,
-            Some(d) => Some(std::path::PathBuf::from(d)),
-            None => crate::dagbag::default_root(),
-        };
-        let envs = root
-            .map(|r| crate::dagbag::discover(&r))
-            .unwrap_or_default()
+        let envs = crate::dagbag::configured(settings)
+            .1
             .into_iter()
             .map(|env| {
                 (
@@ -54,13 +48,9 @@ impl JudgeHandler {
                 )
             })
             .collect();
-        let procs = match settings.dagbag_procs {
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-            n => n,
-        };
         Self {
             envs: Arc::new(envs),
-            procs,
+            procs: crate::dagbag::procs(settings),
             timeout: settings.dagbag_timeout,
         }
     }
