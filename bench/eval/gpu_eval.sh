@@ -45,29 +45,10 @@ collect() {
   ls -la "$FINAL"
 }
 
-if [ "${RESUME:-0}" = 1 ]; then
-  cd "$W" || exit 1
-  RUN=$(basename "$(ls -d .dagfleet/artifacts/runs/*/ | head -1)")
-  "$BIN" --config dagfleet.toml up > up-resume.log 2>&1 &
-  UP=$!
-  # `up` with no spec serves the fleet; the run goes on from its state in JetStream.
-  timeout "${RUN_TIMEOUT:-560}" bash -c "until \"$BIN\" --config dagfleet.toml status $RUN --once 2>&1 | grep -qE '^run .*: (Done|Failed)'; do sleep 5; done"
-  "$BIN" --config dagfleet.toml status "$RUN" --once 2>&1 | tail -20 | tee "$OUT/run.txt"
-  kill "$UP"; wait "$UP"
-  collect
-  exit 0
-fi
-
-DAGS="$(cd "${1:?DAGS_DIR}" && pwd)"
-PROMPTS="$(readlink -f "${2:?PROMPTS}")"
-HELD="$(readlink -f "${3:?HELD_OUT}")"
-EPOCHS="${EPOCHS:-3}"; MAX_TOKENS="${MAX_TOKENS:-1536}"
-rm -rf "$W"; mkdir -p "$W"; cd "$W" || exit 1
-ln -s "$DAGS" dags
-"$NATS" -js -a 127.0.0.1 -p 4222 -sd "$W/nats" > nats.log 2>&1 &
-DAGFLEET_INFERENCE__DEVICE=cuda DAGFLEET_INFERENCE__ENGINE__MAX_BATCH=64 \
-  "$BIN" serve "$MODEL" --addr 127.0.0.1:8088 > serve.log 2>&1 &
-for _ in $(seq 1 120); do curl -sf 127.0.0.1:8088/health >/dev/null && break; sleep 0.5; done
+# nats-server (JetStream state under $W/nats survives between calls on a warm machine) and
+# the teacher; a device call's processes end with it, so each call starts them again.
+services() {
+  pgrep -x nats-server >/dev/null || services
 cat > dagfleet.toml <<TOML
 [providers.local]
 kind = "openai"
@@ -103,7 +84,7 @@ variants = 3
 chunk_rows = 100
 max_tokens = 400
 mode = "online"
-failures_per_dag = 1
+failures_per_dag = ${FAILURES:-0}
 [dataset]
 seed = 42
 splits = [0.9, 0.1, 0.0]

@@ -287,11 +287,29 @@ impl Agreement {
         }
     }
 
+    /// Of the rows the judge called valid, the share DagBag loads (precision of "valid").
+    pub fn precision(&self) -> f64 {
+        ratio(self.both_valid, self.both_valid + self.static_only_valid)
+    }
+
+    /// Of the rows DagBag loads, the share the judge called valid (recall of "valid").
+    pub fn recall(&self) -> f64 {
+        ratio(self.both_valid, self.both_valid + self.dagbag_only_valid)
+    }
+
     fn add(&mut self, o: &Agreement) {
         self.both_valid += o.both_valid;
         self.static_only_valid += o.static_only_valid;
         self.dagbag_only_valid += o.dagbag_only_valid;
         self.both_invalid += o.both_invalid;
+    }
+}
+
+fn ratio(a: usize, b: usize) -> f64 {
+    if b == 0 {
+        0.0
+    } else {
+        a as f64 / b as f64
     }
 }
 
@@ -441,14 +459,16 @@ impl Summary {
             }
             out.push_str(
                 "\n**Static judge vs DagBag**\n\n\
-                 | model | agree | both valid | judge valid, DagBag not | DagBag clean, judge not | both invalid |\n|---|---|---|---|---|---|\n",
+                 | model | agree | precision of valid | recall of valid | both valid | judge valid, DagBag not | DagBag clean, judge not | both invalid |\n|---|---|---|---|---|---|---|---|\n",
             );
             for (model, m) in &self.models {
                 if let Some(d) = &m.dagbag {
                     let a = &d.agreement;
                     out.push_str(&format!(
-                        "| {model} | {:.1}% | {} | {} | {} | {} |\n",
+                        "| {model} | {:.1}% | {:.1}% | {:.1}% | {} | {} | {} | {} |\n",
                         100.0 * a.rate(),
+                        100.0 * a.precision(),
+                        100.0 * a.recall(),
                         a.both_valid,
                         a.static_only_valid,
                         a.dagbag_only_valid,
