@@ -46,9 +46,41 @@ collect() {
 }
 
 # nats-server (JetStream state under $W/nats survives between calls on a warm machine) and
-# the teacher; a device call's processes end with it, so each call starts them again.
+# the teacher; a device call's processes may end with it, so each call starts what is missing.
 services() {
-  pgrep -x nats-server >/dev/null || services
+  pgrep -x nats-server >/dev/null || "$NATS" -js -a 127.0.0.1 -p 4222 -sd "$W/nats" >> nats.log 2>&1 &
+  if ! curl -sf 127.0.0.1:8088/health >/dev/null; then
+    DAGFLEET_INFERENCE__DEVICE=cuda DAGFLEET_INFERENCE__ENGINE__MAX_BATCH=64 \
+      "$BIN" serve "$MODEL" --addr 127.0.0.1:8088 >> serve.log 2>&1 &
+  fi
+  for _ in $(seq 1 120); do curl -sf 127.0.0.1:8088/health >/dev/null && break; sleep 0.5; done
+}
+
+if [ "${RESUME:-0}" = 1 ]; then
+  cd "$W" || exit 1
+  services
+  RUN=$(basename "$(ls -d .dagfleet/artifacts/runs/*/ | head -1)")
+  # A fleet left running by the last call (when the machine kept its processes) goes on.
+  UP=$(pgrep -f 'dagfleet.toml up' | head -1)
+  if [ -z "$UP" ]; then
+    "$BIN" --config dagfleet.toml up >> up-resume.log 2>&1 &
+    UP=$!
+  fi
+  # `up` with no spec serves the fleet; the run goes on from its state in JetStream.
+  timeout "${RUN_TIMEOUT:-540}" bash -c "until \"$BIN\" --config dagfleet.toml status $RUN --once 2>&1 | grep -qE '^run .*: (Done|Failed)'; do sleep 5; done"
+  "$BIN" --config dagfleet.toml status "$RUN" --once 2>&1 | tail -20 | tee "$OUT/run.txt"
+  kill "$UP" 2>/dev/null; wait "$UP" 2>/dev/null
+  collect
+  exit 0
+fi
+
+DAGS="$(cd "${1:?DAGS_DIR}" && pwd)"
+PROMPTS="$(readlink -f "${2:?PROMPTS}")"
+HELD="$(readlink -f "${3:?HELD_OUT}")"
+EPOCHS="${EPOCHS:-3}"; MAX_TOKENS="${MAX_TOKENS:-1536}"
+rm -rf "$W"; mkdir -p "$W"; cd "$W" || exit 1
+ln -s "$DAGS" dags
+services
 cat > dagfleet.toml <<TOML
 [providers.local]
 kind = "openai"
