@@ -6,8 +6,8 @@
 //! DAG(...)` bodies, and the bodies of `@dag` / `@task_group` functions at their call sites.
 //! `@task` function bodies run only when the task runs, so they are not followed.
 
+use crate::tree::Node;
 use std::collections::{HashMap, HashSet};
-use tree_sitter::Node;
 
 use crate::report::{Category, Dag, DagStyle, Finding, Import, Severity, Task};
 

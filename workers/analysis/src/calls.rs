@@ -11,8 +11,8 @@
 //!   method, a class-level name or a `self.x` assignment), on a name bound once to an
 //!   instance (`x = DAG(...)`, `with TaskGroup(...) as g`).
 
+use crate::tree::Node;
 use std::collections::{HashMap, HashSet};
-use tree_sitter::Node;
 
 use crate::analyze::{text, Scan};
 use crate::kb::Kb;

@@ -11,8 +11,8 @@
 //! Bodies that do not run at import (functions nobody calls there, `@task` bodies, lambdas)
 //! are not checked. A `*` import turns the check off.
 
+use crate::tree::Node;
 use std::collections::{HashMap, HashSet};
-use tree_sitter::Node;
 
 use crate::analyze::{is_load, is_operator_name, text, Scan, BUILTINS};
 use crate::report::{Category, Finding, Severity};

@@ -5,7 +5,7 @@
 //! An error whose node reaches the end of the text is reported as [`Category::Truncated`]:
 //! the generator ran out of tokens, which is not the same failure as bad code.
 
-use tree_sitter::Node;
+use crate::tree::Node;
 
 use crate::report::{Category, Finding, Severity};
 
