@@ -15,15 +15,18 @@
 #   bash bench/eval/gpu_eval.sh DAGS_DIR PROMPTS.jsonl HELD_OUT.jsonl
 # A run cut off by the call's time limit continues in the next call (same warm machine):
 #   RESUME=1 bash bench/eval/gpu_eval.sh
+# Knobs: EPOCHS (3), VARIANTS (3 instructions per DAG), MAX_TOKENS (1536), FAILURES (0
+# troubleshooting pairs per DAG), RUN_TIMEOUT (s), DEVICE (cuda; `cpu` for a smoke run here),
+# W (work dir, /root/eval), OUT (where eval.tgz goes).
 set -uo pipefail
 # $OUT gets one archive (a device call brings back at most 8 files): eval.tgz.
 FINAL="${OUT:-/tmp/out}"; mkdir -p "$FINAL"
-OUT=/root/eval-out; mkdir -p "$OUT"
+W="${W:-/root/eval}"
+OUT="$W-out"; mkdir -p "$OUT"
+DEVICE="${DEVICE:-cuda}"; NATS_PORT="${NATS_PORT:-4222}"; SERVE_PORT="${SERVE_PORT:-8088}"
 BIN="${BIN:-/root/dagfleet}"; NATS="${NATS:-/root/nats-server}"; MODEL="${MODEL:-/root/qwen05.gguf}"
 L=$(python3 -c 'import nvidia,os;print(os.path.join(list(nvidia.__path__)[0],"cu13","lib"))' 2>/dev/null)
 export LD_LIBRARY_PATH="$L:${LD_LIBRARY_PATH:-}"
-export DAGFLEET_PROVIDERS__LOCAL__API_KEY=local
-W=/root/eval
 
 collect() {
   cd "$W" || return
@@ -38,7 +41,8 @@ collect() {
   P=$(ls -d "$R"report/*/ 2>/dev/null | head -1)
   [ -n "$P" ] && cp "$P/report.md" "$OUT/run-report.md" 2>/dev/null
   cp "$R/manifest.json" "$OUT/" 2>/dev/null
-  tail -5 serve.log > "$OUT/serve-tail.txt"
+  tail -20 serve.log > "$OUT/serve-tail.txt"
+  grep -v "will be retried" up.log 2>/dev/null | tail -200 > "$OUT/up-tail.txt"
   wc -l "$OUT"/*.jsonl
   head -40 "$OUT/run-report.md" 2>/dev/null
   tar czf "$FINAL/eval.tgz" -C "$(dirname "$OUT")" "$(basename "$OUT")"
@@ -48,12 +52,22 @@ collect() {
 # nats-server (JetStream state under $W/nats survives between calls on a warm machine) and
 # the teacher; a device call's processes may end with it, so each call starts what is missing.
 services() {
-  pgrep -x nats-server >/dev/null || "$NATS" -js -a 127.0.0.1 -p 4222 -sd "$W/nats" >> nats.log 2>&1 &
-  if ! curl -sf 127.0.0.1:8088/health >/dev/null; then
-    DAGFLEET_INFERENCE__DEVICE=cuda DAGFLEET_INFERENCE__ENGINE__MAX_BATCH=64 \
-      "$BIN" serve "$MODEL" --addr 127.0.0.1:8088 >> serve.log 2>&1 &
+  # Each background process gets its own log as stdout: none may hold the caller's pipe.
+  if ! pgrep -f "nats-server.*-sd $W/nats" >/dev/null; then
+    "$NATS" -js -a 127.0.0.1 -p "$NATS_PORT" -sd "$W/nats" >> nats.log 2>&1 < /dev/null &
   fi
-  for _ in $(seq 1 120); do curl -sf 127.0.0.1:8088/health >/dev/null && break; sleep 0.5; done
+  if ! curl -sf 127.0.0.1:$SERVE_PORT/health >/dev/null; then
+    # `serve` reads no provider settings; the teacher's API key is only for `up`.
+    DAGFLEET_INFERENCE__DEVICE="$DEVICE" DAGFLEET_INFERENCE__ENGINE__MAX_BATCH=64 \
+      "$BIN" serve "$MODEL" --addr 127.0.0.1:$SERVE_PORT >> serve.log 2>&1 < /dev/null &
+  fi
+  for _ in $(seq 1 240); do curl -sf 127.0.0.1:$SERVE_PORT/health >/dev/null && break; sleep 0.5; done
+  if ! curl -sf 127.0.0.1:$SERVE_PORT/health >/dev/null; then
+    echo "the teacher (dagfleet serve) did not come up:" | tee "$OUT/run.txt"
+    tail -20 serve.log | tee -a "$OUT/run.txt"
+    collect
+    exit 1
+  fi
 }
 
 if [ "${RESUME:-0}" = 1 ]; then
@@ -63,7 +77,7 @@ if [ "${RESUME:-0}" = 1 ]; then
   # A fleet left running by the last call (when the machine kept its processes) goes on.
   UP=$(pgrep -f 'dagfleet.toml up' | head -1)
   if [ -z "$UP" ]; then
-    "$BIN" --config dagfleet.toml up >> up-resume.log 2>&1 &
+    DAGFLEET_PROVIDERS__LOCAL__API_KEY=local "$BIN" --config dagfleet.toml up >> up-resume.log 2>&1 < /dev/null &
     UP=$!
   fi
   # `up` with no spec serves the fleet; the run goes on from its state in JetStream.
@@ -80,18 +94,19 @@ HELD="$(readlink -f "${3:?HELD_OUT}")"
 EPOCHS="${EPOCHS:-3}"; MAX_TOKENS="${MAX_TOKENS:-1536}"
 rm -rf "$W"; mkdir -p "$W"; cd "$W" || exit 1
 ln -s "$DAGS" dags
-services
 cat > dagfleet.toml <<TOML
+[nats]
+url = "nats://127.0.0.1:$NATS_PORT"
 [providers.local]
 kind = "openai"
-base_url = "http://127.0.0.1:8088"
+base_url = "http://127.0.0.1:$SERVE_PORT"
 concurrency = 64
 timeout = "600s"
 batch = false
 [trainer]
-device = "cuda"
+device = "$DEVICE"
 [inference]
-device = "cuda"
+device = "$DEVICE"
 [inference.engine]
 max_batch = 128
 [up]
@@ -112,7 +127,7 @@ model = "$(basename "$MODEL")"
 provider = "file"
 model = "$MODEL"
 [synthesize]
-variants = 3
+variants = ${VARIANTS:-3}
 chunk_rows = 100
 max_tokens = 400
 mode = "online"
@@ -141,5 +156,12 @@ airflow_version = "2.10"
 [limits]
 deadline = "2h"
 TOML
-time timeout "${RUN_TIMEOUT:-560}" "$BIN" --config dagfleet.toml up --run spec.toml 2>&1 | tail -40 | tee "$OUT/run.txt"
+services
+# Output to a file, not a pipe: workers that outlive `up` must not keep this call open.
+DAGFLEET_PROVIDERS__LOCAL__API_KEY=local timeout -k 10 "${RUN_TIMEOUT:-560}" \
+  "$BIN" --config dagfleet.toml up --run spec.toml > up.log 2>&1 < /dev/null
+grep -v "will be retried" up.log | tail -30 > "$OUT/run.txt"
+RUN=$(basename "$(ls -d .dagfleet/artifacts/runs/*/ | head -1)")
+"$BIN" --config dagfleet.toml status "$RUN" --once >> "$OUT/run.txt" 2>&1
+cat "$OUT/run.txt"
 collect
