@@ -26,29 +26,43 @@ PACKAGES = [
     "apache-airflow-core==3.0.6",
     "apache-airflow-core==3.3.2",
     "apache-airflow-task-sdk==1.3.2",
-    # Providers at the release current when the index was built; the wheel names in the
-    # output record the versions.
-    "apache-airflow-providers-standard",
-    "apache-airflow-providers-common-sql",
-    "apache-airflow-providers-amazon",
-    "apache-airflow-providers-google",
-    "apache-airflow-providers-cncf-kubernetes",
-    "apache-airflow-providers-docker",
-    "apache-airflow-providers-http",
-    "apache-airflow-providers-postgres",
-    "apache-airflow-providers-mysql",
-    "apache-airflow-providers-sqlite",
-    "apache-airflow-providers-ssh",
-    "apache-airflow-providers-sftp",
-    "apache-airflow-providers-slack",
-    "apache-airflow-providers-snowflake",
-    "apache-airflow-providers-databricks",
-    "apache-airflow-providers-microsoft-azure",
-    "apache-airflow-providers-celery",
-    "apache-airflow-providers-smtp",
-    "apache-airflow-providers-dbt-cloud",
-    "apache-airflow-providers-apache-spark",
-    "apache-airflow-providers-openlineage",
+    # Providers at the release current when the index was first built.
+    "apache-airflow-providers-standard==1.21.0",
+    "apache-airflow-providers-common-sql==2.4.0",
+    "apache-airflow-providers-amazon==9.39.0",
+    "apache-airflow-providers-google==22.8.0",
+    "apache-airflow-providers-cncf-kubernetes==10.25.0",
+    "apache-airflow-providers-docker==4.6.1",
+    "apache-airflow-providers-http==6.3.0",
+    "apache-airflow-providers-postgres==7.1.1",
+    "apache-airflow-providers-mysql==6.7.1",
+    "apache-airflow-providers-sqlite==4.3.4",
+    "apache-airflow-providers-ssh==7.0.1",
+    "apache-airflow-providers-sftp==7.0.0",
+    "apache-airflow-providers-slack==9.11.1",
+    "apache-airflow-providers-snowflake==6.20.0",
+    "apache-airflow-providers-databricks==7.23.0",
+    "apache-airflow-providers-microsoft-azure==15.2.1",
+    "apache-airflow-providers-celery==3.26.0",
+    "apache-airflow-providers-smtp==3.2.0",
+    "apache-airflow-providers-dbt-cloud==4.11.1",
+    "apache-airflow-providers-apache-spark==6.3.4",
+    "apache-airflow-providers-openlineage==2.20.3",
+    # The releases DAGs for Airflow 2.10 import (tests/airflow-env.sh's eval set, the last
+    # provider releases of early 2025 to support 2.10): modules and constructor arguments
+    # that later releases renamed or dropped still exist there.
+    *(
+        "apache-airflow-providers-" + p
+        for p in """google==12.0.0 amazon==9.2.0 microsoft-azure==11.1.0 snowflake==6.0.0
+        databricks==7.0.0 cncf-kubernetes==10.1.0 docker==4.0.0 postgres==6.0.0 ssh==4.0.0
+        sftp==5.0.0 slack==9.0.0 dbt-cloud==4.0.0 mongo==5.0.0 redis==4.0.0
+        elasticsearch==6.0.0 celery==3.10.0 apache-kafka==1.7.0 trino==6.0.0 oracle==4.0.0
+        microsoft-mssql==4.0.0 airbyte==5.0.0 datadog==3.8.0 github==2.8.0 sendgrid==4.0.0
+        salesforce==5.9.0 opsgenie==5.7.0 pagerduty==4.0.0 tableau==5.0.0 papermill==3.9.0
+        jenkins==4.0.0 asana==2.8.0 telegram==4.7.0 common-sql==1.29.0 http==5.5.0
+        common-compat==1.9.0 common-io==1.6.5 fab==1.5.3 ftp==3.13.3 imap==3.9.4
+        smtp==2.3.2 sqlite==4.1.3""".split()
+    ),
 ]
 
 

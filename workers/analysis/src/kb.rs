@@ -8,7 +8,7 @@
 use serde::Deserialize;
 use std::collections::{HashMap, HashSet};
 use std::io::Read;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock, RwLock};
 
 #[derive(Deserialize)]
 struct Raw {
@@ -84,6 +84,7 @@ pub struct Kb {
     provider_roots: Vec<String>,
     classes: HashMap<String, Class>,
     reexports: HashMap<String, String>,
+    signatures: RwLock<HashMap<String, Option<Arc<Signature>>>>,
 }
 
 /// What the index says about an import.
@@ -129,6 +130,7 @@ impl Kb {
                 provider_roots,
                 classes: raw.classes,
                 reexports: raw.reexports,
+                signatures: RwLock::default(),
                 modules: raw
                     .modules
                     .into_iter()
@@ -163,10 +165,11 @@ impl Kb {
         }
         if let Some(rest) = module.strip_prefix("airflow.providers.") {
             let _ = rest;
-            return self
-                .provider_roots
-                .iter()
-                .any(|r| module == r || module.starts_with(&format!("{r}.")));
+            return self.provider_roots.iter().any(|r| {
+                module
+                    .strip_prefix(r.as_str())
+                    .is_some_and(|t| t.is_empty() || t.starts_with('.'))
+            });
         }
         true
     }
@@ -232,11 +235,36 @@ impl Kb {
     }
 
     /// What the constructor of class `path` accepts, if the index can tell.
-    pub fn signature(&self, path: &str) -> Option<Signature> {
+    pub fn signature(&self, path: &str) -> Option<Arc<Signature>> {
+        // Every operator call asks; the answer per class is computed once per process.
+        if let Some(s) = self
+            .signatures
+            .read()
+            .ok()
+            .and_then(|m| m.get(path).cloned())
+        {
+            return s;
+        }
+        let s = self.compute_signature(path).map(Arc::new);
+        if let Ok(mut m) = self.signatures.write() {
+            m.insert(path.to_string(), s.clone());
+        }
+        s
+    }
+
+    fn compute_signature(&self, path: &str) -> Option<Signature> {
         let chain = self.chain(path)?;
         let mut accepted = HashSet::new();
         let mut required: Option<HashSet<String>> = None;
-        for (name, c) in &chain {
+        // An operator's keyword arguments go up its operator bases to BaseOperator; mixins
+        // (`SkipMixin`, `LoggingMixin`, ...) come after them in Python's method order, so
+        // their constructors never see the call. The index keeps bases unordered, so the
+        // mixins are told apart by their ancestry.
+        let operator = self.derives_from_base_operator(path, 0);
+        for (name, c) in chain
+            .iter()
+            .filter(|(n, _)| !operator || self.derives_from_base_operator(n, 0))
+        {
             if let Some(p) = &c.params {
                 accepted.extend(p.iter().cloned());
                 if required.is_none() {
@@ -253,6 +281,19 @@ impl Kb {
             }
         }
         None
+    }
+
+    /// Whether class `path` is `BaseOperator` or derives from it.
+    fn derives_from_base_operator(&self, path: &str, depth: usize) -> bool {
+        if path.ends_with(".BaseOperator") {
+            return true;
+        }
+        depth < 32
+            && self.classes.get(path).is_some_and(|c| {
+                c.bases
+                    .iter()
+                    .any(|b| self.derives_from_base_operator(b, depth + 1))
+            })
     }
 
     /// Whether `attr` exists on instances of class `path`; `None` when the index cannot tell.
@@ -348,10 +389,10 @@ mod tests {
         // where it is not installed.
         assert_eq!(
             kb.lookup(
-                "airflow.providers.opsgenie.hooks.opsgenie",
-                Some("OpsgenieAlertHook")
+                "airflow.providers.zendesk.hooks.zendesk",
+                Some("ZendeskHook")
             ),
-            Lookup::OtherProvider("opsgenie".into())
+            Lookup::OtherProvider("zendesk".into())
         );
         assert!(!kb.in_major("airflow.sdk", 2) && kb.in_major("airflow.sdk", 3));
         assert!(kb.in_major("airflow.operators.bash", 2));
@@ -363,6 +404,15 @@ mod tests {
         }
         assert!(!sig.accepted.contains("shell"));
         assert!(sig.required.contains("bash_command"));
+        // Mixin constructors (SkipMixin -> LoggingMixin takes only `context`) are not where
+        // an operator's arguments go.
+        let (branch, _) = kb
+            .class("airflow.operators.python", "BranchPythonOperator")
+            .unwrap();
+        let sig = kb.signature(branch).unwrap();
+        for k in ["task_id", "python_callable", "op_args", "retries"] {
+            assert!(sig.accepted.contains(k), "{k}");
+        }
         // The 2.x import path re-exports the same class.
         let (old, _) = kb
             .class("airflow.operators.bash_operator", "BashOperator")
