@@ -109,7 +109,10 @@ const TEST_NAMES: &[&str] = &["get_test_run", "get_test_env_id", "watcher"];
 fn matches(path: &str, imp: &Import) -> bool {
     match path.split_once(':') {
         Some((module, name)) => imp.module == module && imp.name.as_deref() == Some(name),
-        None => imp.module == path || imp.module.starts_with(&format!("{path}.")),
+        None => imp
+            .module
+            .strip_prefix(path)
+            .is_some_and(|t| t.is_empty() || t.starts_with('.')),
     }
 }
 
