@@ -83,10 +83,11 @@ impl Tree {
         let raw = |c: &tree_sitter::TreeCursor<'_>, parent: u32, prev: u32| {
             let n = c.node();
             let p = n.start_position();
-            let flags = (n.is_named() as u8) * NAMED
-                | (n.is_error() as u8) * ERROR
-                | (n.is_missing() as u8) * MISSING
-                | (n.has_error() as u8) * HAS_ERROR;
+            let bit = |on: bool, b: u8| if on { b } else { 0 };
+            let flags = bit(n.is_named(), NAMED)
+                | bit(n.is_error(), ERROR)
+                | bit(n.is_missing(), MISSING)
+                | bit(n.has_error(), HAS_ERROR);
             Raw {
                 kind: n.kind_id(),
                 field: c.field_id().map_or(0, |f| f.get()),
