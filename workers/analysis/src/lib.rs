@@ -12,6 +12,8 @@
 //! imports, deprecated imports for a target Airflow version, and imports of internal test code.
 //!
 //! # Layout
+//! - `tree`: the parse tree flattened once per file into a reused arena; every check walks
+//!   it (index lookups) rather than tree-sitter's own nodes.
 //! - [`report`]: the report types.
 //! - `syntax`: syntax findings from the tree (grammar rules CPython enforces).
 //! - `tokens`: what CPython's tokenizer rejects (indentation, brackets, characters,
