@@ -42,7 +42,7 @@ collect() {
   [ -n "$P" ] && cp "$P/report.md" "$OUT/run-report.md" 2>/dev/null
   cp "$R/manifest.json" "$OUT/" 2>/dev/null
   tail -20 serve.log > "$OUT/serve-tail.txt"
-  grep -v "will be retried" up.log 2>/dev/null | tail -200 > "$OUT/up-tail.txt"
+  cat up.log up-resume.log 2>/dev/null | grep -v "will be retried" | tail -200 > "$OUT/up-tail.txt"
   wc -l "$OUT"/*.jsonl
   head -40 "$OUT/run-report.md" 2>/dev/null
   tar czf "$FINAL/eval.tgz" -C "$(dirname "$OUT")" "$(basename "$OUT")"
