@@ -4,6 +4,7 @@
 //! Overload answers 429 with `retry-after` at once; a client that disconnects mid-stream
 //! drops its channel, and the engine frees its slot at the next token boundary.
 
+use axum::extract::rejection::JsonRejection;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -75,6 +76,25 @@ struct Common {
 }
 
 impl Common {
+    /// Sampling settings outside what OpenAI accepts are refused, naming the field and its
+    /// range, rather than sampled with.
+    fn validate(&self) -> Result<(), String> {
+        if let Some(t) = self.temperature {
+            if !(0.0..=2.0).contains(&t) {
+                return Err(format!("temperature {t} is out of range: 0 to 2"));
+            }
+        }
+        if let Some(p) = self.top_p {
+            if !(p > 0.0 && p <= 1.0) {
+                return Err(format!("top_p {p} is out of range: above 0, at most 1"));
+            }
+        }
+        if let Some(0) = self.max_completion_tokens.or(self.max_tokens) {
+            return Err("max_tokens must be at least 1".into());
+        }
+        Ok(())
+    }
+
     fn params(&self) -> GenParams {
         GenParams {
             max_tokens: self
@@ -122,6 +142,18 @@ fn error(status: StatusCode, kind: &str, message: String) -> Response {
     }
     r
 }
+
+/// A body that is not JSON of the request's shape gets OpenAI's error JSON, not axum's text.
+fn bad_body(r: JsonRejection) -> Response {
+    error(
+        StatusCode::BAD_REQUEST,
+        "invalid_request_error",
+        r.body_text(),
+    )
+}
+
+/// Roles the chat template knows.
+const ROLES: [&str; 3] = ["system", "user", "assistant"];
 
 fn infer_error(e: InferError) -> Response {
     match e {
@@ -209,7 +241,14 @@ fn sse(
     Sse::new(s).keep_alive(KeepAlive::default())
 }
 
-async fn chat(State(engine): State<Engine>, Json(body): Json<ChatBody>) -> Response {
+async fn chat(
+    State(engine): State<Engine>,
+    body: Result<Json<ChatBody>, JsonRejection>,
+) -> Response {
+    let body = match body {
+        Ok(Json(b)) => b,
+        Err(r) => return bad_body(r),
+    };
     if let Some(r) = check_model(&engine, &body.common) {
         return r;
     }
@@ -219,6 +258,25 @@ async fn chat(State(engine): State<Engine>, Json(body): Json<ChatBody>) -> Respo
             "invalid_request_error",
             "messages must not be empty".into(),
         );
+    }
+    if let Some((i, m)) = body
+        .messages
+        .iter()
+        .enumerate()
+        .find(|(_, m)| !ROLES.contains(&m.role.as_str()))
+    {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            format!(
+                "messages[{i}].role `{}` is not one of {}",
+                m.role,
+                ROLES.join(", ")
+            ),
+        );
+    }
+    if let Err(m) = body.common.validate() {
+        return error(StatusCode::BAD_REQUEST, "invalid_request_error", m);
     }
     let mut rx = match engine.submit_chat(&body.messages, body.common.params()) {
         Ok(rx) => rx,
@@ -256,9 +314,19 @@ async fn chat(State(engine): State<Engine>, Json(body): Json<ChatBody>) -> Respo
     }
 }
 
-async fn completions(State(engine): State<Engine>, Json(body): Json<CompletionBody>) -> Response {
+async fn completions(
+    State(engine): State<Engine>,
+    body: Result<Json<CompletionBody>, JsonRejection>,
+) -> Response {
+    let body = match body {
+        Ok(Json(b)) => b,
+        Err(r) => return bad_body(r),
+    };
     if let Some(r) = check_model(&engine, &body.common) {
         return r;
+    }
+    if let Err(m) = body.common.validate() {
+        return error(StatusCode::BAD_REQUEST, "invalid_request_error", m);
     }
     let ids = match engine.codec().encode(&body.prompt) {
         Ok(i) => i,

@@ -193,3 +193,54 @@ async fn overload_answers_429_at_once_and_disconnects_free_their_slot() {
     assert_eq!(e.stats.disconnected.load(Ordering::Relaxed), 1);
     assert!(e.stats.generated_tokens.load(Ordering::Relaxed) < 4000);
 }
+
+#[tokio::test]
+async fn bad_requests_get_openai_error_json_naming_the_field() {
+    let (url, engine) = start(EngineConfig::default()).await;
+    let c = reqwest::Client::new();
+    let msg = json!([{"role": "user", "content": "hi"}]);
+    let cases = [
+        (json!({"messages": msg, "temperature": -5}), "temperature"),
+        (json!({"messages": msg, "top_p": 7}), "top_p"),
+        (json!({"messages": msg, "max_tokens": 0}), "max_tokens"),
+        (
+            json!({"messages": [{"role": "wizard", "content": "hi"}]}),
+            "messages[0].role",
+        ),
+        (json!({"messages": "not a list"}), "messages"),
+        (json!({"max_tokens": 4}), "messages"),
+    ];
+    for (body, field) in cases {
+        let r = c
+            .post(format!("{url}/v1/chat/completions"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{body}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error"]["type"], "invalid_request_error", "{body}: {v}");
+        let m = v["error"]["message"].as_str().unwrap();
+        assert!(m.contains(field), "{body}: {m}");
+    }
+    // Not JSON at all, and a completion with a bad setting.
+    let r = c
+        .post(format!("{url}/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "invalid_request_error");
+    let r = c
+        .post(format!("{url}/v1/completions"))
+        .json(&json!({"prompt": "x", "temperature": 3}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    // Nothing refused reached the engine.
+    assert_eq!(engine.stats.requests.load(Ordering::Relaxed), 0);
+}
