@@ -428,6 +428,8 @@ fn schedule(
             }
             !gone
         });
+        // The gauge follows at once: with nobody left, the loop next blocks for a request.
+        stats.running.store(running.len(), Ordering::Relaxed);
         if running.is_empty() {
             continue;
         }
@@ -447,6 +449,7 @@ fn schedule(
                         .events
                         .send(GenEvent::Error(format!("decode failed: {e}")));
                 }
+                stats.running.store(0, Ordering::Relaxed);
                 continue;
             }
         };

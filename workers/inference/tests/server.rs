@@ -244,3 +244,46 @@ async fn bad_requests_get_openai_error_json_naming_the_field() {
     // Nothing refused reached the engine.
     assert_eq!(engine.stats.requests.load(Ordering::Relaxed), 0);
 }
+
+#[tokio::test]
+async fn a_lone_disconnect_brings_the_running_gauge_back_to_zero() {
+    let (url, e) = start(EngineConfig::default()).await;
+    let c = reqwest::Client::new();
+    let mut resp = c
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&json!({
+            "messages": [{"role": "user", "content": "Write a very long story about a dragon."}],
+            "max_tokens": 4000, "temperature": 0, "stream": true,
+        }))
+        .send()
+        .await
+        .unwrap();
+    resp.chunk().await.unwrap().unwrap();
+    drop(resp);
+    let t0 = Instant::now();
+    while e.stats.disconnected.load(Ordering::Relaxed) == 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the disconnect was never seen"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // With nobody else waiting the engine idles; its gauges must say so (it used to keep
+    // `running 1` while blocked waiting for the next request).
+    while e.stats.running.load(Ordering::Relaxed) != 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "running stayed at 1"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let h: Value = c
+        .get(format!("{url}/health"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(h["running"], 0, "{h}");
+}
