@@ -163,7 +163,11 @@ fn infer_error(e: InferError) -> Response {
     }
 }
 
-fn check_model(engine: &Engine, c: &Common) -> Option<Response> {
+/// The settings every endpoint shares: the model it names and the sampling ranges.
+fn check_common(engine: &Engine, c: &Common) -> Option<Response> {
+    if let Err(m) = c.validate() {
+        return Some(error(StatusCode::BAD_REQUEST, "invalid_request_error", m));
+    }
     match &c.model {
         Some(m) if !m.is_empty() && *m != engine.model_name => Some(error(
             StatusCode::NOT_FOUND,
@@ -249,7 +253,7 @@ async fn chat(
         Ok(Json(b)) => b,
         Err(r) => return bad_body(r),
     };
-    if let Some(r) = check_model(&engine, &body.common) {
+    if let Some(r) = check_common(&engine, &body.common) {
         return r;
     }
     if body.messages.is_empty() {
@@ -274,9 +278,6 @@ async fn chat(
                 ROLES.join(", ")
             ),
         );
-    }
-    if let Err(m) = body.common.validate() {
-        return error(StatusCode::BAD_REQUEST, "invalid_request_error", m);
     }
     let mut rx = match engine.submit_chat(&body.messages, body.common.params()) {
         Ok(rx) => rx,
@@ -322,11 +323,8 @@ async fn completions(
         Ok(Json(b)) => b,
         Err(r) => return bad_body(r),
     };
-    if let Some(r) = check_model(&engine, &body.common) {
+    if let Some(r) = check_common(&engine, &body.common) {
         return r;
-    }
-    if let Err(m) = body.common.validate() {
-        return error(StatusCode::BAD_REQUEST, "invalid_request_error", m);
     }
     let ids = match engine.codec().encode(&body.prompt) {
         Ok(i) => i,
