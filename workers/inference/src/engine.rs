@@ -82,6 +82,8 @@ pub enum GenEvent {
     Done(String, GenStats),
     /// It failed.
     Error(String),
+    /// It ran past the engine's deadline; the text so far was streamed as deltas.
+    Deadline(String),
 }
 
 pub use dagfleet_runtime::config::EngineConfig;
@@ -105,6 +107,39 @@ pub struct EngineStats {
     pub waiting: AtomicUsize,
     /// Decode steps run.
     pub steps: AtomicU64,
+    /// Sequences whose prompt is being prefilled now.
+    pub prefilling: AtomicUsize,
+    /// Prefill chunks run.
+    pub prefill_chunks: AtomicU64,
+    /// Requests ended by the deadline.
+    pub expired: AtomicU64,
+    /// When the scheduler last finished a step (prefill chunk or decode), milliseconds
+    /// since the engine started; `/health` compares it with the clock.
+    pub last_step_ms: AtomicU64,
+    /// When the engine started.
+    pub started: std::sync::OnceLock<Instant>,
+}
+
+impl EngineStats {
+    /// Milliseconds since the last finished step, when the engine has work (sequences
+    /// running or prefilling, requests waiting); `None` when it is idle.
+    pub fn busy_for_ms(&self) -> Option<u64> {
+        let work = self.running.load(Ordering::Relaxed)
+            + self.prefilling.load(Ordering::Relaxed)
+            + self.waiting.load(Ordering::Relaxed);
+        if work == 0 {
+            return None;
+        }
+        let now = self.started.get()?.elapsed().as_millis() as u64;
+        Some(now.saturating_sub(self.last_step_ms.load(Ordering::Relaxed)))
+    }
+
+    fn stepped(&self) {
+        if let Some(t) = self.started.get() {
+            self.last_step_ms
+                .store(t.elapsed().as_millis() as u64, Ordering::Relaxed);
+        }
+    }
 }
 
 struct Job {
@@ -117,6 +152,8 @@ struct Job {
 struct Seq {
     job: Job,
     slot: usize,
+    /// Prompt tokens prefilled so far; the sequence decodes once all are.
+    pos: usize,
     sampler: LogitsProcessor,
     out: Vec<u32>,
     next: u32,
@@ -158,6 +195,7 @@ impl Engine {
     pub fn start(model: Model, codec: TextCodec, cfg: EngineConfig, model_name: String) -> Self {
         let (tx, rx) = std::sync::mpsc::channel::<Job>();
         let stats = Arc::new(EngineStats::default());
+        let _ = stats.started.set(Instant::now());
         let codec = Arc::new(codec);
         let context = model.cfg.context;
         let (s, c, k) = (stats.clone(), codec.clone(), cfg.clone());
@@ -270,6 +308,7 @@ pub async fn collect(
             GenEvent::Delta(_) => {}
             GenEvent::Done(text, stats) => return Ok((text, stats)),
             GenEvent::Error(e) => return Err(InferError::Model(e)),
+            GenEvent::Deadline(e) => return Err(InferError::Deadline(e)),
         }
     }
     Err(InferError::Model("the engine dropped the request".into()))
@@ -313,8 +352,18 @@ fn schedule(
     stats: Arc<EngineStats>,
 ) {
     let mut waiting: VecDeque<Job> = VecDeque::new();
+    // Admitted sequences: prefilling (pos < prompt) and decoding.
     let mut running: Vec<Seq> = Vec::new();
     let context = model.cfg.context;
+    let chunk = cfg.prefill_chunk.max(1);
+    let deadline = (!cfg.deadline.is_zero()).then_some(cfg.deadline);
+    let expired = |submitted: Instant| deadline.is_some_and(|d| submitted.elapsed() > d);
+    let expire_msg = || {
+        format!(
+            "the request ran past the engine's deadline of {:?} (inference.engine.deadline)",
+            cfg.deadline
+        )
+    };
     let mut kv: BatchKv = match model.new_kv(cfg.max_batch.min(8), 256) {
         Ok(kv) => kv,
         Err(e) => {
@@ -333,8 +382,14 @@ fn schedule(
             .max(extra);
         (running.len() + 1) * longest
     };
+    let gauges = |running: &[Seq]| {
+        let pre = running.iter().filter(|s| s.pos < s.job.prompt.len()).count();
+        stats.prefilling.store(pre, Ordering::Relaxed);
+        stats.running.store(running.len() - pre, Ordering::Relaxed);
+    };
     loop {
         if running.is_empty() && waiting.is_empty() {
+            stats.stepped();
             match rx.recv() {
                 Ok(j) => waiting.push_back(j),
                 Err(_) => return,
@@ -343,7 +398,22 @@ fn schedule(
         while let Ok(j) = rx.try_recv() {
             waiting.push_back(j);
         }
-        // Admit at this token boundary.
+        // Requests that left or expired while they waited.
+        waiting.retain(|j| {
+            let gone = j.events.is_closed();
+            let late = !gone && expired(j.submitted);
+            if gone || late {
+                stats.waiting.fetch_sub(1, Ordering::Relaxed);
+                if gone {
+                    stats.disconnected.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    stats.expired.fetch_add(1, Ordering::Relaxed);
+                    let _ = j.events.send(GenEvent::Deadline(expire_msg()));
+                }
+            }
+            !(gone || late)
+        });
+        // Admit at this token boundary; the prompt is prefilled in the steps that follow.
         while running.len() < cfg.max_batch {
             let Some(front) = waiting.front() else { break };
             let need = (front.prompt.len() + front.params.max_tokens as usize).min(context);
@@ -354,10 +424,6 @@ fn schedule(
                 break;
             };
             stats.waiting.fetch_sub(1, Ordering::Relaxed);
-            if job.events.is_closed() {
-                stats.disconnected.fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
             let slot = match kv.alloc().and_then(|s| kv.reserve(need).map(|_| s)) {
                 Ok(s) => s,
                 Err(e) => {
@@ -367,38 +433,15 @@ fn schedule(
                     continue;
                 }
             };
-            let logits = match model.prefill(&mut kv, slot, &job.prompt) {
-                Ok(l) => l,
-                Err(e) => {
-                    kv.release(slot);
-                    let _ = job
-                        .events
-                        .send(GenEvent::Error(format!("prefill failed: {e}")));
-                    continue;
-                }
-            };
-            stats
-                .prompt_tokens
-                .fetch_add(job.prompt.len() as u64, Ordering::Relaxed);
-            let mut s = sampler(&job.params);
-            let next = match s.sample(&logits) {
-                Ok(t) => t,
-                Err(e) => {
-                    kv.release(slot);
-                    let _ = job
-                        .events
-                        .send(GenEvent::Error(format!("sampling failed: {e}")));
-                    continue;
-                }
-            };
             let max_new = (job.params.max_tokens as usize).min(context - job.prompt.len());
             let now = Instant::now();
-            let mut seq = Seq {
+            running.push(Seq {
+                sampler: sampler(&job.params),
                 job,
                 slot,
-                sampler: s,
+                pos: 0,
                 out: Vec::new(),
-                next,
+                next: 0,
                 emitted: 0,
                 first_at: None,
                 last_at: now,
@@ -408,55 +451,118 @@ fn schedule(
                 prefix_offset: 0,
                 read_offset: 0,
                 searched: 0,
-            };
-            if accept(&codec, &mut seq, &stats) {
-                kv.release(seq.slot);
-            } else {
-                running.push(seq);
-            }
+            });
         }
-        stats.running.store(running.len(), Ordering::Relaxed);
-        if running.is_empty() {
-            continue;
-        }
-        // Drop sequences whose client went away.
+        // Drop sequences whose client went away or whose deadline passed.
         running.retain(|s| {
             let gone = s.job.events.is_closed();
+            let late = !gone && expired(s.job.submitted);
             if gone {
                 stats.disconnected.fetch_add(1, Ordering::Relaxed);
+            } else if late {
+                stats.expired.fetch_add(1, Ordering::Relaxed);
+                let _ = s.job.events.send(GenEvent::Deadline(expire_msg()));
+            }
+            if gone || late {
                 kv.release(s.slot);
             }
-            !gone
+            !(gone || late)
         });
-        // The gauge follows at once: with nobody left, the loop next blocks for a request.
-        stats.running.store(running.len(), Ordering::Relaxed);
+        // The gauges follow at once: with nobody left, the loop next blocks for a request.
+        gauges(&running);
         if running.is_empty() {
             continue;
         }
-        // One decode step for every running sequence.
-        let tokens: Vec<u32> = running.iter().map(|s| s.next).collect();
-        let slots: Vec<usize> = running.iter().map(|s| s.slot).collect();
+        // Prefill: up to `chunk` prompt tokens this step, shortest remaining prompt first,
+        // so a short request is not held behind a long one and decoding goes on between
+        // a long prompt's chunks.
+        let mut order: Vec<usize> = (0..running.len())
+            .filter(|&i| running[i].pos < running[i].job.prompt.len())
+            .collect();
+        order.sort_by_key(|&i| running[i].job.prompt.len() - running[i].pos);
+        let mut budget = chunk;
+        let mut finished = Vec::new();
+        for i in order {
+            if budget == 0 {
+                break;
+            }
+            let s = &mut running[i];
+            let n = (s.job.prompt.len() - s.pos).min(budget);
+            let last = s.pos + n == s.job.prompt.len();
+            let r = model.prefill_chunk(&mut kv, s.slot, &s.job.prompt[s.pos..s.pos + n], last);
+            stats.prefill_chunks.fetch_add(1, Ordering::Relaxed);
+            stats.stepped();
+            budget -= n;
+            let logits = match r {
+                Ok(l) => l,
+                Err(e) => {
+                    let _ = s
+                        .job
+                        .events
+                        .send(GenEvent::Error(format!("prefill failed: {e}")));
+                    finished.push(i);
+                    continue;
+                }
+            };
+            s.pos += n;
+            stats.prompt_tokens.fetch_add(n as u64, Ordering::Relaxed);
+            let Some(logits) = logits else { continue };
+            match s.sampler.sample(&logits) {
+                Ok(t) => s.next = t,
+                Err(e) => {
+                    let _ = s
+                        .job
+                        .events
+                        .send(GenEvent::Error(format!("sampling failed: {e}")));
+                    finished.push(i);
+                    continue;
+                }
+            }
+            if accept(&codec, s, &stats) {
+                finished.push(i);
+            }
+        }
+        finished.sort_unstable();
+        for i in finished.into_iter().rev() {
+            let s = running.swap_remove(i);
+            kv.release(s.slot);
+        }
+        gauges(&running);
+        // One decode step for every sequence whose prompt is in.
+        let ready: Vec<usize> = (0..running.len())
+            .filter(|&i| running[i].pos == running[i].job.prompt.len())
+            .collect();
+        if ready.is_empty() {
+            continue;
+        }
+        let tokens: Vec<u32> = ready.iter().map(|&i| running[i].next).collect();
+        let slots: Vec<usize> = ready.iter().map(|&i| running[i].slot).collect();
         let result = model.decode(&mut kv, &slots, &tokens);
         stats.steps.fetch_add(1, Ordering::Relaxed);
+        stats.stepped();
         let logits = match result {
             Ok(l) => l,
             Err(e) => {
                 warn!(error = %e, "decode step failed; failing its sequences");
-                for s in running.drain(..) {
+                for &i in ready.iter().rev() {
+                    let s = running.swap_remove(i);
                     kv.release(s.slot);
                     let _ = s
                         .job
                         .events
                         .send(GenEvent::Error(format!("decode failed: {e}")));
                 }
-                stats.running.store(0, Ordering::Relaxed);
+                gauges(&running);
                 continue;
             }
         };
         let mut finished = Vec::new();
         // Greedy rows take one batched argmax on the device and one small copy, instead of
         // copying every row's full vocabulary to the host.
-        let argmax: Option<Vec<u32>> = if running.iter().any(|s| s.job.params.temperature <= 0.0) {
+        let argmax: Option<Vec<u32>> = if ready
+            .iter()
+            .any(|&i| running[i].job.params.temperature <= 0.0)
+        {
             logits
                 .argmax(candle_core::D::Minus1)
                 .and_then(|a| a.to_vec1::<u32>())
@@ -464,9 +570,10 @@ fn schedule(
         } else {
             None
         };
-        for (i, s) in running.iter_mut().enumerate() {
+        for (row, &i) in ready.iter().enumerate() {
+            let s = &mut running[i];
             if s.job.params.temperature <= 0.0 {
-                if let Some(t) = argmax.as_ref().and_then(|a| a.get(i)) {
+                if let Some(t) = argmax.as_ref().and_then(|a| a.get(row)) {
                     s.next = *t;
                     if accept(&codec, s, &stats) {
                         finished.push(i);
@@ -474,7 +581,7 @@ fn schedule(
                     continue;
                 }
             }
-            let row = match logits.get(i) {
+            let logits_row = match logits.get(row) {
                 Ok(r) => r,
                 Err(e) => {
                     let _ = s.job.events.send(GenEvent::Error(e.to_string()));
@@ -482,7 +589,7 @@ fn schedule(
                     continue;
                 }
             };
-            match s.sampler.sample(&row) {
+            match s.sampler.sample(&logits_row) {
                 Ok(t) => s.next = t,
                 Err(e) => {
                     let _ = s.job.events.send(GenEvent::Error(e.to_string()));
@@ -498,7 +605,7 @@ fn schedule(
             let s = running.swap_remove(i);
             kv.release(s.slot);
         }
-        stats.running.store(running.len(), Ordering::Relaxed);
+        gauges(&running);
     }
 }
 

@@ -887,21 +887,56 @@ impl Model {
         slot: usize,
         tokens: &[u32],
     ) -> candle_core::Result<Tensor> {
-        let t = tokens.len();
         if kv.len(slot) != 0 {
             candle_core::bail!("slot {slot} is not empty");
         }
-        kv.reserve(t)?;
+        match self.prefill_chunk(kv, slot, tokens, true)? {
+            Some(l) => Ok(l),
+            None => candle_core::bail!("prefill of slot {slot} returned no logits"),
+        }
+    }
+
+    /// Appends `tokens` to what `slot` already holds (positions `kv.len(slot)..`), attending
+    /// over the slot's cached prefix and causally within the chunk, so a long prompt can be
+    /// prefilled a chunk at a time: the attention scores are `[heads, chunk, prefix + chunk]`,
+    /// never `[heads, prompt, prompt]`. With `logits`, returns those of the chunk's last
+    /// position, `[vocab]` in f32.
+    pub fn prefill_chunk(
+        &self,
+        kv: &mut BatchKv,
+        slot: usize,
+        tokens: &[u32],
+        logits: bool,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let t = tokens.len();
+        if t == 0 {
+            candle_core::bail!("an empty prefill chunk for slot {slot}");
+        }
+        let start = kv.len(slot);
+        let total = start + t;
+        if total > self.cos.dim(0)? {
+            candle_core::bail!(
+                "slot {slot} would hold {total} tokens; the model's positions end at {}",
+                self.cos.dim(0)?
+            );
+        }
+        kv.reserve(total)?;
         let ids = Tensor::new(tokens, &self.device)?;
         let mut x = self.embed.lookup(&ids, self.dtype)?.unsqueeze(0)?; // [1, t, hidden]
-        let cos = self.cos.narrow(0, 0, t)?;
-        let sin = self.sin.narrow(0, 0, t)?;
+        let cos = self.cos.narrow(0, start, t)?;
+        let sin = self.sin.narrow(0, start, t)?;
         let (h, kvh, d) = (self.cfg.heads, self.cfg.kv_heads, self.cfg.head_dim);
         let rep = h / kvh;
+        // Row i of the chunk (position start + i) sees keys 0..=start + i.
         let causal: Vec<f32> = (0..t)
-            .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+            .flat_map(|i| {
+                (0..total).map(move |j| if j > start + i { f32::NEG_INFINITY } else { 0.0 })
+            })
             .collect();
-        let mask = Tensor::from_vec(causal, (1, 1, 1, t, t), &self.device)?;
+        let mask = Tensor::from_vec(causal, (1, 1, 1, t, total), &self.device)?;
+        let mask = mask
+            .broadcast_as((1, kvh, rep, t, total))?
+            .reshape((1, kvh, rep * t, total))?;
         for (l, layer) in self.layers.iter().enumerate() {
             let r = x.clone();
             let xn = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.cfg.eps as f32)?;
@@ -923,21 +958,25 @@ impl Model {
             let q = self.rope(&q, &cos, &sin)?; // [1, h, t, d]
             let k = self.rope(&k, &cos, &sin)?; // [1, kvh, t, d]
             let v = v.contiguous()?;
-            // Into the slot's rows: [t, kvh * d] at row slot * cap.
+            // Into the slot's rows: [t, kvh * d] at row slot * cap + start.
             let rows = |x: &Tensor| x.transpose(1, 2)?.contiguous()?.reshape((t, kvh * d));
             let flat = |c: &Tensor| c.reshape((kv.slots * kv.cap, kv.width));
-            flat(&kv.k[l])?.slice_set(&rows(&k)?, 0, slot * kv.cap)?;
-            flat(&kv.v[l])?.slice_set(&rows(&v)?, 0, slot * kv.cap)?;
+            flat(&kv.k[l])?.slice_set(&rows(&k)?, 0, slot * kv.cap + start)?;
+            flat(&kv.v[l])?.slice_set(&rows(&v)?, 0, slot * kv.cap + start)?;
+            // A fresh slot attends over the chunk itself; a continued one over its cache.
+            let (kk, vv) = if start == 0 {
+                (k, v)
+            } else {
+                let past = |c: &Tensor| -> candle_core::Result<Tensor> {
+                    c.i((slot, 0..total, ..))?
+                        .reshape((1, total, kvh, d))?
+                        .transpose(1, 2)?
+                        .contiguous()
+                };
+                (past(&kv.k[l])?, past(&kv.v[l])?)
+            };
             let q = q.reshape((1, kvh, rep * t, d))?;
-            let att = self.sdpa(
-                &q,
-                &k,
-                &v,
-                &mask
-                    .reshape((1, 1, 1, t, t))?
-                    .broadcast_as((1, kvh, rep, t, t))?
-                    .reshape((1, kvh, rep * t, t))?,
-            )?;
+            let att = self.sdpa(&q, &kk, &vv, &mask)?;
             let y = att
                 .reshape((1, h, t, d))?
                 .transpose(1, 2)?
@@ -945,13 +984,18 @@ impl Model {
             x = (layer.o.forward(&y)? + r)?;
             x = (self.mlp(layer, &x)? + x)?;
         }
-        kv.lens[slot] = t;
+        kv.lens[slot] = total;
+        if !logits {
+            return Ok(None);
+        }
         let last = x.i((.., t - 1..t, ..))?;
         let last = candle_nn::ops::rms_norm(&last, &self.norm, self.cfg.eps as f32)?;
-        self.lm_head
-            .forward(&last)?
-            .flatten_all()?
-            .to_dtype(DType::F32)
+        Ok(Some(
+            self.lm_head
+                .forward(&last)?
+                .flatten_all()?
+                .to_dtype(DType::F32)?,
+        ))
     }
 
     fn mlp(&self, layer: &Layer, x: &Tensor) -> candle_core::Result<Tensor> {

@@ -38,7 +38,17 @@ pub async fn serve(
     engine: Engine,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(engine))
+    serve_router(listener, router(engine), shutdown).await
+}
+
+/// Serves `app` (the engine's [`router`], with whatever was layered over it) on `listener`
+/// until `shutdown`.
+pub async fn serve_router(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
 }
@@ -160,6 +170,7 @@ fn infer_error(e: InferError) -> Response {
         InferError::Request(m) => error(StatusCode::BAD_REQUEST, "invalid_request_error", m),
         InferError::Overloaded(m) => error(StatusCode::TOO_MANY_REQUESTS, "overloaded", m),
         InferError::Model(m) => error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", m),
+        InferError::Deadline(m) => error(StatusCode::GATEWAY_TIMEOUT, "timeout", m),
     }
 }
 
@@ -232,6 +243,11 @@ fn sse(
                 Some(GenEvent::Error(e)) => Some((
                     Event::default()
                         .data(json!({"error": {"message": e, "type": "server_error"}}).to_string()),
+                    (rx, true),
+                )),
+                Some(GenEvent::Deadline(e)) => Some((
+                    Event::default()
+                        .data(json!({"error": {"message": e, "type": "timeout"}}).to_string()),
                     (rx, true),
                 )),
                 None => None,
@@ -367,15 +383,25 @@ async fn models(State(engine): State<Engine>) -> Response {
     .into_response()
 }
 
+/// `ok` when idle or making progress; `stalled` (503) when the engine has work and no
+/// step (a prefill chunk or a decode step) has finished for `inference.engine.stall_after`.
 async fn health(State(engine): State<Engine>) -> Response {
     let s = &engine.stats;
-    Json(json!({
-        "status": "ok",
+    let busy = s.busy_for_ms();
+    let stalled = busy.is_some_and(|ms| ms > engine.config().stall_after.as_millis() as u64);
+    let body = Json(json!({
+        "status": if stalled { "stalled" } else if busy.is_some() { "busy" } else { "ok" },
         "model": engine.model_name,
         "running": s.running.load(Ordering::Relaxed),
+        "prefilling": s.prefilling.load(Ordering::Relaxed),
         "waiting": s.waiting.load(Ordering::Relaxed),
-    }))
-    .into_response()
+        "ms_since_last_step": busy.unwrap_or(0),
+    }));
+    if stalled {
+        (StatusCode::SERVICE_UNAVAILABLE, body).into_response()
+    } else {
+        body.into_response()
+    }
 }
 
 async fn metrics(State(engine): State<Engine>) -> Response {
@@ -390,6 +416,9 @@ async fn metrics(State(engine): State<Engine>) -> Response {
 # HELP dagfleet_infer_decode_steps_total Batched decode steps.\n# TYPE dagfleet_infer_decode_steps_total counter\ndagfleet_infer_decode_steps_total {}\n\
 # HELP dagfleet_infer_running Sequences decoding.\n# TYPE dagfleet_infer_running gauge\ndagfleet_infer_running {}\n\
 # HELP dagfleet_infer_waiting Requests waiting.\n# TYPE dagfleet_infer_waiting gauge\ndagfleet_infer_waiting {}\n\
+# HELP dagfleet_infer_prefilling Sequences whose prompt is being prefilled.\n# TYPE dagfleet_infer_prefilling gauge\ndagfleet_infer_prefilling {}\n\
+# HELP dagfleet_infer_prefill_chunks_total Prefill chunks run.\n# TYPE dagfleet_infer_prefill_chunks_total counter\ndagfleet_infer_prefill_chunks_total {}\n\
+# HELP dagfleet_infer_expired_total Requests ended by the deadline.\n# TYPE dagfleet_infer_expired_total counter\ndagfleet_infer_expired_total {}\n\
 # HELP dagfleet_infer_max_batch Most sequences per step.\n# TYPE dagfleet_infer_max_batch gauge\ndagfleet_infer_max_batch {}\n\
 # HELP dagfleet_infer_kv_budget_tokens KV cache budget.\n# TYPE dagfleet_infer_kv_budget_tokens gauge\ndagfleet_infer_kv_budget_tokens {}\n",
         s.requests.load(Ordering::Relaxed),
@@ -400,6 +429,9 @@ async fn metrics(State(engine): State<Engine>) -> Response {
         s.steps.load(Ordering::Relaxed),
         s.running.load(Ordering::Relaxed),
         s.waiting.load(Ordering::Relaxed),
+        s.prefilling.load(Ordering::Relaxed),
+        s.prefill_chunks.load(Ordering::Relaxed),
+        s.expired.load(Ordering::Relaxed),
         c.max_batch,
         c.kv_budget_tokens,
     );

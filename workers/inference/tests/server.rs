@@ -142,6 +142,7 @@ async fn overload_answers_429_at_once_and_disconnects_free_their_slot() {
         max_batch: 1,
         kv_budget_tokens: 100_000,
         max_queue: 1,
+        ..Default::default()
     })
     .await;
     let c = reqwest::Client::new();
@@ -286,4 +287,164 @@ async fn a_lone_disconnect_brings_the_running_gauge_back_to_zero() {
         .await
         .unwrap();
     assert_eq!(h["running"], 0, "{h}");
+}
+
+/// A prompt of about 3,000 tokens: seconds of prefill for SmolLM2 on CPU.
+fn long_prompt() -> Value {
+    json!({
+        "messages": [{"role": "user", "content": "hello ".repeat(3000)}],
+        "max_tokens": 16, "temperature": 0,
+    })
+}
+
+async fn health(c: &reqwest::Client, url: &str) -> Value {
+    c.get(format!("{url}/health"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_long_prompt_neither_blocks_a_short_request_nor_outlives_its_deadline() {
+    let (url, e) = start(EngineConfig {
+        prefill_chunk: 32,
+        deadline: Duration::from_secs(4),
+        max_batch: 2,
+        ..Default::default()
+    })
+    .await;
+    let c = reqwest::Client::new();
+    let long = {
+        let (c, url) = (c.clone(), url.clone());
+        tokio::spawn(async move {
+            let r = c
+                .post(format!("{url}/v1/chat/completions"))
+                .json(&long_prompt())
+                .send()
+                .await
+                .unwrap();
+            (r.status(), r.json::<Value>().await.unwrap(), Instant::now())
+        })
+    };
+    // Once the long prompt is being prefilled, health says so, and a short request is
+    // answered between its chunks.
+    let t0 = Instant::now();
+    while e.stats.prefilling.load(Ordering::Relaxed) == 0 {
+        assert!(t0.elapsed() < Duration::from_secs(60), "never prefilling");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let h = health(&c, &url).await;
+    assert_eq!(h["status"], "busy", "{h}");
+    assert_eq!(h["prefilling"], 1, "{h}");
+    let short: Value = c
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "temperature": 0}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let short_done = Instant::now();
+    assert_eq!(short["usage"]["completion_tokens"], 3, "{short}");
+    assert_eq!(e.stats.prefilling.load(Ordering::Relaxed), 1, "the long prompt finished first");
+    // The long one ends at its deadline with OpenAI's error shape, and frees the engine.
+    let (status, body, long_done) = long.await.unwrap();
+    assert_eq!(status, 504, "{body}");
+    assert_eq!(body["error"]["type"], "timeout", "{body}");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("inference.engine.deadline"),
+        "{body}"
+    );
+    assert!(short_done < long_done);
+    assert_eq!(e.stats.expired.load(Ordering::Relaxed), 1);
+    assert!(e.stats.prefill_chunks.load(Ordering::Relaxed) > 2);
+    let h = health(&c, &url).await;
+    assert_eq!(h["status"], "ok", "{h}");
+    assert_eq!(h["prefilling"], 0, "{h}");
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_during_a_long_prefill_frees_the_engine() {
+    // No deadline: only the disconnect can end it.
+    let (url, e) = start(EngineConfig {
+        prefill_chunk: 32,
+        deadline: Duration::ZERO,
+        max_batch: 2,
+        ..Default::default()
+    })
+    .await;
+    let c = reqwest::Client::new();
+    let client = {
+        let (c, url) = (c.clone(), url.clone());
+        tokio::spawn(async move {
+            c.post(format!("{url}/v1/chat/completions"))
+                .json(&long_prompt())
+                .send()
+                .await
+        })
+    };
+    let t0 = Instant::now();
+    while e.stats.prefilling.load(Ordering::Relaxed) == 0 {
+        assert!(t0.elapsed() < Duration::from_secs(60), "never prefilling");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The client goes away mid-prefill: its connection closes with the task.
+    client.abort();
+    let _ = client.await;
+    // Cancelled between two chunks: far sooner than the prompt's prefill would take.
+    let t0 = Instant::now();
+    loop {
+        let h = health(&c, &url).await;
+        if h["status"] == "ok" {
+            assert_eq!(h["prefilling"], 0, "{h}");
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "still busy: {h}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(e.stats.disconnected.load(Ordering::Relaxed), 1);
+    assert_eq!(e.stats.generated_tokens.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test]
+async fn health_reports_a_stalled_engine() {
+    // A stall threshold shorter than one prefill chunk of this prompt: the engine has work
+    // and no step finished within it.
+    let (url, e) = start(EngineConfig {
+        prefill_chunk: 8192,
+        stall_after: Duration::from_millis(200),
+        deadline: Duration::ZERO,
+        max_batch: 2,
+        ..Default::default()
+    })
+    .await;
+    let c = reqwest::Client::new();
+    let req = {
+        let (c, url) = (c.clone(), url.clone());
+        tokio::spawn(async move {
+            c.post(format!("{url}/v1/chat/completions"))
+                .timeout(Duration::from_secs(60))
+                .json(&long_prompt())
+                .send()
+                .await
+        })
+    };
+    let t0 = Instant::now();
+    let r = loop {
+        let r = c.get(format!("{url}/health")).send().await.unwrap();
+        if r.status() == 503 {
+            break r;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "never stalled");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let h: Value = r.json().await.unwrap();
+    assert_eq!(h["status"], "stalled", "{h}");
+    assert!(h["ms_since_last_step"].as_u64().unwrap() > 200, "{h}");
+    req.abort();
+    drop(e);
 }

@@ -193,7 +193,7 @@ async fn finish_reasons_stop_strings_and_streaming() {
         match rx.recv().await.unwrap() {
             GenEvent::Delta(d) => streamed.push_str(&d),
             GenEvent::Done(t, s) => break (t, s),
-            GenEvent::Error(e) => panic!("{e}"),
+            GenEvent::Error(e) | GenEvent::Deadline(e) => panic!("{e}"),
         }
     };
     assert_eq!(st2.finish_reason, FinishReason::Stop);
@@ -227,6 +227,7 @@ async fn limits_are_enforced_without_crashing() {
         max_batch: 4,
         kv_budget_tokens: 120,
         max_queue: 2,
+        ..Default::default()
     });
     // Longer than the context.
     let long = "hello ".repeat(9000);

@@ -322,6 +322,18 @@ pub struct EngineConfig {
     pub kv_budget_tokens: usize,
     /// Most requests waiting; more are refused as overload.
     pub max_queue: usize,
+    /// Most prompt tokens prefilled per scheduler step. A longer prompt is prefilled a
+    /// chunk at a time between the decode steps of the running sequences, so it never
+    /// stalls them, and its client can leave between chunks.
+    pub prefill_chunk: usize,
+    /// Longest a request may take from submission to its last token; past it the request
+    /// ends with a deadline error and its slot is freed. `0s`: no deadline.
+    #[serde(with = "humantime_serde")]
+    pub deadline: Duration,
+    /// `/health` reports the engine stalled (503) when it has work and no step has
+    /// finished for this long.
+    #[serde(with = "humantime_serde")]
+    pub stall_after: Duration,
 }
 
 impl Default for EngineConfig {
@@ -330,6 +342,9 @@ impl Default for EngineConfig {
             max_batch: 64,
             kv_budget_tokens: 262_144,
             max_queue: 1024,
+            prefill_chunk: 512,
+            deadline: Duration::from_secs(30 * 60),
+            stall_after: Duration::from_secs(120),
         }
     }
 }
