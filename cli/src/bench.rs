@@ -431,8 +431,8 @@ impl DagStack {
                 .context("bench run vanished")?;
             match st.status {
                 dagfleet_protocol::RunStatus::Done => break,
-                dagfleet_protocol::RunStatus::Failed => {
-                    anyhow::bail!("bench run failed: {:?}", st.error)
+                dagfleet_protocol::RunStatus::Failed | dagfleet_protocol::RunStatus::Cancelled => {
+                    anyhow::bail!("bench run ended early: {:?}", st.error)
                 }
                 _ => tokio::time::sleep(Duration::from_millis(5)).await,
             }

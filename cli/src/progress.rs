@@ -341,12 +341,17 @@ pub async fn follow(
                 }
                 return Ok(std::process::ExitCode::SUCCESS);
             }
-            RunStatus::Failed => {
+            RunStatus::Failed | RunStatus::Cancelled => {
                 for b in bars.values() {
                     b.abandon();
                 }
+                let what = if st.status == RunStatus::Failed {
+                    "failed"
+                } else {
+                    "was cancelled"
+                };
                 println!(
-                    "run {run} failed: {}",
+                    "run {run} {what}: {}",
                     st.error.as_deref().unwrap_or("no reason recorded")
                 );
                 return Ok(std::process::ExitCode::from(1));

@@ -39,9 +39,22 @@ pub fn check_spec(spec_text: &str, caps: &Caps) -> Result<RunSpec, CoordinatorEr
     let mut spec = RunSpec::from_toml(spec_text)?;
     spec.check_caps(caps)?;
     for (key, field, _) in uploads(&mut spec) {
-        let Some(p) = field.as_deref().filter(|p| !p.starts_with("store:")) else {
+        let Some(p) = field.as_deref() else {
             continue;
         };
+        if p.starts_with("store:") {
+            // A new run has no objects yet: a `store:` input is another run's.
+            if !caps.store_refs_across_runs {
+                return Err(SpecError::Invalid {
+                    key: key.into(),
+                    message: dagfleet_protocol::spec::clip(&format!(
+                        "`{p}` names another run's object; give a local file, or ask the operator for caps.store_refs_across_runs = true"
+                    )),
+                }
+                .into());
+            }
+            continue;
+        }
         upload_size(key, p, caps)?;
     }
     Ok(spec)
@@ -194,6 +207,60 @@ pub async fn list_runs(bus: &Bus) -> Result<Vec<RunState>, CoordinatorError> {
     }
     out.sort_by_key(|s| std::cmp::Reverse(s.created_at_ms));
     Ok(out)
+}
+
+/// What [`cancel`] found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Cancelled {
+    /// The run was running and is now cancelled.
+    Now(RunState),
+    /// The run had already ended (done, failed or cancelled); nothing changed.
+    AlreadyEnded(RunState),
+}
+
+/// Cancels a running run: its state becomes `cancelled` (so no coordinator dispatches more
+/// of it), its manifest is written with what finished so far, and a `run_cancelled` event
+/// tells workers to drop its queued jobs and stop its running ones. `None` when no such
+/// run exists.
+pub async fn cancel(
+    bus: &Bus,
+    store: &ArtifactStore,
+    run: &RunId,
+    reason: &str,
+) -> Result<Option<Cancelled>, CoordinatorError> {
+    let why = format!("cancelled: {reason}");
+    let mut changed = false;
+    let Some(state) = update_run(bus, run, |st| {
+        changed = false;
+        if st.status != dagfleet_protocol::RunStatus::Running {
+            return false;
+        }
+        st.status = dagfleet_protocol::RunStatus::Cancelled;
+        st.error = Some(why.clone());
+        changed = true;
+        true
+    })
+    .await?
+    else {
+        return Ok(None);
+    };
+    if !changed {
+        return Ok(Some(Cancelled::AlreadyEnded(state)));
+    }
+    // The event first: workers stop at once; the manifest only reads the store.
+    let ev = Event {
+        schema_version: SCHEMA_VERSION,
+        run_id: run.clone(),
+        at_ms: now_ms(),
+        kind: EventKind::RunCancelled {
+            reason: reason.to_string(),
+        },
+    };
+    bus.publish_event(&ev, Some(&format!("run-cancelled-{run}")))
+        .await?;
+    crate::manifest::write(store, &state).await?;
+    info!(run = %run, reason, "run cancelled");
+    Ok(Some(Cancelled::Now(state)))
 }
 
 /// Applies `f` to a run's state with compare-and-set, retrying on conflicts. `f` returns

@@ -23,8 +23,8 @@
 //!   panics the run is failed; the coordinator goes on serving the others.
 //!
 //! # Layout
-//! - [`client`]: what `dagfleet run` and `dagfleet status` call ([`submit`], [`load_run`],
-//!   [`list_runs`]); the spec is checked against the operator's
+//! - [`client`]: what `dagfleet run`, `status` and `cancel` call ([`submit`], [`load_run`],
+//!   [`list_runs`], [`cancel`]); the spec is checked against the operator's
 //!   [`Caps`](dagfleet_protocol::Caps) before anything is stored.
 //! - [`service`]: the [`Coordinator`] process: the event loop, the reconciler, dispatch.
 //! - [`plan`]: splitting a stage into jobs, as a lazily made [`plan::StagePlan`].
@@ -35,7 +35,7 @@ pub mod manifest;
 pub mod plan;
 pub mod service;
 
-pub use client::{check_spec, list_runs, load_run, submit};
+pub use client::{cancel, check_spec, list_runs, load_run, submit, Cancelled};
 pub use service::{Coordinator, CoordinatorConfig};
 
 use dagfleet_protocol::RunId;

@@ -540,6 +540,10 @@ impl Coordinator {
         let mut held = false;
         update_run(&self.bus, run, |st| {
             held = false;
+            // A cancelled (or failed) run publishes nothing more.
+            if st.status != RunStatus::Running {
+                return false;
+            }
             match st.stage_mut(stage) {
                 Some(s)
                     if s.status == StageStatus::Dispatching
@@ -778,6 +782,7 @@ mod tests {
         max_batch_deadline: Duration::from_secs(1),
         max_run_deadline: Duration::from_secs(1),
         max_active_runs: 1,
+        store_refs_across_runs: false,
     };
 
     #[test]

@@ -111,6 +111,12 @@ pub enum EventKind {
         /// Why.
         reason: String,
     },
+    /// The run was cancelled (`dagfleet cancel`). Workers subscribe to these on
+    /// [`crate::subjects::RUN_CANCELLED`] and stop the run's jobs.
+    RunCancelled {
+        /// Who or why, as the canceller gave it.
+        reason: String,
+    },
 }
 
 impl EventKind {
@@ -127,6 +133,7 @@ impl EventKind {
             EventKind::StageDone { .. } => "stage_done",
             EventKind::RunDone => "run_done",
             EventKind::RunFailed { .. } => "run_failed",
+            EventKind::RunCancelled { .. } => "run_cancelled",
         }
     }
 }

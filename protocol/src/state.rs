@@ -51,6 +51,9 @@ pub enum RunStatus {
     Done,
     /// A stage failed, or the deadline passed.
     Failed,
+    /// `dagfleet cancel` stopped it: its queued jobs are dropped by the workers that pull
+    /// them, its running ones are told to stop, and nothing more is dispatched.
+    Cancelled,
 }
 
 /// Where a stage is.

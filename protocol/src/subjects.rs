@@ -85,6 +85,10 @@ pub fn event(run: &RunId, name: &str) -> String {
     format!("dagfleet.events.{run}.{name}")
 }
 
+/// Every run's cancellation event (core NATS subscribers see JetStream-stored messages
+/// too): workers subscribe to it to stop a cancelled run's jobs.
+pub const RUN_CANCELLED: &str = "dagfleet.events.*.run_cancelled";
+
 /// Filter for every event of `run`.
 pub fn run_events(run: &RunId) -> String {
     format!("dagfleet.events.{run}.>")
@@ -122,5 +126,10 @@ mod tests {
         assert!(!lane.starts_with(role_filter(Role::Judge).trim_end_matches('>')));
         let run = RunId::new("r1").unwrap();
         assert_eq!(event(&run, "job_done"), "dagfleet.events.r1.job_done");
+        let cancelled = event(&run, "run_cancelled");
+        let pattern: Vec<&str> = RUN_CANCELLED.split('.').collect();
+        let subject: Vec<&str> = cancelled.split('.').collect();
+        assert_eq!(pattern.len(), subject.len());
+        assert!(pattern.iter().zip(&subject).all(|(p, s)| *p == "*" || p == s));
     }
 }

@@ -336,3 +336,85 @@ async fn chaos_a_thousand_jobs_with_random_worker_kills() {
     assert_eq!(dlq.info().await.unwrap().state.messages, 0);
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dagfleet_cancel_drops_queued_jobs_stops_running_ones_and_records_cancelled() {
+    init();
+    let nats = NatsServer::start();
+    let (dir, store) = temp_store();
+    let env = env(&nats.url(), dir.path().to_str().unwrap());
+    let stack = Stack::start(&nats.config(), store.clone(), 1, 0).await;
+    // Four jobs at a time that would each work 30 s, and 200 queued behind them.
+    let _w = start_worker(&stack.bus, &env, "c", &[("DAGFLEET_WORKER__CONCURRENCY", "4")]).await;
+    let run = stack
+        .submit(&noop_spec("cancel", 204, "work_ms = 30000\noutput_bytes = 16"))
+        .await;
+    wait_in_flight(&stack.bus).await;
+    let cli = |args: &[&str]| {
+        let mut c = std::process::Command::new(dagfleet_bin());
+        for (k, v) in &env {
+            c.env(k, v);
+        }
+        c.args(args).output().unwrap()
+    };
+    let out = cli(&["cancel", run.as_str(), "--reason", "test"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("cancelled"), "{stdout}");
+    let t0 = Instant::now();
+    // The running jobs stop and the queued ones are dropped: the queue and the consumer's
+    // pending acks empty long before one job's 30 s of work could end.
+    loop {
+        let mut stream = stack
+            .bus
+            .jetstream()
+            .get_stream(subjects::JOBS_STREAM)
+            .await
+            .unwrap();
+        let msgs = stream.info().await.unwrap().state.messages;
+        let mut consumer: async_nats::jetstream::consumer::PullConsumer = stream
+            .get_consumer(&subjects::role_consumer(dagfleet_protocol::Role::Noop))
+            .await
+            .unwrap();
+        let pending = consumer.info().await.unwrap().num_ack_pending;
+        if msgs == 0 && pending == 0 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "{msgs} jobs still queued, {pending} unacked, {:?} after the cancel",
+            t0.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (st, _) = dagfleet_coordinator::load_run(&stack.bus, &run)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(st.status, RunStatus::Cancelled);
+    assert_eq!(st.error.as_deref(), Some("cancelled: test"));
+    assert!(records(&store, &run).await.is_empty(), "no job finished");
+    let m: serde_json::Value = serde_json::from_slice(
+        &store
+            .get_opt(&format!("runs/{run}/manifest.json"))
+            .await
+            .unwrap()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(m["status"], "cancelled");
+    // A second cancel changes nothing and says so; an unknown run is an error.
+    let again = cli(&["cancel", run.as_str()]);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already ended (cancelled)"));
+    let unknown = cli(&["cancel", "no-such-run"]);
+    assert!(!unknown.status.success());
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no run `no-such-run`"));
+    let status = cli(&["status", run.as_str(), "--once"]);
+    assert!(String::from_utf8_lossy(&status.stdout).contains("Cancelled"));
+    stack.stop().await;
+}

@@ -18,7 +18,8 @@
 use async_nats::jetstream::{self, AckKind};
 use bytes::Bytes;
 use dagfleet_protocol::{
-    decode_envelope, ArtifactRef, Envelope, Event, EventKind, Job, JobRecord, Role, SCHEMA_VERSION,
+    decode_envelope, ArtifactRef, Envelope, Event, EventKind, Job, JobRecord, Role, RunState,
+    RunStatus, SCHEMA_VERSION,
 };
 use futures::StreamExt;
 use serde::Serialize;
@@ -250,6 +251,8 @@ pub struct WorkerStats {
     pub dead_lettered: AtomicU64,
     /// Jobs running now.
     pub in_flight: AtomicU64,
+    /// Jobs of cancelled or failed runs, acked without running or stopped mid-way.
+    pub dropped: AtomicU64,
 }
 
 #[derive(Serialize)]
@@ -285,9 +288,18 @@ struct Shared<H> {
     next_id: AtomicU64,
     /// Cancelled when shutdown starts, before the grace period.
     stopping: CancellationToken,
-    /// Runs seen in the run-state bucket, so each is looked up once.
-    known_runs: Mutex<std::collections::HashSet<String>>,
+    /// Runs seen running in the run-state bucket, and when: each is looked up again after
+    /// [`RUN_RECHECK`], so a worker that missed a cancellation still stops taking its jobs.
+    known_runs: Mutex<HashMap<String, Instant>>,
+    /// Runs that ended (cancelled, failed, done): their jobs are dropped.
+    ended_runs: Mutex<HashMap<String, RunStatus>>,
+    /// One token per run with jobs in flight here, cancelled by the run's `run_cancelled`
+    /// event; the count is of its jobs in flight.
+    run_tokens: Mutex<HashMap<String, (CancellationToken, usize)>>,
 }
+
+/// How long a run seen running is trusted before its state is read again.
+const RUN_RECHECK: Duration = Duration::from_secs(10);
 
 /// A running job whose message needs in-progress acks.
 struct Keepalive {
@@ -404,6 +416,8 @@ impl<H: Handler> Worker<H> {
                 next_id: AtomicU64::new(0),
                 stopping: CancellationToken::new(),
                 known_runs: Mutex::new(Default::default()),
+                ended_runs: Mutex::new(Default::default()),
+                run_tokens: Mutex::new(Default::default()),
             }),
         }
     }
@@ -429,6 +443,7 @@ impl<H: Handler> Worker<H> {
         info!(role = %role, worker = %sh.cfg.worker_id, concurrency = sh.cfg.concurrency, "worker started");
 
         let hb = tokio::spawn(heartbeat_loop(sh.clone(), started, shutdown.clone()));
+        let cancels = tokio::spawn(cancel_loop(sh.clone()));
         let keep_stop = CancellationToken::new();
         let keeper = tokio::spawn(keepalive_loop(sh.clone(), keep_stop.clone()));
         let completer = lock(&sh.completions_rx)
@@ -462,6 +477,7 @@ impl<H: Handler> Worker<H> {
             tracker.wait().await;
         }
         hb.abort();
+        cancels.abort();
         keep_stop.cancel();
         let _ = keeper.await;
         // Every job task waits for its completion to be stored and acked before it ends, so
@@ -587,6 +603,7 @@ enum Outcome {
     Retry(Duration),
     DeadLetter(String),
     HandedBack,
+    Dropped(String),
 }
 
 async fn process<H: Handler>(sh: &Shared<H>, msg: jetstream::Message, hard: CancellationToken) {
@@ -620,14 +637,23 @@ async fn process<H: Handler>(sh: &Shared<H>, msg: jetstream::Message, hard: Canc
         return;
     }
     // A job for a run nobody submitted (a hand-published envelope) must not write under
-    // that run's prefix.
-    if !run_exists(sh, &env).await {
-        let reason = format!(
-            "the job names run `{}`, which does not exist (no entry in the run-state bucket): refused, nothing written",
-            env.run_id
-        );
-        dead_letter(sh, &msg, Some(&env), &origin, reason).await;
-        return;
+    // that run's prefix; a job of a run that was cancelled or failed is dropped.
+    match run_check(sh, &env).await {
+        RunCheck::Missing => {
+            let reason = format!(
+                "the job names run `{}`, which does not exist (no entry in the run-state bucket): refused, nothing written",
+                env.run_id
+            );
+            dead_letter(sh, &msg, Some(&env), &origin, reason).await;
+            return;
+        }
+        RunCheck::Ended(status) => {
+            let _ = msg.ack().await;
+            sh.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            info!(run = %env.run_id, stage = %env.stage, job = %env.job_id, ?status, "job of an ended run dropped without running");
+            return;
+        }
+        RunCheck::Running => {}
     }
     let q = sh.bus.queues().stage(env.stage);
     if delivered > q.max_attempts {
@@ -665,6 +691,7 @@ async fn process<H: Handler>(sh: &Shared<H>, msg: jetstream::Message, hard: Canc
         Outcome::Retry(d) => info!(delay = ?d, "handed back for retry"),
         Outcome::DeadLetter(r) => warn!(reason = %r, "dead-lettered"),
         Outcome::HandedBack => info!("handed back at shutdown"),
+        Outcome::Dropped(r) => info!(reason = %r, "dropped"),
     }
 }
 
@@ -709,13 +736,23 @@ async fn run_job<H: Handler>(
         stopping: sh.stopping.clone(),
     };
     let t0 = Instant::now();
+    let run_stop = run_token(sh, env.run_id.as_str());
     let result = tokio::select! {
         r = sh.handler.handle(env, &ctx) => r,
         _ = hard.cancelled() => {
+            release_run_token(sh, env.run_id.as_str());
             let _ = msg.ack_with(AckKind::Nak(None)).await;
             return Outcome::HandedBack;
         }
+        _ = run_stop.cancelled() => {
+            release_run_token(sh, env.run_id.as_str());
+            // The handler's future is dropped here: its work stops at its next await.
+            let _ = msg.ack().await;
+            sh.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            return Outcome::Dropped(format!("run `{}` was cancelled while the job ran", env.run_id));
+        }
     };
+    release_run_token(sh, env.run_id.as_str());
     match result {
         Ok(out) => {
             let rec = JobRecord {
@@ -812,26 +849,99 @@ async fn nak<H: Handler>(
     Outcome::Retry(delay)
 }
 
-/// Whether `env`'s run has an entry in the run-state bucket. A bucket that cannot be read
-/// does not stop work: the job goes on, as it would have before the check.
-async fn run_exists<H: Handler>(sh: &Shared<H>, env: &Envelope) -> bool {
+enum RunCheck {
+    Running,
+    Ended(RunStatus),
+    Missing,
+}
+
+/// Whether `env`'s run exists and is still running, from the run-state bucket (a run seen
+/// running is trusted for [`RUN_RECHECK`]). A bucket that cannot be read or an entry that
+/// does not decode does not stop work: the job goes on, as it would have before the check.
+async fn run_check<H: Handler>(sh: &Shared<H>, env: &Envelope) -> RunCheck {
     let run = env.run_id.as_str();
-    if lock(&sh.known_runs).contains(run) {
-        return true;
+    if let Some(status) = lock(&sh.ended_runs).get(run) {
+        return RunCheck::Ended(*status);
+    }
+    if lock(&sh.known_runs)
+        .get(run)
+        .is_some_and(|t| t.elapsed() < RUN_RECHECK)
+    {
+        return RunCheck::Running;
     }
     match sh.bus.runs().entry(run).await {
         Ok(Some(e)) if e.operation == async_nats::jetstream::kv::Operation::Put => {
+            let status = dagfleet_protocol::codec::decode::<RunState>("run state", &e.value)
+                .map(|s| s.status)
+                .unwrap_or(RunStatus::Running);
+            if status != RunStatus::Running {
+                let mut ended = lock(&sh.ended_runs);
+                if ended.len() > 10_000 {
+                    ended.clear();
+                }
+                ended.insert(run.to_string(), status);
+                return RunCheck::Ended(status);
+            }
             let mut known = lock(&sh.known_runs);
             if known.len() > 10_000 {
                 known.clear();
             }
-            known.insert(run.to_string());
-            true
+            known.insert(run.to_string(), Instant::now());
+            RunCheck::Running
         }
-        Ok(_) => false,
+        Ok(_) => RunCheck::Missing,
         Err(e) => {
             tracing::warn!(run, error = %e, "run-state bucket unreadable; running the job anyway");
-            true
+            RunCheck::Running
+        }
+    }
+}
+
+/// The token that stops `run`'s jobs on this worker; one per run with jobs in flight.
+fn run_token<H: Handler>(sh: &Shared<H>, run: &str) -> CancellationToken {
+    let mut map = lock(&sh.run_tokens);
+    let e = map
+        .entry(run.to_string())
+        .or_insert_with(|| (CancellationToken::new(), 0));
+    e.1 += 1;
+    e.0.clone()
+}
+
+fn release_run_token<H: Handler>(sh: &Shared<H>, run: &str) {
+    let mut map = lock(&sh.run_tokens);
+    if let Some(e) = map.get_mut(run) {
+        e.1 = e.1.saturating_sub(1);
+        if e.1 == 0 {
+            map.remove(run);
+        }
+    }
+}
+
+/// Follows `run_cancelled` events (core NATS, so every worker sees each one): the run's
+/// queued jobs are dropped when pulled, its running ones here are stopped.
+async fn cancel_loop<H: Handler>(sh: Arc<Shared<H>>) {
+    let mut sub = match sh
+        .bus
+        .client()
+        .subscribe(dagfleet_protocol::subjects::RUN_CANCELLED)
+        .await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "cannot follow run cancellations; cancelled runs' jobs are dropped only when their state is read");
+            return;
+        }
+    };
+    while let Some(m) = sub.next().await {
+        // dagfleet.events.<run>.run_cancelled
+        let Some(run) = m.subject.as_str().split('.').nth(2) else {
+            continue;
+        };
+        info!(run, "run cancelled; dropping its jobs");
+        lock(&sh.known_runs).remove(run);
+        lock(&sh.ended_runs).insert(run.to_string(), RunStatus::Cancelled);
+        if let Some((t, _)) = lock(&sh.run_tokens).get(run) {
+            t.cancel();
         }
     }
 }
