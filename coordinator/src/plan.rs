@@ -139,7 +139,7 @@ pub async fn plan_stage(
                 .clone()
                 .ok_or(PlanError::Unsupported(stage, stage.role()))?;
             let inputs = match &state.spec.infer.prompts {
-                Some(p) => vec![uploaded(stage, store, "infer.prompts", p).await?],
+                Some(p) => vec![uploaded(state, caps, stage, store, "infer.prompts", p).await?],
                 None => jsonl_outputs(state, Stage::Dataset, store, Some("test.jsonl")).await?,
             };
             let batch = match state.spec.infer.batch_rows {
@@ -192,9 +192,9 @@ pub async fn plan_stage(
             let t = &state.spec.train;
             let (train, valid) = match &t.dataset {
                 Some(p) => {
-                    let train = uploaded(stage, store, "train.dataset", p).await?.0;
+                    let train = uploaded(state, caps, stage, store, "train.dataset", p).await?.0;
                     let valid = match &t.valid {
-                        Some(v) => Some(uploaded(stage, store, "train.valid", v).await?.0),
+                        Some(v) => Some(uploaded(state, caps, stage, store, "train.valid", v).await?.0),
                         None => None,
                     };
                     (train, valid)
@@ -212,7 +212,7 @@ pub async fn plan_stage(
                         )
                     })?;
                     let valid = match &t.valid {
-                        Some(v) => Some(uploaded(stage, store, "train.valid", v).await?.0),
+                        Some(v) => Some(uploaded(state, caps, stage, store, "train.valid", v).await?.0),
                         None => one("valid.jsonl").await?,
                     };
                     (train, valid)
@@ -344,7 +344,7 @@ pub async fn plan_stage(
                 ("infer.prompts", &state.spec.infer.prompts),
             ] {
                 if let Some(v) = value {
-                    held_out.push(uploaded(stage, store, key, v).await?.0);
+                    held_out.push(uploaded(state, caps, stage, store, key, v).await?.0);
                 }
             }
             // One job even without inputs: it fails with a clear "no pairs" error, which
@@ -418,7 +418,11 @@ async fn fine_tune(
 }
 
 /// A file uploaded with the run (`store:<key>` in the spec), with its row count.
+/// Only the run's own uploads (`runs/<run>/...`) may be read, unless the operator allows
+/// references across runs (`caps.store_refs_across_runs`).
 async fn uploaded(
+    state: &RunState,
+    caps: &Caps,
     stage: Stage,
     store: &ArtifactStore,
     key_name: &str,
@@ -430,6 +434,16 @@ async fn uploaded(
             format!("{key_name} `{value}` was not uploaded when the run was submitted"),
         )
     })?;
+    let own = format!("runs/{}/", state.run_id);
+    if !caps.store_refs_across_runs && (!key.starts_with(&own) || key.contains("..")) {
+        return Err(PlanError::Store(
+            stage,
+            format!(
+                "{key_name} `{}` is not one of this run's uploads (`store:{own}...`); reading other runs' objects needs caps.store_refs_across_runs = true",
+                dagfleet_protocol::spec::clip(value)
+            ),
+        ));
+    }
     store
         .line_stats(key)
         .await
@@ -652,6 +666,55 @@ mod tests {
             RunSpec::from_toml(toml).unwrap(),
             0,
         )
+    }
+
+    #[tokio::test]
+    async fn a_spec_reads_only_its_own_uploads_unless_the_operator_allows_more() {
+        let store = ArtifactStore::open(&dagfleet_runtime::StoreConfig {
+            url: "memory://".into(),
+            ..Default::default()
+        })
+        .unwrap();
+        for run in ["r1", "other"] {
+            store
+                .put_overwrite(
+                    &format!("runs/{run}/inputs/prompts.jsonl"),
+                    bytes::Bytes::from_static(b"{\"id\": \"1\"}\n"),
+                )
+                .await
+                .unwrap();
+        }
+        let spec = |key: &str| {
+            state(&format!(
+                "name = \"n\"\nstages = [\"infer\"]\n[models.base]\nprovider = \"local\"\nmodel = \"m\"\n[infer]\nprompts = \"store:{key}\""
+            ))
+        };
+        let hints = FleetHints::default();
+        let mut caps = Caps::default();
+        let own = spec("runs/r1/inputs/prompts.jsonl");
+        let p = plan_stage(&own, Stage::Infer, 1, &store, &hints, &caps).await;
+        assert_eq!(p.unwrap().jobs, 1);
+        for key in [
+            "runs/other/inputs/prompts.jsonl",
+            "runs/r1/../other/inputs/prompts.jsonl",
+            "runs/r10/inputs/prompts.jsonl",
+        ] {
+            let e = match plan_stage(&spec(key), Stage::Infer, 1, &store, &hints, &caps).await {
+                Ok(_) => panic!("{key} was planned"),
+                Err(e) => e.to_string(),
+            };
+            assert!(e.contains("caps.store_refs_across_runs"), "{e}");
+            assert!(e.contains("infer.prompts"), "{e}");
+        }
+        caps.store_refs_across_runs = true;
+        let other = spec("runs/other/inputs/prompts.jsonl");
+        let p = plan_stage(&other, Stage::Infer, 1, &store, &hints, &caps).await;
+        assert_eq!(p.unwrap().jobs, 1);
+        // The client refuses a `store:` input at once: a new run has no objects yet.
+        let text = "name = \"n\"\nstages = [\"infer\"]\n[models.base]\nprovider = \"local\"\nmodel = \"m\"\n[infer]\nprompts = \"store:runs/other/inputs/prompts.jsonl\"";
+        let e = crate::check_spec(text, &Caps::default()).unwrap_err().to_string();
+        assert!(e.contains("infer.prompts") && e.contains("caps.store_refs_across_runs"), "{e}");
+        assert!(crate::check_spec(text, &caps).is_ok());
     }
 
     #[test]

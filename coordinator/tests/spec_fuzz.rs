@@ -464,7 +464,7 @@ fn one_case(base: usize, muts: &[Mutation], tally: &mut Tally) {
         return;
     }
     tally.planned += 1;
-    let state = RunState::new(RunId::new("fuzz").unwrap(), spec, 0);
+    let state = RunState::new(RunId::new("x").unwrap(), spec, 0);
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();

@@ -46,6 +46,10 @@ pub struct Caps {
     pub max_run_deadline: Duration,
     /// Runs the coordinators work on at once; later runs wait until one ends.
     pub max_active_runs: u32,
+    /// Whether a spec may name objects of other runs as its inputs (`store:runs/<other
+    /// run>/...` in `infer.prompts`, `train.dataset`, ...). Off: a spec reads only the files
+    /// uploaded with it, so one user's spec cannot read another's outputs.
+    pub store_refs_across_runs: bool,
 }
 
 impl Default for Caps {
@@ -61,6 +65,7 @@ impl Default for Caps {
             max_batch_deadline: Duration::from_secs(48 * 3600),
             max_run_deadline: Duration::from_secs(30 * 24 * 3600),
             max_active_runs: 64,
+            store_refs_across_runs: false,
         }
     }
 }
@@ -207,6 +212,13 @@ impl RunSpec {
         if has(Stage::Infer) {
             rows("infer.batch_rows", self.infer.batch_rows)?;
             tokens("infer.max_tokens", self.infer.max_tokens)?;
+            if self.infer.repair > crate::spec::MAX_REPAIR_TURNS {
+                return Err(over(
+                    "infer.repair",
+                    self.infer.repair,
+                    format!("{} repair turns", crate::spec::MAX_REPAIR_TURNS),
+                ));
+            }
         }
         if has(Stage::Judge) {
             rows("judge.batch_rows", self.judge.batch_rows)?;

@@ -394,7 +394,16 @@ pub struct InferSpec {
     pub temperature: f64,
     /// Sampling seed.
     pub seed: u64,
+    /// Repair turns after the first answer (the DAG agent, batched in the inference
+    /// workers): a prompt whose DAG the static judge refuses is asked again with the
+    /// findings, up to this many times. Each model then has a second set of rows,
+    /// `<model> + repair (N)`, beside its single-shot rows, so the report shows both.
+    /// 0 (the default): single shot only. At most [`MAX_REPAIR_TURNS`].
+    pub repair: u32,
 }
+
+/// Most repair turns `infer.repair` may ask for.
+pub const MAX_REPAIR_TURNS: u32 = 9;
 
 impl Default for InferSpec {
     fn default() -> Self {
@@ -404,6 +413,7 @@ impl Default for InferSpec {
             max_tokens: 1024,
             temperature: 0.0,
             seed: 0,
+            repair: 0,
         }
     }
 }
