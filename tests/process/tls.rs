@@ -1,4 +1,7 @@
-//! NATS over TLS against real nats-server configs: a server that requires TLS (a private CA
+//! NATS security against real nats-server configs. Per-role permissions
+//! (`deploy/nats/permissions.conf`): a worker runs its role's jobs with only its role's
+//! rights, and cannot publish jobs, write run state, create streams or pull another role's
+//! jobs. TLS: a server that requires TLS (a private CA
 //! the client is given with `nats.tls_ca`), and one that also verifies client certificates
 //! (`nats.tls_cert`, `nats.tls_key`). A whole noop run goes through `dagfleet up --run` on
 //! each; a client without the CA, or without its certificate, is refused with an error, and
@@ -186,4 +189,162 @@ fn a_run_goes_through_a_server_that_requires_tls_and_client_certificates() {
     );
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("done"), "{}", text(&out));
+}
+
+/// A server with the per-role permissions of `deploy/nats/permissions.conf` (one password
+/// per identity: `pw-<user>`).
+fn server_with_permissions(dir: &Path) -> NatsServer {
+    let rules = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/nats/permissions.conf");
+    let rules = std::fs::read_to_string(rules).unwrap();
+    // The passwords are defined in the same file: an included file does not see them.
+    let mut conf = String::new();
+    for who in ["coordinator", "miner", "synthesizer", "trainer", "inference", "judge", "noop"] {
+        conf.push_str(&format!(
+            "DAGFLEET_{}_PASSWORD: \"pw-{who}\"\n",
+            who.to_uppercase()
+        ));
+    }
+    conf.push_str(&rules);
+    let main = dir.join("main.conf");
+    std::fs::write(&main, conf).unwrap();
+    NatsServer::start_with(&["-c", main.to_str().unwrap()])
+}
+
+fn as_user(nats: &NatsServer, user: &str) -> dagfleet_runtime::NatsConfig {
+    let mut c = nats.config();
+    c.user = Some(user.into());
+    c.password = Some(dagfleet_runtime::Secret::new(format!("pw-{user}")));
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_role_permissions_let_a_worker_do_its_job_and_nothing_else() {
+    dagfleet_tests::set_dagfleet_bin(env!("CARGO_BIN_EXE_dagfleet"));
+    use dagfleet_protocol::subjects;
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let nats = server_with_permissions(dir.path());
+    let (store_dir, store) = temp_store();
+    // The coordinator (all rights) sets up the topology and runs the run.
+    let stack = Stack::start(&as_user(&nats, "coordinator"), store.clone(), 1, 0).await;
+    // A noop worker process with only the noop role's rights.
+    let worker = Proc::spawn(
+        &["worker", "--role", "noop"],
+        &[
+            ("DAGFLEET_NATS__URL", &nats.url()),
+            ("DAGFLEET_NATS__USER", "noop"),
+            ("DAGFLEET_NATS__PASSWORD", "pw-noop"),
+            ("DAGFLEET_STORE__URL", store_dir.path().to_str().unwrap()),
+            ("DAGFLEET_WORKER__HEARTBEAT_EVERY", "500ms"),
+        ],
+        None,
+    );
+    let run = stack
+        .submit("name = \"perm\"\nstages = [\"noop\"]\n[noop]\njobs = 20\noutput_bytes = 16")
+        .await;
+    let st = wait_run(&stack.bus, &run, Duration::from_secs(60)).await;
+    assert_eq!(st.status, dagfleet_protocol::RunStatus::Done, "{:?}", st.error);
+    // Its heartbeat landed under its role's key.
+    let mut keys = stack.bus.workers().keys().await.unwrap();
+    let mut seen = Vec::new();
+    while let Some(Ok(k)) = futures::StreamExt::next(&mut keys).await {
+        seen.push(k);
+    }
+    assert!(seen.iter().any(|k| k.starts_with("noop.")), "{seen:?}");
+
+    // The same identity, by hand: every forgery is refused by the server.
+    let client = async_nats::ConnectOptions::with_user_and_password("noop".into(), "pw-noop".into())
+        .connect(nats.url())
+        .await
+        .unwrap();
+    let js = async_nats::jetstream::ContextBuilder::new()
+        .timeout(Duration::from_secs(2))
+        .build(client.clone());
+    let jobs_before = js
+        .get_stream(subjects::JOBS_STREAM)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .messages;
+    let forged_job = async {
+        js.publish("dagfleet.jobs.noop.noop", "forged".into())
+            .await?
+            .await
+    };
+    assert!(forged_job.await.is_err(), "a worker published a job");
+    let forged_state = async { js.publish("$KV.dagfleet_runs.perm-x", "forged".into()).await?.await };
+    assert!(forged_state.await.is_err(), "a worker wrote run state");
+    let other_role = js
+        .get_stream(subjects::JOBS_STREAM)
+        .await
+        .unwrap()
+        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+            durable_name: Some("dagfleet-miner".into()),
+            filter_subject: "dagfleet.jobs.miner.>".into(),
+            ..Default::default()
+        })
+        .await;
+    assert!(other_role.is_err(), "a noop worker took the miner's queue");
+    let wide = js
+        .get_stream(subjects::JOBS_STREAM)
+        .await
+        .unwrap()
+        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+            durable_name: Some("dagfleet-noop".into()),
+            filter_subject: "dagfleet.jobs.>".into(),
+            ..Default::default()
+        })
+        .await;
+    assert!(wide.is_err(), "a noop worker widened its consumer to every job");
+    let stream = js
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: "EVIL".into(),
+            subjects: vec!["evil.>".into()],
+            ..Default::default()
+        })
+        .await;
+    assert!(stream.is_err(), "a worker created a stream");
+    let after = stack
+        .bus
+        .jetstream()
+        .get_stream(subjects::JOBS_STREAM)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .messages;
+    assert_eq!(after, jobs_before, "the forged job reached the queue");
+    let (st, _) = dagfleet_coordinator::load_run(&stack.bus, &run)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(st.status, dagfleet_protocol::RunStatus::Done);
+    assert!(
+        dagfleet_coordinator::load_run(&stack.bus, &dagfleet_protocol::RunId::new("perm-x").unwrap())
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    // A worker given another role's identity cannot attach to this role's queue: it stops
+    // with an error instead of running jobs.
+    let mut wrong = Proc::spawn(
+        &["worker", "--role", "noop"],
+        &[
+            ("DAGFLEET_NATS__URL", &nats.url()),
+            ("DAGFLEET_NATS__USER", "miner"),
+            ("DAGFLEET_NATS__PASSWORD", "pw-miner"),
+            ("DAGFLEET_STORE__URL", store_dir.path().to_str().unwrap()),
+        ],
+        None,
+    );
+    let status = wrong.wait_for(Duration::from_secs(30));
+    assert!(status.is_some_and(|s| !s.success()), "{status:?}");
+    worker.term();
+    stack.stop().await;
 }

@@ -407,7 +407,11 @@ async fn ensure_stream(js: &jetstream::Context, cfg: stream::Config) -> Result<(
                 || current.max_age != cfg.max_age
                 || current.max_message_size != cfg.max_message_size
             {
-                js.update_stream(&cfg).await.map_err(|e| topo(&name, e))?;
+                // A worker with per-role permissions may not update streams: it works with
+                // the stream as the coordinators set it up.
+                if let Err(e) = js.update_stream(&cfg).await {
+                    tracing::warn!(stream = %name, error = %e, "stream settings differ from this process's and could not be updated; using the stream as it is");
+                }
             }
             Ok(())
         }
