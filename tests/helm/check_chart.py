@@ -81,6 +81,30 @@ def check_config(docs, dagfleet_bin, label):
         fail(f"{label}: dagfleet rejects the rendered config: {r.stderr.strip()}")
 
 
+def hardened(docs, label):
+    """Every pod: RuntimeDefault seccomp, no service-account token, non-root, no privilege
+    escalation; the ServiceAccount mounts no token either."""
+    for _, d in docs:
+        if d["kind"] == "ServiceAccount" and d.get("automountServiceAccountToken") is not False:
+            fail(f"{label}: the ServiceAccount mounts its token")
+        if d["kind"] != "Deployment":
+            continue
+        name = d["metadata"]["name"]
+        spec = d["spec"]["template"]["spec"]
+        if spec.get("automountServiceAccountToken") is not False:
+            fail(f"{label}: {name} mounts a service-account token")
+        psc = spec.get("securityContext", {})
+        if psc.get("seccompProfile", {}).get("type") != "RuntimeDefault" or not psc.get("runAsNonRoot"):
+            fail(f"{label}: {name} pod security context is {psc}")
+        for c in spec["containers"]:
+            sc = c.get("securityContext", {})
+            if sc.get("allowPrivilegeEscalation") is not False or sc.get("capabilities", {}).get("drop") != ["ALL"]:
+                fail(f"{label}: {name}/{c['name']} security context is {sc}")
+    pols = [d for _, d in docs if d["kind"] == "NetworkPolicy"]
+    if len(pols) != 1 or pols[0]["spec"].get("ingress") != [] or "Ingress" not in pols[0]["spec"]["policyTypes"]:
+        fail(f"{label}: expected one NetworkPolicy denying ingress, found {pols}")
+
+
 def main():
     chart_dir, dagfleet_bin = sys.argv[1], sys.argv[2]
     lint = helm.lint(chart_dir, strict=True)
@@ -94,8 +118,9 @@ def main():
     validate(default, "default values")
     check_config(default, dagfleet_bin, "default values")
     kinds = sorted(d["kind"] for _, d in default)
-    if kinds != ["ConfigMap", "Deployment", "ServiceAccount"]:
+    if kinds != ["ConfigMap", "Deployment", "NetworkPolicy", "ServiceAccount"]:
         fail(f"default values render {kinds}")
+    hardened(default, "default values")
 
     full = render(chart, FULL, "prod")
     validate(full, "full values")
@@ -124,6 +149,32 @@ def main():
             fail(f"{role}: LLM keys are not passed")
         if role in ("miner", "trainer") and "ANTHROPIC_API_KEY" in env:
             fail(f"{role}: gets LLM keys it does not need")
+    hardened(full, "full values")
+
+    # One NATS identity per role, and a config kept in a Secret.
+    per_role = dict(FULL, nats={"url": "nats://nats:4222", "auth": {"existingSecret": "nats-users", "perRole": True}},
+                    configSecret="dagfleet-config", networkPolicy={"enabled": True, "egress": [{"to": [{"namespaceSelector": {}}]}]})
+    pr = render(chart, per_role, "perrole")
+    validate(pr, "per-role values")
+    if any(d["kind"] == "ConfigMap" for _, d in pr):
+        fail("per-role values: the config is in a Secret, yet a ConfigMap was rendered")
+    for _, d in pr:
+        if d["kind"] == "NetworkPolicy" and "Egress" not in d["spec"]["policyTypes"]:
+            fail("per-role values: egress rules given but the policy does not restrict egress")
+        if d["kind"] != "Deployment":
+            continue
+        who = d["metadata"]["labels"].get("dagfleet.dev/role", "coordinator")
+        spec = d["spec"]["template"]["spec"]
+        vols = {v["name"]: v for v in spec["volumes"]}
+        if vols["config"].get("secret", {}).get("secretName") != "dagfleet-config":
+            fail(f"per-role values: {who} does not mount its config from the Secret: {vols['config']}")
+        env = {e["name"]: e for e in spec["containers"][0]["env"]}
+        if env.get("DAGFLEET_NATS__USER", {}).get("value") != who:
+            fail(f"per-role values: {who} connects as {env.get('DAGFLEET_NATS__USER')}")
+        ref = env.get("DAGFLEET_NATS__PASSWORD", {}).get("valueFrom", {}).get("secretKeyRef", {})
+        if ref != {"name": "nats-users", "key": f"{who}-password"}:
+            fail(f"per-role values: {who}'s password comes from {ref}")
+
     # No literal secret values anywhere in the rendered manifests.
     for _, d in full:
         if d["kind"] == "Secret":

@@ -30,14 +30,25 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- default .Chart.AppVersion .Values.image.tag -}}
 {{- end -}}
 
-{{/* Environment shared by every dagfleet container: NATS, store, secrets by reference. */}}
+{{/* Environment shared by every dagfleet container: NATS, store, secrets by reference.
+     Called with (dict "root" $ "identity" "<coordinator or role>"). */}}
 {{- define "dagfleet.env" -}}
+{{- $root := .root -}}
+{{- $identity := .identity -}}
 - name: DAGFLEET_CONFIG
   value: /etc/dagfleet/dagfleet.toml
 - name: DAGFLEET_NATS__URL
-  value: {{ .Values.nats.url | quote }}
-{{- with .Values.nats.auth }}
-{{- if and .existingSecret (not .credsKey) }}
+  value: {{ $root.Values.nats.url | quote }}
+{{- with $root.Values.nats.auth }}
+{{- if and .existingSecret .perRole }}
+- name: DAGFLEET_NATS__USER
+  value: {{ $identity | quote }}
+- name: DAGFLEET_NATS__PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ .existingSecret }}
+      key: {{ printf "%s-password" $identity }}
+{{- else if and .existingSecret (not .credsKey) }}
 - name: DAGFLEET_NATS__USER
   valueFrom:
     secretKeyRef:
@@ -49,22 +60,22 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
       name: {{ .existingSecret }}
       key: {{ .passwordKey }}
 {{- end }}
-{{- if and .existingSecret .credsKey }}
+{{- if and .existingSecret .credsKey (not .perRole) }}
 - name: DAGFLEET_NATS__CREDS_FILE
   value: /etc/dagfleet/nats/{{ .credsKey }}
 {{- end }}
 {{- end }}
 - name: DAGFLEET_STORE__URL
-  value: {{ .Values.store.url | quote }}
-{{- if .Values.store.endpoint }}
+  value: {{ $root.Values.store.url | quote }}
+{{- if $root.Values.store.endpoint }}
 - name: DAGFLEET_STORE__ENDPOINT
-  value: {{ .Values.store.endpoint | quote }}
+  value: {{ $root.Values.store.endpoint | quote }}
 {{- end }}
 - name: DAGFLEET_STORE__REGION
-  value: {{ .Values.store.region | quote }}
+  value: {{ $root.Values.store.region | quote }}
 - name: DAGFLEET_STORE__ALLOW_HTTP
-  value: {{ .Values.store.allowHttp | quote }}
-{{- with .Values.store.credentials }}
+  value: {{ $root.Values.store.allowHttp | quote }}
+{{- with $root.Values.store.credentials }}
 {{- if .existingSecret }}
 - name: AWS_ACCESS_KEY_ID
   valueFrom:
@@ -82,11 +93,16 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 
 {{- define "dagfleet.volumes" -}}
 - name: config
+  {{- if .Values.configSecret }}
+  secret:
+    secretName: {{ .Values.configSecret }}
+  {{- else }}
   configMap:
     name: {{ include "dagfleet.fullname" . }}-config
+  {{- end }}
 - name: tmp
   emptyDir: {}
-{{- if and .Values.nats.auth.existingSecret .Values.nats.auth.credsKey }}
+{{- if and .Values.nats.auth.existingSecret .Values.nats.auth.credsKey (not .Values.nats.auth.perRole) }}
 - name: nats-creds
   secret:
     secretName: {{ .Values.nats.auth.existingSecret }}
@@ -99,7 +115,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
   readOnly: true
 - name: tmp
   mountPath: /tmp
-{{- if and .Values.nats.auth.existingSecret .Values.nats.auth.credsKey }}
+{{- if and .Values.nats.auth.existingSecret .Values.nats.auth.credsKey (not .Values.nats.auth.perRole) }}
 - name: nats-creds
   mountPath: /etc/dagfleet/nats
   readOnly: true
