@@ -34,13 +34,13 @@ if ! command -v openssl >/dev/null; then
 fi
 
 VENV="${DAGFLEET_VENV:-$HOME/.cache/dagfleet-venv}"
-if ! "$VENV/bin/python" -c 'import helm_python, kubernetes_validate' 2>/dev/null; then
-  echo "== preparing Python venv for the Helm chart checks in $VENV"
+if ! "$VENV/bin/python" -c 'import helm_python, kubernetes_validate, mcp' 2>/dev/null; then
+  echo "== preparing Python venv for the Helm chart checks and the MCP client in $VENV"
   if ! python3 -m venv "$VENV" 2>/dev/null; then
     command -v apt-get >/dev/null && apt_install python3-venv
     python3 -m venv "$VENV"
   fi
-  "$VENV/bin/pip" install -q -r tests/helm/requirements.txt
+  "$VENV/bin/pip" install -q -r tests/helm/requirements.txt -r tests/mcp/requirements.txt
 fi
 export DAGFLEET_PYTHON="$VENV/bin/python"
 

@@ -7,21 +7,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-/// Airflow major versions the knowledge base covers.
-const MAJORS: std::ops::RangeInclusive<u32> = 2..=3;
-
 /// Parses `2.10` into `(2, 10)`; only versions of Airflow that exist are accepted.
 pub fn parse_version(v: &str) -> Result<(u32, u32)> {
-    let bad = || {
-        format!("--airflow-version `{v}`: expected MAJOR.MINOR of Airflow 2 or 3, e.g. 2.10 or 3.0")
-    };
-    let (a, b) = v.split_once('.').unwrap_or((v, "0"));
-    let b = b.split('.').next().unwrap_or("0");
-    let (major, minor): (u32, u32) = (a.parse().with_context(bad)?, b.parse().with_context(bad)?);
-    if !MAJORS.contains(&major) || minor > 30 {
-        anyhow::bail!("{}", bad());
-    }
-    Ok((major, minor))
+    dagfleet_judge::parse_airflow_version(v).map_err(|e| anyhow::anyhow!("--airflow-version {e}"))
 }
 
 /// A path given on the command line, as files to judge or a reason it cannot be judged.

@@ -18,6 +18,8 @@ mod bench;
 #[cfg(feature = "inference")]
 mod bench_infer;
 mod config;
+#[cfg(feature = "agent")]
+mod generate;
 #[cfg(feature = "judge")]
 mod judge;
 mod progress;
@@ -77,6 +79,15 @@ enum Cmd {
         #[arg(long)]
         once: bool,
     },
+    /// Cancel a running run: nothing more is dispatched, workers drop its queued jobs and
+    /// stop its running ones, and its manifest says `cancelled`.
+    Cancel {
+        /// The run id.
+        run: String,
+        /// Why, recorded in the run's state and manifest.
+        #[arg(long, default_value = "by `dagfleet cancel`")]
+        reason: String,
+    },
     /// Run a worker of one role.
     Worker {
         /// The role.
@@ -128,6 +139,63 @@ enum Cmd {
         #[arg(long)]
         rows: bool,
     },
+    /// Generate an Airflow DAG with a served model, judge it, and repair it with the
+    /// judges' findings until it passes (or the attempts run out). The DAG goes to stdout
+    /// (or --out); progress to stderr. Exit 1 when no attempt passed.
+    #[cfg(feature = "agent")]
+    Generate {
+        /// What the DAG should do.
+        instruction: String,
+        /// Target Airflow version, e.g. 2.10 or 3.0.
+        #[arg(long, default_value = "2.10")]
+        airflow_version: String,
+        /// An OpenAI-compatible server (`dagfleet serve` listens here by default).
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
+        /// Use `[providers.NAME]` of the config instead of --url.
+        #[arg(long)]
+        provider: Option<String>,
+        /// The model name; default: the first the server lists.
+        #[arg(long)]
+        model: Option<String>,
+        /// Attempts in all (1: no repair turns).
+        #[arg(long, default_value_t = 3)]
+        attempts: u32,
+        /// New tokens per attempt.
+        #[arg(long, default_value_t = 2048)]
+        max_tokens: u32,
+        /// Sampling temperature.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        /// Also load each attempt with Airflow's DagBag (the environment of
+        /// `tests/airflow-env.sh` for --airflow-version).
+        #[arg(long)]
+        dagbag: bool,
+        /// Write the best DAG to this file.
+        #[arg(long, short = 'o')]
+        out: Option<PathBuf>,
+        /// Print the result (best DAG, verdicts, every attempt) as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A Model Context Protocol server over stdio (default) or streamable HTTP (--http):
+    /// tools generate_dag, validate_dag, explain_findings and list_models, and the Airflow
+    /// knowledge base as resources.
+    #[cfg(feature = "agent")]
+    Mcp {
+        /// Serve streamable HTTP at http://ADDR/mcp instead of stdio.
+        #[arg(long)]
+        http: Option<String>,
+        /// The OpenAI-compatible model server generate_dag uses.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
+        /// The model name; default: the first the server lists.
+        #[arg(long)]
+        model: Option<String>,
+        /// The Airflow version when a call names none.
+        #[arg(long, default_value = "2.10")]
+        airflow_version: String,
+    },
     /// Run the train stage of a spec on this machine, without a cluster: LoRA fine-tuning of
     /// `models.base` on `train.dataset`, with every export and the report written under
     /// `--out`. Run it again after an interruption (Ctrl-C checkpoints) to continue.
@@ -149,6 +217,15 @@ enum Cmd {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:8080")]
         addr: String,
+        /// The agent (`POST /v1/dags`, model `dagfleet-agent`) also loads each attempt with
+        /// Airflow's DagBag (an environment from `tests/airflow-env.sh`).
+        #[cfg(feature = "agent")]
+        #[arg(long)]
+        dagbag: bool,
+        /// The Airflow version the agent targets when a request names none.
+        #[cfg(feature = "agent")]
+        #[arg(long, default_value = "2.10")]
+        airflow_version: String,
     },
 }
 
@@ -264,11 +341,17 @@ async fn real_main() -> Result<std::process::ExitCode> {
     let mut cfg = Config::load(cli.config.as_deref(), &flags)?;
     // Commands that draw progress keep logs to warnings unless RUST_LOG asks for more.
     let quiet = match &cli.cmd {
-        Cmd::Run { .. } | Cmd::Status { .. } | Cmd::Config | Cmd::Up { run: Some(_) } => true,
+        Cmd::Run { .. }
+        | Cmd::Status { .. }
+        | Cmd::Cancel { .. }
+        | Cmd::Config
+        | Cmd::Up { run: Some(_) } => true,
         #[cfg(feature = "judge")]
         Cmd::Judge { .. } => true,
         #[cfg(feature = "miner")]
         Cmd::Mine { .. } => true,
+        #[cfg(feature = "agent")]
+        Cmd::Generate { .. } | Cmd::Mcp { .. } => true,
         #[cfg(feature = "trainer")]
         Cmd::Train { .. } => true,
         _ => false,
@@ -308,6 +391,25 @@ async fn real_main() -> Result<std::process::ExitCode> {
                 }
             }
         }
+        Cmd::Cancel { run, reason } => {
+            let run = RunId::new(run)?;
+            let bus = connect(&cfg, "dagfleet-cli").await?;
+            let store = cfg.open_store()?;
+            match dagfleet_coordinator::cancel(&bus, &store, &run, &reason).await? {
+                None => anyhow::bail!("no run `{run}` (see `dagfleet status`)"),
+                Some(dagfleet_coordinator::Cancelled::Now(st)) => {
+                    let done: u32 = st.stages.iter().map(|s| s.done.len()).sum();
+                    println!(
+                        "run {run} cancelled ({done} jobs had finished; the manifest lists them)"
+                    );
+                }
+                Some(dagfleet_coordinator::Cancelled::AlreadyEnded(st)) => {
+                    let status = format!("{:?}", st.status).to_lowercase();
+                    eprintln!("run {run} had already ended ({status}); nothing cancelled");
+                    return Ok(std::process::ExitCode::from(1));
+                }
+            }
+        }
         Cmd::Worker { role, concurrency } => {
             if let Some(c) = concurrency {
                 anyhow::ensure!(c >= 1, "--concurrency must be at least 1");
@@ -330,6 +432,47 @@ async fn real_main() -> Result<std::process::ExitCode> {
         Cmd::Train { spec, out } => return train::train_local(&spec, out, &cfg).await,
         #[cfg(feature = "miner")]
         Cmd::Mine { spec, out } => return mine_local(&spec, out.as_deref()).await,
+        #[cfg(feature = "agent")]
+        Cmd::Generate {
+            instruction,
+            airflow_version,
+            url,
+            provider,
+            model,
+            attempts,
+            max_tokens,
+            temperature,
+            dagbag,
+            out,
+            json,
+        } => {
+            return generate::run(
+                &cfg,
+                generate::Args {
+                    instruction,
+                    airflow_version,
+                    url,
+                    provider,
+                    model,
+                    attempts,
+                    max_tokens,
+                    temperature,
+                    dagbag,
+                    out,
+                    json,
+                },
+            )
+            .await;
+        }
+        #[cfg(feature = "agent")]
+        Cmd::Mcp {
+            http,
+            url,
+            model,
+            airflow_version,
+        } => {
+            generate::mcp(&cfg, http, url, model, airflow_version).await?;
+        }
         #[cfg(feature = "judge")]
         Cmd::Judge {
             paths,
@@ -348,7 +491,14 @@ async fn real_main() -> Result<std::process::ExitCode> {
             return judge::run(&paths, json, &airflow_version, dagbag.as_ref());
         }
         #[cfg(feature = "inference")]
-        Cmd::Serve { model, addr } => {
+        Cmd::Serve {
+            model,
+            addr,
+            #[cfg(feature = "agent")]
+            dagbag,
+            #[cfg(feature = "agent")]
+            airflow_version,
+        } => {
             use dagfleet_inference::SettingsExt;
             let s = &cfg.inference;
             let device = s.device().map_err(anyhow::Error::msg)?;
@@ -375,7 +525,13 @@ async fn real_main() -> Result<std::process::ExitCode> {
                 let _ = tokio::signal::ctrl_c().await;
                 s2.cancel();
             });
-            dagfleet_inference::server::serve(listener, engine, stop).await?;
+            let app = dagfleet_inference::server::router(engine.clone());
+            #[cfg(feature = "agent")]
+            let app = {
+                let svc = generate::agent_service(&cfg, engine, dagbag, &airflow_version)?;
+                dagfleet_agent::http::with_agent(app, std::sync::Arc::new(svc))
+            };
+            dagfleet_inference::server::serve_router(listener, app, stop).await?;
         }
     }
     Ok(std::process::ExitCode::SUCCESS)

@@ -192,9 +192,15 @@ pub async fn plan_stage(
             let t = &state.spec.train;
             let (train, valid) = match &t.dataset {
                 Some(p) => {
-                    let train = uploaded(state, caps, stage, store, "train.dataset", p).await?.0;
+                    let train = uploaded(state, caps, stage, store, "train.dataset", p)
+                        .await?
+                        .0;
                     let valid = match &t.valid {
-                        Some(v) => Some(uploaded(state, caps, stage, store, "train.valid", v).await?.0),
+                        Some(v) => Some(
+                            uploaded(state, caps, stage, store, "train.valid", v)
+                                .await?
+                                .0,
+                        ),
                         None => None,
                     };
                     (train, valid)
@@ -212,7 +218,11 @@ pub async fn plan_stage(
                         )
                     })?;
                     let valid = match &t.valid {
-                        Some(v) => Some(uploaded(state, caps, stage, store, "train.valid", v).await?.0),
+                        Some(v) => Some(
+                            uploaded(state, caps, stage, store, "train.valid", v)
+                                .await?
+                                .0,
+                        ),
                         None => one("valid.jsonl").await?,
                     };
                     (train, valid)
@@ -712,8 +722,13 @@ mod tests {
         assert_eq!(p.unwrap().jobs, 1);
         // The client refuses a `store:` input at once: a new run has no objects yet.
         let text = "name = \"n\"\nstages = [\"infer\"]\n[models.base]\nprovider = \"local\"\nmodel = \"m\"\n[infer]\nprompts = \"store:runs/other/inputs/prompts.jsonl\"";
-        let e = crate::check_spec(text, &Caps::default()).unwrap_err().to_string();
-        assert!(e.contains("infer.prompts") && e.contains("caps.store_refs_across_runs"), "{e}");
+        let e = crate::check_spec(text, &Caps::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("infer.prompts") && e.contains("caps.store_refs_across_runs"),
+            "{e}"
+        );
         assert!(crate::check_spec(text, &caps).is_ok());
     }
 

@@ -130,6 +130,9 @@ mod tests {
         let pattern: Vec<&str> = RUN_CANCELLED.split('.').collect();
         let subject: Vec<&str> = cancelled.split('.').collect();
         assert_eq!(pattern.len(), subject.len());
-        assert!(pattern.iter().zip(&subject).all(|(p, s)| *p == "*" || p == s));
+        assert!(pattern
+            .iter()
+            .zip(&subject)
+            .all(|(p, s)| *p == "*" || p == s));
     }
 }

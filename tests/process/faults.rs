@@ -345,9 +345,19 @@ async fn dagfleet_cancel_drops_queued_jobs_stops_running_ones_and_records_cancel
     let env = env(&nats.url(), dir.path().to_str().unwrap());
     let stack = Stack::start(&nats.config(), store.clone(), 1, 0).await;
     // Four jobs at a time that would each work 30 s, and 200 queued behind them.
-    let _w = start_worker(&stack.bus, &env, "c", &[("DAGFLEET_WORKER__CONCURRENCY", "4")]).await;
+    let _w = start_worker(
+        &stack.bus,
+        &env,
+        "c",
+        &[("DAGFLEET_WORKER__CONCURRENCY", "4")],
+    )
+    .await;
     let run = stack
-        .submit(&noop_spec("cancel", 204, "work_ms = 30000\noutput_bytes = 16"))
+        .submit(&noop_spec(
+            "cancel",
+            204,
+            "work_ms = 30000\noutput_bytes = 16",
+        ))
         .await;
     wait_in_flight(&stack.bus).await;
     let cli = |args: &[&str]| {

@@ -383,7 +383,10 @@ fn schedule(
         (running.len() + 1) * longest
     };
     let gauges = |running: &[Seq]| {
-        let pre = running.iter().filter(|s| s.pos < s.job.prompt.len()).count();
+        let pre = running
+            .iter()
+            .filter(|s| s.pos < s.job.prompt.len())
+            .count();
         stats.prefilling.store(pre, Ordering::Relaxed);
         stats.running.store(running.len() - pre, Ordering::Relaxed);
     };

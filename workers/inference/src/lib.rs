@@ -8,6 +8,7 @@
 //! - [`server`]: the OpenAI-compatible HTTP server;
 //! - [`role`]: inference-batch jobs on the queue.
 
+pub mod agent;
 pub mod engine;
 pub mod model;
 pub mod role;
@@ -34,6 +35,9 @@ pub enum InferError {
     /// Too much work queued; retry later.
     #[error("overloaded: {0}")]
     Overloaded(String),
+    /// The request ran past the engine's deadline (`inference.engine.deadline`).
+    #[error("deadline: {0}")]
+    Deadline(String),
 }
 
 /// The device to run on: CUDA or Metal when built with the feature and present, else CPU.

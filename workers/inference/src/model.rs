@@ -930,7 +930,13 @@ impl Model {
         // Row i of the chunk (position start + i) sees keys 0..=start + i.
         let causal: Vec<f32> = (0..t)
             .flat_map(|i| {
-                (0..total).map(move |j| if j > start + i { f32::NEG_INFINITY } else { 0.0 })
+                (0..total).map(move |j| {
+                    if j > start + i {
+                        f32::NEG_INFINITY
+                    } else {
+                        0.0
+                    }
+                })
             })
             .collect();
         let mask = Tensor::from_vec(causal, (1, 1, 1, t, total), &self.device)?;

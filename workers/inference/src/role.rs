@@ -266,8 +266,18 @@ impl InferHandler {
                 seed: Some(job.spec.seed.wrapping_add(n)),
                 ..Default::default()
             };
+            let max_tokens = params.max_tokens;
             match engine.submit_chat(&messages, params) {
-                Ok(rx) => pending.push((n, id, system, instruction, reference, rx)),
+                Ok(rx) => pending.push((
+                    n,
+                    id,
+                    system,
+                    instruction,
+                    reference,
+                    messages,
+                    max_tokens,
+                    rx,
+                )),
                 Err(e) => bad.push(json!({"row": n, "id": id, "error": e.to_string()})),
             }
         }
@@ -275,7 +285,8 @@ impl InferHandler {
         let mut out = Vec::new();
         let (mut tokens, mut length, mut done) = (0u64, 0u64, 0u64);
         let mut ttfts = Vec::new();
-        for (n, id, system, instruction, reference, mut rx) in pending {
+        let mut repairs = Vec::new();
+        for (n, id, system, instruction, reference, messages, max_tokens, mut rx) in pending {
             let res = tokio::select! {
                 r = collect(&mut rx) => r,
                 _ = ctx.cancelled().cancelled() => {
@@ -304,6 +315,28 @@ impl InferHandler {
                     });
                     out.extend_from_slice(row.to_string().as_bytes());
                     out.push(b'\n');
+                    if job.spec.repair > 0 {
+                        let first = dagfleet_agent::Generated {
+                            text: output,
+                            prompt_tokens: st.prompt_tokens as u64,
+                            completion_tokens: st.generated_tokens as u64,
+                            finish_reason: match st.finish_reason {
+                                crate::FinishReason::Stop => "stop".into(),
+                                crate::FinishReason::Length => "length".into(),
+                            },
+                        };
+                        let task = self.repair(
+                            &engine,
+                            job,
+                            n,
+                            &instruction,
+                            system.as_deref(),
+                            &messages,
+                            max_tokens,
+                            first,
+                        );
+                        repairs.push((id, system, instruction, reference, task));
+                    }
                 }
                 Err(e) => bad.push(json!({"row": n, "id": id, "error": e.to_string()})),
             }
@@ -312,7 +345,57 @@ impl InferHandler {
                 ctx.progress(done, total, "generations").await;
             }
         }
-        let rows = done - bad.iter().filter(|b| b.get("id").is_some()).count() as u64;
+        let mut rows = done - bad.iter().filter(|b| b.get("id").is_some()).count() as u64;
+        // The repair loops ran beside the single-shot generations; their rows follow.
+        let repair_label = format!("{label} + repair ({})", job.spec.repair);
+        let (mut repaired, mut repair_tokens) = (0u64, 0u64);
+        let n_repairs = repairs.len() as u64;
+        let mut aborts: Vec<_> = repairs.iter().map(|r| r.4.abort_handle()).collect();
+        for (i, (id, system, instruction, reference, task)) in repairs.into_iter().enumerate() {
+            let res = tokio::select! {
+                r = task => r,
+                _ = ctx.cancelled().cancelled() => {
+                    aborts.iter_mut().for_each(|a| a.abort());
+                    return Err(JobError::retry("worker stopping; the batch is handed back"));
+                }
+            };
+            match res {
+                Ok(Ok(r)) => {
+                    let best = &r.attempts[(r.best - 1) as usize];
+                    let gen: u64 = r.attempts.iter().map(|a| a.completion_tokens).sum();
+                    let turns = r.attempts.len().saturating_sub(1) as u64;
+                    repair_tokens += r.attempts.iter().skip(1).map(|a| a.prompt_tokens + a.completion_tokens).sum::<u64>();
+                    tokens += r.attempts.iter().skip(1).map(|a| a.completion_tokens).sum::<u64>();
+                    if r.valid && !r.attempts[0].valid {
+                        repaired += 1;
+                    }
+                    let row = json!({
+                        "id": id,
+                        "model": repair_label,
+                        "system_prompt": system.unwrap_or_default(),
+                        "instruction": instruction,
+                        "reference": reference,
+                        "output": best.answer,
+                        "finish_reason": if best.truncated { "length" } else { "stop" },
+                        "prompt_tokens": r.attempts.iter().map(|a| a.prompt_tokens).sum::<u64>(),
+                        "generated_tokens": gen,
+                        "attempts": r.attempts.len(),
+                        "repair_turns": turns,
+                        "best_attempt": r.best,
+                        "attempts_valid": r.attempts.iter().map(|a| a.valid).collect::<Vec<_>>(),
+                        "agent_seconds": r.seconds,
+                    });
+                    out.extend_from_slice(row.to_string().as_bytes());
+                    out.push(b'\n');
+                    rows += 1;
+                }
+                Ok(Err(e)) => bad.push(json!({"id": id, "model": repair_label, "error": e.to_string()})),
+                Err(e) => bad.push(json!({"id": id, "model": repair_label, "error": format!("the repair loop failed: {e}")})),
+            }
+            if (i as u64 + 1).is_multiple_of(16) || i as u64 + 1 == n_repairs {
+                ctx.progress(i as u64 + 1, n_repairs, "repair loops").await;
+            }
+        }
         ctx.put("generations.jsonl", Bytes::from(out)).await?;
         ttfts.sort_by(|a, b| a.total_cmp(b));
         let p50 = ttfts.get(ttfts.len() / 2).copied().unwrap_or(0.0);
@@ -323,6 +406,9 @@ impl InferHandler {
             "generated_tokens": tokens,
             "finish_length": length,
             "ttft_ms_p50": p50,
+            "repair": job.spec.repair,
+            "repaired": repaired,
+            "repair_tokens": repair_tokens,
         });
         ctx.put(
             "summary.json",
@@ -333,10 +419,54 @@ impl InferHandler {
             .metric("rows", rows as f64)
             .metric("generated_tokens", tokens as f64)
             .metric("finish_length", length as f64)
+            .metric("repaired", repaired as f64)
             .metric(
                 "failed_rows",
                 summary["failed_rows"].as_array().map_or(0, Vec::len) as f64,
             ))
+    }
+}
+
+impl InferHandler {
+    /// Starts the repair loop for row `n`, whose single-shot answer is `first`: the static
+    /// judge's findings go back to the same engine as repair turns, up to `infer.repair`.
+    #[allow(clippy::too_many_arguments)]
+    fn repair(
+        &self,
+        engine: &Engine,
+        job: &InferBatch,
+        n: u64,
+        instruction: &str,
+        system: Option<&str>,
+        messages: &[ChatMessage],
+        max_tokens: u32,
+        first: dagfleet_agent::Generated,
+    ) -> tokio::task::JoinHandle<Result<dagfleet_agent::AgentResult, dagfleet_agent::AgentError>>
+    {
+        let gen = crate::agent::EngineGenerator {
+            engine: engine.clone(),
+            temperature: job.spec.temperature,
+            seed: Some(job.spec.seed.wrapping_add(n)),
+        };
+        let cfg = dagfleet_agent::AgentConfig {
+            max_attempts: job.spec.repair + 1,
+            max_tokens,
+            airflow_version: dagfleet_agent::airflow_version_in(instruction).unwrap_or((2, 10)),
+            system: system.unwrap_or_default().to_string(),
+        };
+        let turns: Vec<dagfleet_providers::Message> = messages
+            .iter()
+            .filter(|m| m.role != "system")
+            .map(|m| dagfleet_providers::Message {
+                role: m.role.clone(),
+                content: m.content.clone(),
+            })
+            .collect();
+        let instruction = instruction.to_string();
+        tokio::spawn(async move {
+            dagfleet_agent::run_turns(&gen, &instruction, turns, Some(first), &cfg, None, |_| {})
+                .await
+        })
     }
 }
 

@@ -350,13 +350,20 @@ async fn a_long_prompt_neither_blocks_a_short_request_nor_outlives_its_deadline(
         .unwrap();
     let short_done = Instant::now();
     assert_eq!(short["usage"]["completion_tokens"], 3, "{short}");
-    assert_eq!(e.stats.prefilling.load(Ordering::Relaxed), 1, "the long prompt finished first");
+    assert_eq!(
+        e.stats.prefilling.load(Ordering::Relaxed),
+        1,
+        "the long prompt finished first"
+    );
     // The long one ends at its deadline with OpenAI's error shape, and frees the engine.
     let (status, body, long_done) = long.await.unwrap();
     assert_eq!(status, 504, "{body}");
     assert_eq!(body["error"]["type"], "timeout", "{body}");
     assert!(
-        body["error"]["message"].as_str().unwrap().contains("inference.engine.deadline"),
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("inference.engine.deadline"),
         "{body}"
     );
     assert!(short_done < long_done);

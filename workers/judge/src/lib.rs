@@ -22,6 +22,25 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
 
+/// Airflow major versions the knowledge base covers.
+const MAJORS: std::ops::RangeInclusive<u32> = 2..=3;
+
+/// Parses an Airflow version, `2.10` or `2.10.5`, into `(2, 10)`; only versions of Airflow
+/// that exist are accepted. The error quotes the value and says what is expected.
+pub fn parse_airflow_version(v: &str) -> Result<(u32, u32), String> {
+    let bad = || format!("`{v}`: expected MAJOR.MINOR of Airflow 2 or 3, e.g. 2.10 or 3.0");
+    let (a, b) = v.split_once('.').unwrap_or((v, "0"));
+    let b = b.split('.').next().unwrap_or("0");
+    let (major, minor): (u32, u32) = (
+        a.trim().parse().map_err(|_| bad())?,
+        b.trim().parse().map_err(|_| bad())?,
+    );
+    if !MAJORS.contains(&major) || minor > 30 {
+        return Err(bad());
+    }
+    Ok((major, minor))
+}
+
 /// Largest source the judge reads.
 pub const MAX_SOURCE_BYTES: usize = 1024 * 1024;
 

@@ -15,9 +15,55 @@ use crate::Summary;
 /// The tag the infer stage puts on a fine-tune's rows (`<base> + LoRA (<format>)`).
 pub const FINE_TUNE_TAG: &str = " + LoRA";
 
+/// The tag the infer stage puts on the repair loop's rows (`<model> + repair (<turns>)`).
+pub const REPAIR_TAG: &str = " + repair (";
+
+/// For each model the repair loop ran on: the single-shot model, the repaired one, and a
+/// sentence with both rates (DagBag's where it judged both, else the static judge's).
+pub fn repair_lines(s: &Summary) -> Vec<(String, String, String)> {
+    let mut out = Vec::new();
+    for (rep, r) in s.models.iter().filter(|(m, _)| m.contains(REPAIR_TAG)) {
+        let single = rep.split(REPAIR_TAG).next().unwrap_or_default();
+        let turns = rep
+            .split(REPAIR_TAG)
+            .nth(1)
+            .unwrap_or_default()
+            .trim_end_matches(')');
+        let Some(b) = s.models.get(single) else {
+            continue;
+        };
+        let (what, (rr, rn, rrows), (br, bn, brows)) = match (&r.dagbag, &b.dagbag) {
+            (Some(dr), Some(db)) => (
+                "load cleanly in Airflow's DagBag",
+                (dr.clean_rate, dr.clean, dr.rows),
+                (db.clean_rate, db.clean, db.rows),
+            ),
+            _ => (
+                "are valid",
+                (r.validity_rate, r.valid, r.rows),
+                (b.validity_rate, b.valid, b.rows),
+            ),
+        };
+        out.push((
+            single.to_string(),
+            rep.clone(),
+            format!(
+                "With up to {turns} repair turns, {:.1}% of {single}'s DAGs {what} ({rn} of {rrows}) against {:.1}% single-shot ({bn} of {brows}), {:+.1} points.",
+                100.0 * rr,
+                100.0 * br,
+                100.0 * (rr - br)
+            ),
+        ));
+    }
+    out
+}
+
 /// Which model of `s` is the base and which the fine-tune, with the verdict.
 pub fn verdict(s: &Summary) -> Option<(String, String, f64, String)> {
-    let tuned = s.models.keys().find(|m| m.contains(FINE_TUNE_TAG))?;
+    let tuned = s
+        .models
+        .keys()
+        .find(|m| m.contains(FINE_TUNE_TAG) && !m.contains(REPAIR_TAG))?;
     let base_name = tuned.split(FINE_TUNE_TAG).next().unwrap_or_default();
     let base = s.models.keys().find(|m| {
         !m.contains(FINE_TUNE_TAG)
@@ -86,9 +132,13 @@ pub async fn run(job: &ReportJob, ctx: &JobContext) -> Result<JobOutput, JobErro
         }
     }
     let v = verdict(&summary);
+    let repairs = repair_lines(&summary);
     let mut md = String::from("# Run report\n\n");
     if let Some((_, _, _, text)) = &v {
         md.push_str(&format!("**{text}**\n\n"));
+    }
+    for (_, _, text) in &repairs {
+        md.push_str(&format!("{text}\n\n"));
     }
     if let Some(d) = &dataset {
         let rows = d["rows"].as_array();
@@ -137,6 +187,7 @@ pub async fn run(job: &ReportJob, ctx: &JobContext) -> Result<JobOutput, JobErro
         "base": v.as_ref().map(|x| x.0.clone()),
         "fine_tune": v.as_ref().map(|x| x.1.clone()),
         "validity_delta_points": v.as_ref().map(|x| x.2),
+        "repair": repairs.iter().map(|r| json!({"single_shot": r.0, "with_repair": r.1, "text": r.2})).collect::<Vec<_>>(),
         "models": summary.models,
         "training": train,
         "dataset": dataset,
@@ -199,5 +250,40 @@ mod tests {
         );
         s.models.remove("/models/q.gguf");
         assert!(verdict(&s).is_none());
+    }
+
+    #[test]
+    fn repaired_rows_are_compared_with_their_single_shot_rows_not_taken_for_the_fine_tune() {
+        let mut s = Summary::default();
+        let m = |rows, valid| ModelSummary {
+            rows,
+            valid,
+            validity_rate: valid as f64 / rows as f64,
+            ..Default::default()
+        };
+        s.models.insert("/models/q.gguf".into(), m(10, 2));
+        s.models
+            .insert("/models/q.gguf + repair (2)".into(), m(10, 5));
+        s.models
+            .insert("q.gguf + LoRA (adapter) + repair (2)".into(), m(10, 9));
+        s.models.insert("q.gguf + LoRA (adapter)".into(), m(10, 3));
+        let (base, tuned, ..) = verdict(&s).unwrap();
+        assert_eq!(
+            (base.as_str(), tuned.as_str()),
+            ("/models/q.gguf", "q.gguf + LoRA (adapter)")
+        );
+        let lines = repair_lines(&s);
+        assert_eq!(lines.len(), 2);
+        let base_line = lines.iter().find(|l| l.0 == "/models/q.gguf").unwrap();
+        assert_eq!(
+            base_line.2,
+            "With up to 2 repair turns, 50.0% of /models/q.gguf's DAGs are valid (5 of 10) against 20.0% single-shot (2 of 10), +30.0 points."
+        );
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.1 == "q.gguf + LoRA (adapter) + repair (2)"
+                    && l.2.contains("+60.0 points"))
+        );
     }
 }
