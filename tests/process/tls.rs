@@ -198,7 +198,15 @@ fn server_with_permissions(dir: &Path) -> NatsServer {
     let rules = std::fs::read_to_string(rules).unwrap();
     // The passwords are defined in the same file: an included file does not see them.
     let mut conf = String::new();
-    for who in ["coordinator", "miner", "synthesizer", "trainer", "inference", "judge", "noop"] {
+    for who in [
+        "coordinator",
+        "miner",
+        "synthesizer",
+        "trainer",
+        "inference",
+        "judge",
+        "noop",
+    ] {
         conf.push_str(&format!(
             "DAGFLEET_{}_PASSWORD: \"pw-{who}\"\n",
             who.to_uppercase()
@@ -243,7 +251,12 @@ async fn per_role_permissions_let_a_worker_do_its_job_and_nothing_else() {
         .submit("name = \"perm\"\nstages = [\"noop\"]\n[noop]\njobs = 20\noutput_bytes = 16")
         .await;
     let st = wait_run(&stack.bus, &run, Duration::from_secs(60)).await;
-    assert_eq!(st.status, dagfleet_protocol::RunStatus::Done, "{:?}", st.error);
+    assert_eq!(
+        st.status,
+        dagfleet_protocol::RunStatus::Done,
+        "{:?}",
+        st.error
+    );
     // Its heartbeat landed under its role's key.
     let mut keys = stack.bus.workers().keys().await.unwrap();
     let mut seen = Vec::new();
@@ -253,10 +266,11 @@ async fn per_role_permissions_let_a_worker_do_its_job_and_nothing_else() {
     assert!(seen.iter().any(|k| k.starts_with("noop.")), "{seen:?}");
 
     // The same identity, by hand: every forgery is refused by the server.
-    let client = async_nats::ConnectOptions::with_user_and_password("noop".into(), "pw-noop".into())
-        .connect(nats.url())
-        .await
-        .unwrap();
+    let client =
+        async_nats::ConnectOptions::with_user_and_password("noop".into(), "pw-noop".into())
+            .connect(nats.url())
+            .await
+            .unwrap();
     let js = async_nats::jetstream::ContextBuilder::new()
         .timeout(Duration::from_secs(2))
         .build(client.clone());
@@ -275,7 +289,11 @@ async fn per_role_permissions_let_a_worker_do_its_job_and_nothing_else() {
             .await
     };
     assert!(forged_job.await.is_err(), "a worker published a job");
-    let forged_state = async { js.publish("$KV.dagfleet_runs.perm-x", "forged".into()).await?.await };
+    let forged_state = async {
+        js.publish("$KV.dagfleet_runs.perm-x", "forged".into())
+            .await?
+            .await
+    };
     assert!(forged_state.await.is_err(), "a worker wrote run state");
     let other_role = js
         .get_stream(subjects::JOBS_STREAM)
@@ -298,7 +316,10 @@ async fn per_role_permissions_let_a_worker_do_its_job_and_nothing_else() {
             ..Default::default()
         })
         .await;
-    assert!(wide.is_err(), "a noop worker widened its consumer to every job");
+    assert!(
+        wide.is_err(),
+        "a noop worker widened its consumer to every job"
+    );
     let stream = js
         .create_stream(async_nats::jetstream::stream::Config {
             name: "EVIL".into(),
@@ -324,27 +345,40 @@ async fn per_role_permissions_let_a_worker_do_its_job_and_nothing_else() {
         .unwrap()
         .unwrap();
     assert_eq!(st.status, dagfleet_protocol::RunStatus::Done);
-    assert!(
-        dagfleet_coordinator::load_run(&stack.bus, &dagfleet_protocol::RunId::new("perm-x").unwrap())
-            .await
-            .unwrap()
-            .is_none()
-    );
+    assert!(dagfleet_coordinator::load_run(
+        &stack.bus,
+        &dagfleet_protocol::RunId::new("perm-x").unwrap()
+    )
+    .await
+    .unwrap()
+    .is_none());
 
-    // A worker given another role's identity cannot attach to this role's queue: it stops
-    // with an error instead of running jobs.
-    let mut wrong = Proc::spawn(
+    // A worker given another role's identity cannot act as this role: it writes no
+    // heartbeat under the role's key (and so is never counted as a noop worker), whether it
+    // stops with an error or keeps retrying.
+    let noop_keys = || async {
+        let mut keys = stack.bus.workers().keys().await.unwrap();
+        let mut n = 0;
+        while let Some(Ok(k)) = futures::StreamExt::next(&mut keys).await {
+            n += usize::from(k.starts_with("noop."));
+        }
+        n
+    };
+    let before = noop_keys().await;
+    let wrong = Proc::spawn(
         &["worker", "--role", "noop"],
         &[
             ("DAGFLEET_NATS__URL", &nats.url()),
             ("DAGFLEET_NATS__USER", "miner"),
             ("DAGFLEET_NATS__PASSWORD", "pw-miner"),
             ("DAGFLEET_STORE__URL", store_dir.path().to_str().unwrap()),
+            ("DAGFLEET_WORKER__HEARTBEAT_EVERY", "500ms"),
         ],
         None,
     );
-    let status = wrong.wait_for(Duration::from_secs(30));
-    assert!(status.is_some_and(|s| !s.success()), "{status:?}");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(noop_keys().await, before, "a worker with the miner's identity registered as noop");
+    wrong.term();
     worker.term();
     stack.stop().await;
 }
