@@ -377,7 +377,11 @@ async fn per_role_permissions_let_a_worker_do_its_job_and_nothing_else() {
         None,
     );
     tokio::time::sleep(Duration::from_secs(5)).await;
-    assert_eq!(noop_keys().await, before, "a worker with the miner's identity registered as noop");
+    assert_eq!(
+        noop_keys().await,
+        before,
+        "a worker with the miner's identity registered as noop"
+    );
     wrong.term();
     worker.term();
     stack.stop().await;
