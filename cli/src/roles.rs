@@ -76,7 +76,7 @@ pub async fn run_worker(
             dagfleet_runtime::Worker::new(
                 bus,
                 store,
-                dagfleet_judge::JudgeHandler::new(&cfg.judge),
+                dagfleet_judge::JudgeHandler::new(&cfg.judge).with_providers(cfg.providers.clone()),
                 wc,
             )
             .run(shutdown)

@@ -297,8 +297,22 @@ pub async fn plan_stage(
                     });
                 }
             }
+            let llm = match state.spec.judge.llm {
+                false => None,
+                true => Some(dagfleet_protocol::jobs::LlmJudging {
+                    model: state
+                        .spec
+                        .models
+                        .judge
+                        .clone()
+                        .ok_or(PlanError::Unsupported(stage, stage.role()))?,
+                    cap: state.spec.judge.llm_cap,
+                    max_tokens: state.spec.judge.llm_max_tokens,
+                }),
+            };
             let jobs = inputs.into_iter().flat_map(move |(input, rows)| {
-                let (airflow_version, dagbag) = (airflow_version.clone(), dagbag.clone());
+                let (airflow_version, dagbag, llm) =
+                    (airflow_version.clone(), dagbag.clone(), llm.clone());
                 row_ranges(rows, batch).map(move |(start, end)| {
                     (
                         format!("{}:{start}-{end}", input.key),
@@ -307,6 +321,7 @@ pub async fn plan_stage(
                             rows: (start, end),
                             airflow_version: airflow_version.clone(),
                             dagbag: dagbag.clone(),
+                            llm: llm.clone(),
                         }),
                     )
                 })

@@ -175,6 +175,14 @@ mod tests {
                 rows: (0, 100),
                 airflow_version: Some("2.10.5".into()),
                 dagbag: Some("2.10".into()),
+                llm: Some(crate::jobs::LlmJudging {
+                    model: crate::jobs::ModelRef {
+                        provider: "local".into(),
+                        model: "judge".into(),
+                    },
+                    cap: 2.0,
+                    max_tokens: 512,
+                }),
             }),
             Job::Report(ReportJob {
                 inputs: vec![art(7)],

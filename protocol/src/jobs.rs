@@ -152,6 +152,20 @@ pub struct JudgeBatch {
     /// travel on that version's lane, to workers that have it installed.
     #[serde(default)]
     pub dagbag: Option<String>,
+    /// Score each row with this LLM judge too.
+    #[serde(default)]
+    pub llm: Option<LlmJudging>,
+}
+
+/// The LLM judge of a judge batch.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LlmJudging {
+    /// The judge model.
+    pub model: ModelRef,
+    /// Highest grounded correctness of a DAG that does not load.
+    pub cap: f64,
+    /// Token limit of one reply.
+    pub max_tokens: u32,
 }
 
 /// Assemble the run report.

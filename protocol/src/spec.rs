@@ -565,7 +565,7 @@ impl Default for DatasetSpec {
 }
 
 /// Judge options.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct JudgeSpec {
     /// Rows per judge batch job.
@@ -575,6 +575,26 @@ pub struct JudgeSpec {
     /// Also load every file with Airflow's own DagBag (ground truth), on a judge worker that
     /// has that Airflow version installed (`judge.airflow_version`, default 2.10).
     pub dagbag: bool,
+    /// Also score every row with the LLM judge `models.judge` (a rubric, ungrounded and
+    /// grounded in the static and DagBag findings).
+    pub llm: bool,
+    /// Highest grounded correctness (1-5) the LLM judge may give a DAG that does not load.
+    pub llm_cap: f64,
+    /// Token limit of one LLM-judge reply.
+    pub llm_max_tokens: u32,
+}
+
+impl Default for JudgeSpec {
+    fn default() -> Self {
+        Self {
+            batch_rows: 500,
+            airflow_version: None,
+            dagbag: false,
+            llm: false,
+            llm_cap: 2.0,
+            llm_max_tokens: 512,
+        }
+    }
 }
 
 /// The Airflow version DagBag judging uses when the spec names none.
@@ -595,16 +615,6 @@ impl JudgeSpec {
             (Some(a), Some(b)) => format!("{a}.{b}"),
             _ => format!("{v}.0"),
         })
-    }
-}
-
-impl Default for JudgeSpec {
-    fn default() -> Self {
-        Self {
-            batch_rows: 500,
-            airflow_version: None,
-            dagbag: false,
-        }
     }
 }
 
@@ -634,6 +644,10 @@ pub struct ModelsSpec {
     /// The base model of the train and infer stages.
     #[serde(default)]
     pub base: Option<ModelRef>,
+    /// The LLM judge of the judge stage (`judge.llm`): any provider, e.g. an API model or
+    /// `dagfleet serve`.
+    #[serde(default)]
+    pub judge: Option<ModelRef>,
 }
 
 /// Limits.
@@ -742,6 +756,20 @@ impl RunSpec {
                 "models.teacher",
                 "the `synthesize` stage needs a teacher model",
             ));
+        }
+        if self.stages.contains(&Stage::Judge) && self.judge.llm {
+            if self.models.judge.is_none() {
+                return Err(invalid(
+                    "models.judge",
+                    "judge.llm needs a judge model: [models.judge] with provider and model",
+                ));
+            }
+            if !(1.0..=5.0).contains(&self.judge.llm_cap) {
+                return Err(invalid("judge.llm_cap", "must be between 1 and 5"));
+            }
+            if self.judge.llm_max_tokens == 0 {
+                return Err(invalid("judge.llm_max_tokens", "must be at least 1"));
+            }
         }
         for st in [Stage::Train, Stage::Infer] {
             if self.stages.contains(&st) && self.models.base.is_none() {

@@ -375,3 +375,111 @@ async fn a_synth_worker_killed_during_its_batch_does_not_pay_twice() {
     assert!(rec.metrics["rows"] > 0.0);
     stack.stop().await;
 }
+
+/// The LLM judge through the coordinator: a mine -> judge -> report run over the judge corpus
+/// with `judge.llm`, its judge model the loopback teacher (OpenAI protocol): every row scored
+/// ungrounded and grounded, a file that does not load capped on correctness though the
+/// grader said 4, tokens and cost counted, the report's LLM table, and a second run answered
+/// from the cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_llm_judge_scores_grounded_and_ungrounded_and_caches_its_replies() {
+    init();
+    let teacher = Teacher::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &teacher);
+    let artifacts = dir.path().join(".dagfleet/artifacts");
+    let spec = |name: &str| {
+        format!(
+            r#"name = "{name}"
+stages = ["mine", "judge", "report"]
+
+[[sources]]
+kind = "dir"
+path = "{}"
+
+[mine]
+globs = ["**/valid_*.py", "**/bad_hallucinated_module.py", "**/bad_cycle.py"]
+
+[models.judge]
+provider = "local"
+model = "tm"
+
+[judge]
+llm = true
+llm_cap = 2
+"#,
+            corpus().display()
+        )
+    };
+    up_run(dir.path(), &cfg, &spec("llm-a"), None).await;
+    let m = manifest(&artifacts, "llm-a");
+    let jobs = m["jobs"].as_array().unwrap();
+    let judge: Vec<_> = jobs.iter().filter(|j| j["stage"] == "judge").collect();
+    let mut rows = Vec::new();
+    for j in &judge {
+        rows.extend(jsonl(&artifacts, output(j, "eval.jsonl")));
+    }
+    assert!(rows.len() >= 3, "{}", rows.len());
+    let mut capped = 0;
+    for r in &rows {
+        let s = &r["llm_scores"];
+        for c in [
+            "correctness",
+            "completeness",
+            "best_practices",
+            "instruction",
+        ] {
+            assert!(
+                s[c].as_f64().is_some() && s[format!("ungrounded_{c}")].as_f64().is_some(),
+                "{r}"
+            );
+        }
+        assert!(s["length_chars"].as_f64().unwrap() > 0.0);
+        if r["verdict"]["valid"] == false {
+            // The grader said 4 (it was told the file fails, or 5 ungrounded); the cap rules.
+            assert_eq!(s["correctness"], 2.0, "{r}");
+            assert_eq!(s["ungrounded_correctness"], 5.0, "{r}");
+            capped += 1;
+        } else {
+            assert_eq!(s["correctness"], 5.0, "{r}");
+        }
+    }
+    assert!(capped >= 2, "the two broken files were capped");
+    let metric = |j: &serde_json::Value, k: &str| j["metrics"][k].as_f64().unwrap_or(0.0);
+    let asked: f64 = judge.iter().map(|j| metric(j, "llm_requests")).sum();
+    assert_eq!(
+        asked,
+        2.0 * rows.len() as f64,
+        "one ungrounded and one grounded request a row"
+    );
+    assert!(
+        judge
+            .iter()
+            .map(|j| metric(j, "llm_input_tokens"))
+            .sum::<f64>()
+            > 0.0
+    );
+    assert!(
+        judge.iter().map(|j| metric(j, "llm_cost_usd")).sum::<f64>() > 0.0,
+        "priced model"
+    );
+    let report = jobs.iter().find(|j| j["stage"] == "report").unwrap();
+    let md = std::fs::read_to_string(artifacts.join(output(report, "report.md"))).unwrap();
+    assert!(
+        md.contains("**LLM judge**") && md.contains("ungrounded"),
+        "{md}"
+    );
+    // The same rows again: every reply comes from the cache.
+    let calls = teacher.chat_calls();
+    up_run(dir.path(), &cfg, &spec("llm-b"), None).await;
+    let m = manifest(&artifacts, "llm-b");
+    let cached: f64 = m["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|j| j["stage"] == "judge")
+        .map(|j| metric(j, "llm_cached"))
+        .sum();
+    assert_eq!(cached, 2.0 * rows.len() as f64);
+    assert_eq!(teacher.chat_calls(), calls, "nothing was asked twice");
+}

@@ -5,7 +5,10 @@
 //!
 //! Its "model" writes deterministic replies: for an instruction prompt ("Write N different
 //! instructions") a JSON array of N distinct requests wrapped in stray text and a fence;
-//! for anything else a short explanation. Usage is counted at four characters a token.
+//! for a rubric prompt (the LLM judge's "Score each criterion") the scores of an uncritical
+//! grader, in prose around the JSON: 5 everywhere, 4 for correctness when the prompt says the
+//! file could not be loaded (so the judge's cap, not the grader, decides); for anything else a
+//! short explanation. Usage is counted at four characters a token.
 
 use axum::body::Bytes;
 use axum::extract::{Multipart, Path, State};
@@ -133,6 +136,16 @@ impl Teacher {
 
 /// The deterministic reply to `prompt`.
 pub fn reply_to(prompt: &str) -> String {
+    if prompt.contains("Score each criterion from 1 (bad) to 5") {
+        let c = if prompt.contains("could NOT load") {
+            4
+        } else {
+            5
+        };
+        return format!(
+            "Here is my assessment.\n{{\"correctness\": {{\"score\": {c}, \"reason\": \"looks right\"}}, \"completeness\": {{\"score\": 5, \"reason\": \"all steps\"}}, \"best_practices\": {{\"score\": 5, \"reason\": \"idiomatic\"}}, \"instruction\": {{\"score\": 5, \"reason\": \"as asked\"}}}}"
+        );
+    }
     let tag = dag_tag(prompt);
     if let Some(n) = prompt
         .split("Write ")

@@ -12,6 +12,7 @@
 //! - [`Summary`] is the per-model validity rate and counts per category, as JSON and Markdown.
 
 pub mod dagbag;
+pub mod llm;
 pub mod report;
 pub mod role;
 
@@ -260,6 +261,26 @@ pub struct ModelSummary {
     /// DagBag figures, for the rows DagBag loaded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dagbag: Option<DagbagSummary>,
+    /// Rows the LLM judge scored.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub llm_rows: usize,
+    /// Sums of the LLM judge's scores over those rows, per key of `llm_scores` (means are
+    /// `llm_sums[k] / llm_rows`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub llm_sums: BTreeMap<String, f64>,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+impl ModelSummary {
+    /// The mean LLM-judge score of `key`, where the judge scored rows.
+    pub fn llm_mean(&self, key: &str) -> Option<f64> {
+        (self.llm_rows > 0)
+            .then(|| self.llm_sums.get(key).map(|s| s / self.llm_rows as f64))
+            .flatten()
+    }
 }
 
 /// DagBag's verdicts for one model, and how far the static judge agrees with them.
@@ -417,6 +438,12 @@ impl Summary {
             *m.by_category.entry(c).or_default() += 1;
         }
         m.validity_rate = m.valid as f64 / m.rows as f64;
+        if let Some(s) = &row.llm_scores {
+            m.llm_rows += 1;
+            for (k, v) in s {
+                *m.llm_sums.entry(k.clone()).or_default() += v;
+            }
+        }
         if let Some(d) = &row.dagbag {
             m.dagbag
                 .get_or_insert_with(Default::default)
@@ -435,6 +462,10 @@ impl Summary {
             }
             if let Some(d) = &o.dagbag {
                 m.dagbag.get_or_insert_with(Default::default).merge(d);
+            }
+            m.llm_rows += o.llm_rows;
+            for (k, v) in &o.llm_sums {
+                *m.llm_sums.entry(k.clone()).or_default() += v;
             }
             m.validity_rate = if m.rows == 0 {
                 0.0
@@ -494,6 +525,31 @@ impl Summary {
                         a.both_invalid
                     ));
                 }
+            }
+        }
+        if self.models.values().any(|m| m.llm_rows > 0) {
+            out.push_str(
+                "\n**LLM judge** (means, 1-5; grounded: the judge saw the static and DagBag findings, and a DAG that does not load is capped on correctness; ungrounded: code and instruction only)\n\n\
+                 | model | scored | correctness | ungrounded | completeness | ungrounded | best practices | ungrounded | does what was asked | ungrounded | mean length (chars) |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
+            );
+            let f = |x: Option<f64>| x.map_or("n/a".to_string(), |x| format!("{x:.2}"));
+            for (model, m) in &self.models {
+                if m.llm_rows == 0 {
+                    continue;
+                }
+                let mut row = format!("| {model} | {} |", m.llm_rows);
+                for c in crate::llm::CRITERIA {
+                    row.push_str(&format!(
+                        " {} | {} |",
+                        f(m.llm_mean(c)),
+                        f(m.llm_mean(&format!("{}{c}", crate::llm::UNGROUNDED)))
+                    ));
+                }
+                row.push_str(&format!(
+                    " {} |\n",
+                    f(m.llm_mean("length_chars")).trim_end_matches(".00")
+                ));
+                out.push_str(&row);
             }
         }
         out

@@ -29,6 +29,7 @@ pub struct JudgeHandler {
     envs: Arc<BTreeMap<String, Env>>,
     procs: usize,
     timeout: std::time::Duration,
+    providers: Arc<BTreeMap<String, dagfleet_providers::ProviderConfig>>,
 }
 
 impl JudgeHandler {
@@ -52,7 +53,46 @@ impl JudgeHandler {
             envs: Arc::new(envs),
             procs: crate::dagbag::procs(settings),
             timeout: settings.dagbag_timeout,
+            providers: Arc::default(),
         }
+    }
+
+    /// The `[providers.*]` the LLM judge (`judge.llm`) may ask.
+    pub fn with_providers(
+        mut self,
+        providers: BTreeMap<String, dagfleet_providers::ProviderConfig>,
+    ) -> Self {
+        self.providers = Arc::new(providers);
+        self
+    }
+
+    fn llm_judge(
+        &self,
+        l: &dagfleet_protocol::jobs::LlmJudging,
+        ctx: &JobContext,
+    ) -> Result<crate::llm::LlmJudge, JobError> {
+        let name = &l.model.provider;
+        let cfg = self.providers.get(name).cloned().ok_or_else(|| {
+            JobError::fatal(format!(
+                "LLM-judge provider `{name}` is not configured on this worker; add [providers.{name}] with `kind` and `base_url` to its config (configured: {})",
+                if self.providers.is_empty() {
+                    "none".to_string()
+                } else {
+                    self.providers.keys().cloned().collect::<Vec<_>>().join(", ")
+                }
+            ))
+        })?;
+        let provider = dagfleet_providers::Provider::new(name, cfg)
+            .map_err(|e| JobError::fatal(e.to_string()))?;
+        Ok(crate::llm::LlmJudge {
+            provider,
+            settings: crate::llm::LlmSettings {
+                model: l.model.model.clone(),
+                cap: l.cap,
+                max_tokens: l.max_tokens,
+            },
+            cache: Some(dagfleet_providers::ResponseCache::new(ctx.store().clone())),
+        })
     }
 
     /// Airflow versions (`MAJOR.MINOR`) this judge can load files with.
@@ -188,6 +228,39 @@ impl Handler for JudgeHandler {
         })
         .await
         .map_err(|e| JobError::retry(format!("judging failed: {e}")))?;
+        // The LLM judge, where the spec asks for it: every row, a bounded number at a time;
+        // replies are cached, so a retried batch asks only what it had not asked.
+        let mut tally = crate::llm::Tally::default();
+        let judged = match &job.llm {
+            None => judged,
+            Some(l) => {
+                use futures::StreamExt;
+                let judge = Arc::new(self.llm_judge(l, ctx)?);
+                let total = judged.len() as u64;
+                let mut scored = Vec::with_capacity(judged.len());
+                let mut stream = futures::stream::iter(judged.into_iter().map(|(n, mut r)| {
+                    let judge = judge.clone();
+                    async move {
+                        let t = judge.score(&mut r).await;
+                        (n, r, t)
+                    }
+                }))
+                .buffer_unordered(16);
+                while let Some((n, r, t)) = stream.next().await {
+                    let t = t.map_err(|e| {
+                        JobError::retry(format!("LLM judge `{}`: {e}", l.model.model))
+                    })?;
+                    tally.add(&t);
+                    scored.push((n, r));
+                    if scored.len() % 16 == 0 || scored.len() as u64 == total {
+                        ctx.progress(scored.len() as u64, total, "LLM-judged rows")
+                            .await;
+                    }
+                }
+                scored.sort_by_key(|(n, _)| *n);
+                scored
+            }
+        };
         for (n, r) in judged {
             summary.add(&r);
             let mut l = serde_json::to_vec(&r)
@@ -208,10 +281,19 @@ impl Handler for JudgeHandler {
         ctx.put("summary.json", Bytes::from(s)).await?;
         ctx.put("summary.md", Bytes::from(summary.markdown()))
             .await?;
-        let out = JobOutput::default()
+        let mut out = JobOutput::default()
             .metric("rows", rows as f64)
             .metric("valid", valid as f64)
             .metric("unreadable_rows", bad_rows as f64);
+        if job.llm.is_some() {
+            out = out
+                .metric("llm_requests", tally.requests as f64)
+                .metric("llm_cached", tally.cached as f64)
+                .metric("llm_unreadable", tally.unreadable as f64)
+                .metric("llm_input_tokens", tally.usage.input_tokens as f64)
+                .metric("llm_output_tokens", tally.usage.output_tokens as f64)
+                .metric("llm_cost_usd", tally.cost_usd);
+        }
         Ok(match clean {
             Some(c) => out.metric("dagbag_clean", c as f64),
             None => out,
