@@ -243,10 +243,16 @@ pub async fn plan_stage(
             // What the report reads: the judge's summaries, the training summary and loss
             // curve, the dataset's statistics.
             let mut inputs = Vec::new();
+            let llm = state.spec.judge.llm && state.spec.stages.contains(&Stage::Judge);
+            let judged: &[&str] = if llm {
+                &["summary.json", "eval.jsonl"]
+            } else {
+                &["summary.json"]
+            };
             for (st, names) in [
                 (Stage::Dataset, &["stats.json"][..]),
                 (Stage::Train, &["train.json", "loss.png"][..]),
-                (Stage::Judge, &["summary.json"][..]),
+                (Stage::Judge, judged),
             ] {
                 if !state.spec.stages.contains(&st) {
                     continue;
@@ -259,7 +265,15 @@ pub async fn plan_stage(
                     );
                 }
             }
-            let jobs = vec![("report".to_string(), Job::Report(ReportJob { inputs }))];
+            let llm = match (llm, &state.spec.models.judge) {
+                (true, Some(m)) => Some(dagfleet_protocol::jobs::LlmJudging {
+                    model: m.clone(),
+                    cap: state.spec.judge.llm_cap,
+                    max_tokens: state.spec.judge.llm_max_tokens,
+                }),
+                _ => None,
+            };
+            let jobs = vec![("report".to_string(), Job::Report(ReportJob { inputs, llm }))];
             finish(state, stage, now_ms, caps, 1, jobs.into_iter())
         }
         Stage::Judge => {

@@ -186,6 +186,7 @@ mod tests {
             }),
             Job::Report(ReportJob {
                 inputs: vec![art(7)],
+                llm: None,
             }),
             Job::Noop(NoopJob {
                 work_ms: 5,

@@ -173,6 +173,10 @@ pub struct LlmJudging {
 pub struct ReportJob {
     /// Artifacts the report summarises.
     pub inputs: Vec<ArtifactRef>,
+    /// The LLM judge that compares the fine-tune with its base pairwise (`judge.llm`); the
+    /// judge stage's `eval.jsonl` are then among `inputs`.
+    #[serde(default)]
+    pub llm: Option<LlmJudging>,
 }
 
 /// A job that exercises the job layer and nothing else.

@@ -7,7 +7,10 @@
 //! instructions") a JSON array of N distinct requests wrapped in stray text and a fence;
 //! for a rubric prompt (the LLM judge's "Score each criterion") the scores of an uncritical
 //! grader, in prose around the JSON: 5 everywhere, 4 for correctness when the prompt says the
-//! file could not be loaded (so the judge's cap, not the grader, decides); for anything else a
+//! file could not be loaded (so the judge's cap, not the grader, decides); for a pairwise
+//! prompt ("Two Airflow DAG files") the DAG with fewer reported problems, and "A" when they
+//! tie (a position bias, as real judges have, which asking in both orders must catch); for
+//! anything else a
 //! short explanation. Usage is counted at four characters a token.
 
 use axum::body::Bytes;
@@ -136,6 +139,16 @@ impl Teacher {
 
 /// The deterministic reply to `prompt`.
 pub fn reply_to(prompt: &str) -> String {
+    if prompt.starts_with("Two Airflow DAG files") {
+        let problems = |s: &str| {
+            s.matches("could NOT load").count() + s.matches("static checker, line").count()
+        };
+        let (a, b) = prompt.split_once("\nDAG B:\n").unwrap_or((prompt, ""));
+        let w = if problems(b) < problems(a) { "B" } else { "A" };
+        return format!(
+            "Having compared both: {{\"winner\": \"{w}\", \"reason\": \"fewer problems\"}}"
+        );
+    }
     if prompt.contains("Score each criterion from 1 (bad) to 5") {
         let c = if prompt.contains("could NOT load") {
             4

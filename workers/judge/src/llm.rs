@@ -172,13 +172,165 @@ pub struct LlmJudge {
     pub cache: Option<ResponseCache>,
 }
 
+/// The pairwise prompt: which of two DAGs for one instruction is better, with each one's
+/// findings.
+pub fn pairwise_prompt(instruction: &str, a: &EvalRow, b: &EvalRow) -> String {
+    format!(
+        "Two Airflow DAG files were written for the same instruction. Decide which one better does what the instruction asks and would load and run in Airflow.\n\nInstruction:\n{instruction}\n\nDAG A:\n```python\n{}\n```\nWhat automated checks found in A:\n{}\nDAG B:\n```python\n{}\n```\nWhat automated checks found in B:\n{}\nAnswer with JSON only: {{\"winner\": \"A\" or \"B\" or \"tie\", \"reason\": \"...\"}}",
+        a.code,
+        grounding(&a.verdict, a.dagbag.as_ref()),
+        b.code,
+        grounding(&b.verdict, b.dagbag.as_ref()),
+    )
+}
+
+/// The winner a pairwise reply names: `Some('A')`, `Some('B')`, `Some('=')` for a tie.
+pub fn parse_winner(text: &str) -> Option<char> {
+    let mut from = 0;
+    while let Some(i) = text[from..].find('{').map(|i| i + from) {
+        let mut stream = serde_json::Deserializer::from_str(&text[i..]).into_iter::<Value>();
+        if let Some(Ok(v)) = stream.next() {
+            match v["winner"].as_str().map(|w| w.trim().to_ascii_uppercase()) {
+                Some(w) if w == "A" => return Some('A'),
+                Some(w) if w == "B" => return Some('B'),
+                Some(w) if w == "TIE" => return Some('='),
+                _ => {}
+            }
+        }
+        from = i + 1;
+    }
+    None
+}
+
+/// One pair judged in both orders.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pairwise {
+    /// The first row won in both orders.
+    First,
+    /// The second row won in both orders.
+    Second,
+    /// A tie, or the orders disagreed (position bias), or a reply was unreadable.
+    Neither,
+}
+
+/// Pairwise results of one model against another over the instructions both answered.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PairwiseSummary {
+    /// Pairs compared.
+    pub pairs: usize,
+    /// Pairs the first model won in both orders.
+    pub first_wins: usize,
+    /// Pairs the second model won in both orders.
+    pub second_wins: usize,
+    /// Ties, order-dependent answers and unreadable replies.
+    pub neither: usize,
+    /// Mean code length of the first model's answers in those pairs, characters.
+    pub first_mean_chars: f64,
+    /// The same for the second model.
+    pub second_mean_chars: f64,
+}
+
 impl LlmJudge {
+    /// Compares `first`'s rows with `second`'s of the same id (at most `limit` pairs, 16 at
+    /// a time), each pair in both orders.
+    pub async fn compare(
+        &self,
+        first: &[EvalRow],
+        second: &[EvalRow],
+        limit: usize,
+    ) -> Result<(PairwiseSummary, Tally), String> {
+        use futures::StreamExt;
+        let by_id: BTreeMap<&str, &EvalRow> =
+            second.iter().map(|r| (r.row.id.as_str(), r)).collect();
+        let pairs: Vec<(EvalRow, EvalRow)> = first
+            .iter()
+            .filter_map(|a| {
+                by_id
+                    .get(a.row.id.as_str())
+                    .map(|b| (a.clone(), (*b).clone()))
+            })
+            .take(limit)
+            .collect();
+        let mut s = PairwiseSummary {
+            pairs: pairs.len(),
+            ..Default::default()
+        };
+        let mut tally = Tally::default();
+        let mut results = futures::stream::iter(pairs.into_iter().map(|(a, b)| async move {
+            let mut t = Tally::default();
+            let r = self.pairwise(&a, &b, &mut t).await;
+            (r, t, a.code.chars().count(), b.code.chars().count())
+        }))
+        .buffer_unordered(16);
+        while let Some((r, t, la, lb)) = results.next().await {
+            tally.add(&t);
+            match r? {
+                Pairwise::First => s.first_wins += 1,
+                Pairwise::Second => s.second_wins += 1,
+                Pairwise::Neither => s.neither += 1,
+            }
+            s.first_mean_chars += la as f64;
+            s.second_mean_chars += lb as f64;
+        }
+        if s.pairs > 0 {
+            s.first_mean_chars /= s.pairs as f64;
+            s.second_mean_chars /= s.pairs as f64;
+        }
+        Ok((s, tally))
+    }
+
+    /// Compares `first` and `second` (rows for the same instruction) twice, as A/B and as
+    /// B/A; a win counts only when both orders agree.
+    pub async fn pairwise(
+        &self,
+        first: &EvalRow,
+        second: &EvalRow,
+        tally: &mut Tally,
+    ) -> Result<Pairwise, String> {
+        let instruction = &first.row.instruction;
+        let id = &first.row.id;
+        let ab = self
+            .ask_text(
+                &format!("{id}-ab"),
+                pairwise_prompt(instruction, first, second),
+                tally,
+            )
+            .await?;
+        let ba = self
+            .ask_text(
+                &format!("{id}-ba"),
+                pairwise_prompt(instruction, second, first),
+                tally,
+            )
+            .await?;
+        Ok(match (parse_winner(&ab), parse_winner(&ba)) {
+            (Some('A'), Some('B')) => Pairwise::First,
+            (Some('B'), Some('A')) => Pairwise::Second,
+            (a, b) => {
+                if a.is_none() || b.is_none() {
+                    tally.unreadable += 1;
+                }
+                Pairwise::Neither
+            }
+        })
+    }
+
     async fn ask(
         &self,
         id: &str,
         text: String,
         tally: &mut Tally,
     ) -> Result<Option<BTreeMap<String, f64>>, String> {
+        let reply = self.ask_text(id, text, tally).await?;
+        let s = parse_scores(&reply);
+        if s.is_none() {
+            tally.unreadable += 1;
+        }
+        Ok(s)
+    }
+
+    /// The reply's text: from the cache, else from the provider (and then cached).
+    async fn ask_text(&self, id: &str, text: String, tally: &mut Tally) -> Result<String, String> {
         let req = ChatRequest {
             custom_id: id.to_string(),
             system: Some(SYSTEM.into()),
@@ -218,11 +370,7 @@ impl LlmJudge {
                 r
             }
         };
-        let s = parse_scores(&reply.text);
-        if s.is_none() {
-            tally.unreadable += 1;
-        }
-        Ok(s)
+        Ok(reply.text)
     }
 
     /// Scores `row` ungrounded and grounded; fills `row.llm_scores` (nothing when neither
@@ -282,6 +430,16 @@ mod tests {
         .is_none());
         assert!(parse_scores("no json here").is_none());
         assert!(parse_scores("{\"a\": 1} then {\"correctness\": 1, \"completeness\": 1, \"best_practices\": 1, \"instruction\": 1}").is_some());
+    }
+
+    #[test]
+    fn the_winner_is_read_from_json() {
+        assert_eq!(
+            parse_winner("I pick {\"winner\": \"b\", \"reason\": \"x\"}"),
+            Some('B')
+        );
+        assert_eq!(parse_winner("{\"winner\": \"tie\"}"), Some('='));
+        assert_eq!(parse_winner("A is better"), None);
     }
 
     #[test]

@@ -18,6 +18,9 @@ pub const FINE_TUNE_TAG: &str = " + LoRA";
 /// The tag the infer stage puts on the repair loop's rows (`<model> + repair (<turns>)`).
 pub const REPAIR_TAG: &str = " + repair (";
 
+/// Most base/fine-tune pairs the LLM judge compares in one report.
+const MAX_PAIRS: usize = 500;
+
 /// For each model the repair loop ran on: the single-shot model, the repaired one, and a
 /// sentence with both rates (DagBag's where it judged both, else the static judge's).
 pub fn repair_lines(s: &Summary) -> Vec<(String, String, String)> {
@@ -105,7 +108,12 @@ pub fn verdict(s: &Summary) -> Option<(String, String, f64, String)> {
 }
 
 /// Runs a report job.
-pub async fn run(job: &ReportJob, ctx: &JobContext) -> Result<JobOutput, JobError> {
+pub async fn run(
+    job: &ReportJob,
+    ctx: &JobContext,
+    llm: Option<&crate::llm::LlmJudge>,
+) -> Result<JobOutput, JobError> {
+    let mut evals: Vec<crate::EvalRow> = Vec::new();
     let mut summary = Summary::default();
     let mut judged = false;
     let mut train: Option<Value> = None;
@@ -128,6 +136,16 @@ pub async fn run(job: &ReportJob, ctx: &JobContext) -> Result<JobOutput, JobErro
             "train.json" => train = Some(json()?),
             "stats.json" => dataset = Some(json()?),
             "loss.png" => png = Some(data.clone()),
+            "eval.jsonl" if llm.is_some() => {
+                for l in String::from_utf8_lossy(&data)
+                    .lines()
+                    .filter(|l| !l.trim().is_empty())
+                {
+                    let r: crate::EvalRow = serde_json::from_str(l)
+                        .map_err(|e| JobError::fatal(format!("{}: {e}", r.key)))?;
+                    evals.push(r);
+                }
+            }
             _ => {}
         }
     }
@@ -139,6 +157,27 @@ pub async fn run(job: &ReportJob, ctx: &JobContext) -> Result<JobOutput, JobErro
     }
     for (_, _, text) in &repairs {
         md.push_str(&format!("{text}\n\n"));
+    }
+    // Pairwise, fine-tune against base, each pair in both orders (a win only when both agree).
+    let mut pairwise = None;
+    let mut out_metrics = Vec::new();
+    if let (Some(judge), Some((base, tuned, _, _))) = (llm, &v) {
+        let of = |m: &str| -> Vec<crate::EvalRow> {
+            evals.iter().filter(|r| r.row.model == m).cloned().collect()
+        };
+        let (p, t) = judge
+            .compare(&of(tuned), &of(base), MAX_PAIRS)
+            .await
+            .map_err(|e| JobError::retry(format!("LLM judge, pairwise: {e}")))?;
+        md.push_str(&format!(
+            "Pairwise, by the LLM judge in both orders (a win counts only when both agree): the fine-tune won {} of {} pairs, the base {}, and {} were ties or depended on the order. Mean length: fine-tune {:.0} characters, base {:.0}.\n\n",
+            p.first_wins, p.pairs, p.second_wins, p.neither, p.first_mean_chars, p.second_mean_chars
+        ));
+        out_metrics.push(("pairwise_fine_tune_wins", p.first_wins as f64));
+        out_metrics.push(("pairwise_base_wins", p.second_wins as f64));
+        out_metrics.push(("llm_requests", t.requests as f64));
+        out_metrics.push(("llm_cost_usd", t.cost_usd));
+        pairwise = Some(p);
     }
     if let Some(d) = &dataset {
         let rows = d["rows"].as_array();
@@ -187,6 +226,7 @@ pub async fn run(job: &ReportJob, ctx: &JobContext) -> Result<JobOutput, JobErro
         "base": v.as_ref().map(|x| x.0.clone()),
         "fine_tune": v.as_ref().map(|x| x.1.clone()),
         "validity_delta_points": v.as_ref().map(|x| x.2),
+        "pairwise": pairwise,
         "repair": repairs.iter().map(|r| json!({"single_shot": r.0, "with_repair": r.1, "text": r.2})).collect::<Vec<_>>(),
         "models": summary.models,
         "training": train,
@@ -204,6 +244,9 @@ pub async fn run(job: &ReportJob, ctx: &JobContext) -> Result<JobOutput, JobErro
     let mut out = JobOutput::default();
     if let Some((_, _, d, _)) = v {
         out = out.metric("validity_delta_points", d);
+    }
+    for (k, x) in out_metrics {
+        out = out.metric(k, x);
     }
     Ok(out)
 }

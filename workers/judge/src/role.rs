@@ -172,7 +172,13 @@ impl Handler for JudgeHandler {
     async fn handle(&self, env: &Envelope, ctx: &JobContext) -> Result<JobOutput, JobError> {
         let job = match &env.job {
             Job::Judge(job) => job,
-            Job::Report(job) => return crate::report::run(job, ctx).await,
+            Job::Report(job) => {
+                let judge = match &job.llm {
+                    Some(l) => Some(self.llm_judge(l, ctx)?),
+                    None => None,
+                };
+                return crate::report::run(job, ctx, judge.as_ref()).await;
+            }
             other => {
                 return Err(JobError::fatal(format!(
                     "the judge role got a `{}` job, which it does not run",
