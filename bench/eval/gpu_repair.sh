@@ -7,7 +7,9 @@
 #   dagfleet judge --rows --dagbag --airflow-version 2.10 generations.jsonl
 # Needs $MODEL (a staged GGUF), $BIN (the CUDA build), $NATS (a nats-server binary).
 #   bash bench/eval/gpu_repair.sh PROMPTS.jsonl
-# Knobs: REPAIR (2), MAX_TOKENS (1536), RUN_TIMEOUT (s, 480), DEVICE (cuda; `cpu` for a smoke
+# On one H200 with Qwen2.5-Coder-0.5B (2026-12-04) REPAIR=2 MAX_TOKENS=1024 took 369 s;
+# REPAIR=2 with 1,536 tokens did not finish within 500 s.
+# Knobs: REPAIR (2), MAX_TOKENS (1024), RUN_TIMEOUT (s, 540), DEVICE (cuda; `cpu` for a smoke
 # run), W (work dir, /root/repair), OUT (where repair.tgz goes).
 set -uo pipefail
 FINAL="${OUT:-/tmp/out}"; mkdir -p "$FINAL"
@@ -36,7 +38,7 @@ provider = "file"
 model = "$MODEL"
 [infer]
 prompts = "$PROMPTS"
-max_tokens = ${MAX_TOKENS:-1536}
+max_tokens = ${MAX_TOKENS:-1024}
 repair = ${REPAIR:-2}
 batch_rows = 194
 [limits]
@@ -45,7 +47,7 @@ TOML
 "$NATS" -js -a 127.0.0.1 -p "$NATS_PORT" -sd "$W/nats" > nats.log 2>&1 < /dev/null &
 sleep 1
 T0=$(date +%s)
-timeout -k 10 "${RUN_TIMEOUT:-480}" "$BIN" --config dagfleet.toml up --run spec.toml > up.log 2>&1 < /dev/null
+timeout -k 10 "${RUN_TIMEOUT:-540}" "$BIN" --config dagfleet.toml up --run spec.toml > up.log 2>&1 < /dev/null
 echo "up exit $? after $(( $(date +%s) - T0 )) s" | tee out/run.txt
 grep -v "will be retried" up.log | tail -30 >> out/run.txt
 R=$(ls -d .dagfleet/artifacts/runs/*/ | head -1)

@@ -111,6 +111,11 @@ pub async fn up(mut cfg: Config, run: Option<PathBuf>) -> Result<std::process::E
     } else {
         cfg.up.roles.clone()
     };
+    let names = wanted
+        .iter()
+        .map(|r| r.as_str())
+        .collect::<Vec<_>>()
+        .join(", ");
     for role in wanted {
         let (cfg, bus, store, s) = (cfg.clone(), bus.clone(), store.clone(), shutdown.clone());
         tasks.spawn(async move { roles::run_worker(role, &cfg, bus, store, s).await });
@@ -119,11 +124,7 @@ pub async fn up(mut cfg: Config, run: Option<PathBuf>) -> Result<std::process::E
         "dagfleet is up: NATS at {}, artifacts in {}, roles: {}",
         dagfleet_runtime::bus::redact_url(&cfg.nats.url),
         store.url(),
-        roles::built_in()
-            .iter()
-            .map(|r| r.as_str())
-            .collect::<Vec<_>>()
-            .join(", ")
+        names
     );
 
     let code = match text {
