@@ -483,3 +483,97 @@ llm_cap = 2
     assert_eq!(cached, 2.0 * rows.len() as f64);
     assert_eq!(teacher.chat_calls(), calls, "nothing was asked twice");
 }
+
+/// The LLM judge with a real model behind it: `dagfleet serve` with SmolLM2 on CPU as the
+/// judge model. A model that small often writes no readable rubric; every request is still
+/// answered, counted, and either scored or counted unreadable, and the run completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_llm_judge_runs_against_dagfleet_serve() {
+    init();
+    let port = free_port();
+    let serve = Proc::spawn(
+        &[
+            "serve",
+            smollm2().to_str().unwrap(),
+            "--addr",
+            &format!("127.0.0.1:{port}"),
+        ],
+        &[("DAGFLEET_INFERENCE__DEVICE", "cpu")],
+        None,
+    );
+    let t0 = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "dagfleet serve did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("dagfleet.toml");
+    std::fs::write(
+        &cfg,
+        format!("[providers.serve]\nkind = \"openai\"\nbase_url = \"http://127.0.0.1:{port}/v1\"\ntimeout = \"300s\"\n"),
+    )
+    .unwrap();
+    let spec = format!(
+        r#"name = "llm-serve"
+stages = ["mine", "judge"]
+
+[[sources]]
+kind = "dir"
+path = "{}"
+
+[mine]
+globs = ["**/valid_chain.py", "**/bad_hallucinated_module.py"]
+
+[models.judge]
+provider = "serve"
+model = "smollm2"
+
+[judge]
+llm = true
+llm_max_tokens = 96
+"#,
+        corpus().display()
+    );
+    up_run(dir.path(), &cfg, &spec, None).await;
+    let artifacts = dir.path().join(".dagfleet/artifacts");
+    let m = manifest(&artifacts, "llm-serve");
+    let judge: Vec<_> = m["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|j| j["stage"] == "judge")
+        .cloned()
+        .collect();
+    let metric = |k: &str| -> f64 {
+        judge
+            .iter()
+            .map(|j| j["metrics"][k].as_f64().unwrap_or(0.0))
+            .sum()
+    };
+    let rows = metric("rows");
+    assert_eq!(rows, 2.0, "{judge:?}");
+    assert_eq!(metric("llm_requests"), 2.0 * rows, "{judge:?}");
+    assert!(metric("llm_output_tokens") > 0.0);
+    let mut scored = 0.0;
+    for j in &judge {
+        for r in jsonl(&artifacts, output(j, "eval.jsonl")) {
+            if let Some(s) = r["llm_scores"].as_object() {
+                scored += 1.0;
+                if r["verdict"]["valid"] == false {
+                    if let Some(c) = s.get("correctness").and_then(|c| c.as_f64()) {
+                        assert!(c <= 2.0, "the cap holds for a real model's scores too: {r}");
+                    }
+                }
+            }
+        }
+    }
+    // Each row has scores unless both its replies were unreadable.
+    assert!(
+        scored + metric("llm_unreadable") / 2.0 >= rows,
+        "scored {scored}, {judge:?}"
+    );
+    serve.term();
+}

@@ -557,11 +557,22 @@ impl<'s, 't> Walker<'s, 't> {
         let schedule = kwarg(call, "schedule", self.src)
             .or_else(|| kwarg(call, "schedule_interval", self.src))
             .map(|s| self.t(s).to_string());
+        let splat = call.child_by_field_name("arguments").is_some_and(|a| {
+            let mut c = a.walk();
+            let found = a
+                .named_children(&mut c)
+                .any(|x| x.kind() == "dictionary_splat");
+            found
+        });
+        let may_have_start_date = splat
+            || kwarg(call, "start_date", self.src).is_some()
+            || kwarg(call, "default_args", self.src).is_some();
         self.dags.push(Dag {
             dag_id: id,
             style,
             line: line(call),
             schedule,
+            may_have_start_date,
         });
         self.dags.len() - 1
     }
@@ -908,6 +919,7 @@ impl<'s, 't> Walker<'s, 't> {
                     style: DagStyle::Decorator,
                     line: line(call),
                     schedule: None,
+                    may_have_start_date: false,
                 });
                 self.dags.len() - 1
             }

@@ -202,6 +202,35 @@ fn analyze_tree(flat: &tree::Tree, src: &str, opts: &Options) -> Report {
             "no DAG is defined".into(),
         ));
     }
+    // Airflow 2 raises `DAG is missing the start_date parameter` for a DAG with a time-based
+    // schedule and no start date (measured with 2.10.5: a cron string, a preset such as
+    // `@daily` or `@once`, a timedelta; no schedule, `None` or a dataset list load). Airflow 3
+    // made it optional. Only where nothing in the file names a start date (a task's own,
+    // default_args built elsewhere) and the schedule is written out: no guess.
+    if opts.airflow_version < (3, 0) && !src.contains("start_date") {
+        for d in &w.dags {
+            let timed = d.schedule.as_deref().is_some_and(|s| {
+                let s = s.trim();
+                s.starts_with(['"', '\''])
+                    || s.starts_with("timedelta(")
+                    || s.starts_with("datetime.timedelta(")
+            });
+            if !d.may_have_start_date && timed {
+                findings.push(finding(
+                    Category::WrongArgument,
+                    Severity::Error,
+                    d.line,
+                    format!(
+                        "DAG {}has schedule {} and no start_date: Airflow {}.{} refuses it (`DAG is missing the start_date parameter`); give DAG(start_date=...) or default_args={{\"start_date\": ...}}",
+                        d.dag_id.as_deref().map(|id| format!("`{id}` ")).unwrap_or_default(),
+                        d.schedule.as_deref().unwrap_or_default(),
+                        opts.airflow_version.0,
+                        opts.airflow_version.1,
+                    ),
+                ));
+            }
+        }
+    }
     if w.dags.len() > 1 {
         findings.push(finding(
             Category::MultipleDags,

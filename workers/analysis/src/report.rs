@@ -94,6 +94,10 @@ pub struct Dag {
     pub line: usize,
     /// The `schedule` / `schedule_interval` argument as written.
     pub schedule: Option<String>,
+    /// Its definition may give a start date: a `start_date=` or `default_args=` argument, or
+    /// `**` keyword splats. Airflow 2 refuses a DAG with a time-based schedule without one.
+    #[serde(default)]
+    pub may_have_start_date: bool,
 }
 
 /// One task.

@@ -2,7 +2,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use dagfleet_analysis::{analyze, Category, DagStyle, Options, Report};
+use dagfleet_analysis::{analyze, Category, DagStyle, Options, Report, Severity};
 
 fn run(src: &str) -> Report {
     analyze(src, &Options::default())
@@ -146,12 +146,13 @@ fn dag_in_strings_and_comments_is_not_a_dag() {
 #[test]
 fn task_groups_prefix_task_ids_and_chain_links() {
     let r = run(r#"
+from datetime import datetime
 from airflow import DAG
 from airflow.models.baseoperator import chain, cross_downstream
 from airflow.operators.empty import EmptyOperator
 from airflow.utils.task_group import TaskGroup
 
-with DAG("groups") as dag:
+with DAG("groups", start_date=datetime(2024, 1, 1)) as dag:
     s = EmptyOperator(task_id="s")
     with TaskGroup("section") as tg:
         x = EmptyOperator(task_id="x")
@@ -400,4 +401,61 @@ with DAG("d", start_date=pendulum.datetime(2024, 1, 1, tz="UTC"), schedule=None)
         "{:?}",
         r.findings
     );
+}
+
+#[test]
+fn a_timed_schedule_without_start_date_is_refused_on_airflow_2_only() {
+    // What Airflow 2.10.5's DagBag does with each (measured): refuses the first three.
+    let src = "from airflow import DAG\nfrom airflow.operators.bash import BashOperator\ndag = DAG('d', schedule='@daily')\nt = BashOperator(task_id='t', bash_command='echo', dag=dag)\n";
+    for bad in [
+        src.to_string(),
+        src.replace("schedule='@daily'", "schedule_interval='0 0 * * *'"),
+        src.replace("schedule='@daily'", "schedule=timedelta(days=1)"),
+    ] {
+        let r = run(&bad);
+        let f: Vec<_> = r
+            .findings
+            .iter()
+            .filter(|f| f.message.contains("no start_date"))
+            .collect();
+        assert_eq!(f.len(), 1, "{bad}: {:?}", r.findings);
+        assert_eq!(
+            (f[0].category, f[0].severity),
+            (Category::WrongArgument, Severity::Error)
+        );
+    }
+    let on3 = analyze(
+        src,
+        &Options {
+            airflow_version: (3, 0),
+        },
+    );
+    assert!(!on3
+        .findings
+        .iter()
+        .any(|f| f.message.contains("no start_date")));
+    // A start date anywhere (the DAG's, default_args, a task's own), ** splats, no schedule,
+    // None, a dataset list or a schedule held in a variable: no finding.
+    for ok in [
+        src.replace(
+            "schedule='@daily'",
+            "schedule='@daily', start_date=datetime(2024, 1, 1)",
+        ),
+        src.replace("schedule='@daily'", "schedule='@daily', default_args=args"),
+        src.replace("schedule='@daily'", "schedule='@daily', **common"),
+        src.replace("bash_command='echo'", "bash_command='echo', start_date=x"),
+        src.replace("schedule='@daily'", "schedule=None"),
+        src.replace(", schedule='@daily'", ""),
+        src.replace("schedule='@daily'", "schedule=[ds]"),
+        src.replace("schedule='@daily'", "schedule=SCHEDULE"),
+    ] {
+        let r = run(&ok);
+        assert!(
+            !r.findings
+                .iter()
+                .any(|f| f.message.contains("no start_date")),
+            "{ok}: {:?}",
+            r.findings
+        );
+    }
 }

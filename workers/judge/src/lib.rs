@@ -571,7 +571,7 @@ fn top(counts: &BTreeMap<String, usize>) -> String {
 mod tests {
     use super::*;
 
-    const GOOD: &str = "from airflow import DAG\nfrom airflow.operators.empty import EmptyOperator\nwith DAG('d') as dag:\n    EmptyOperator(task_id='a')\n";
+    const GOOD: &str = "from datetime import datetime\nfrom airflow import DAG\nfrom airflow.operators.empty import EmptyOperator\nwith DAG('d', start_date=datetime(2024, 1, 1)) as dag:\n    EmptyOperator(task_id='a')\n";
 
     #[test]
     fn fenced_and_bare_code() {
