@@ -529,7 +529,7 @@ globs = ["**/valid_chain.py", "**/bad_hallucinated_module.py"]
 
 [models.judge]
 provider = "serve"
-model = "smollm2"
+model = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 [judge]
 llm = true

@@ -67,6 +67,31 @@ impl Tally {
     }
 }
 
+/// Why the LLM judge could not score.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlmError {
+    /// What went wrong.
+    pub message: String,
+    /// The provider refused the request (a 4xx other than 429: a model it does not serve,
+    /// a bad key): asking again will not help.
+    pub refused: bool,
+}
+
+impl std::fmt::Display for LlmError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl From<dagfleet_runtime::StoreError> for LlmError {
+    fn from(e: dagfleet_runtime::StoreError) -> Self {
+        Self {
+            message: e.to_string(),
+            refused: false,
+        }
+    }
+}
+
 const SYSTEM: &str = "You are a senior Apache Airflow reviewer. You grade DAG files strictly and answer only with JSON.";
 
 /// The findings the grounded prompt carries: the static judge's errors and DagBag's verdict.
@@ -238,7 +263,7 @@ impl LlmJudge {
         first: &[EvalRow],
         second: &[EvalRow],
         limit: usize,
-    ) -> Result<(PairwiseSummary, Tally), String> {
+    ) -> Result<(PairwiseSummary, Tally), LlmError> {
         use futures::StreamExt;
         let by_id: BTreeMap<&str, &EvalRow> =
             second.iter().map(|r| (r.row.id.as_str(), r)).collect();
@@ -286,7 +311,7 @@ impl LlmJudge {
         first: &EvalRow,
         second: &EvalRow,
         tally: &mut Tally,
-    ) -> Result<Pairwise, String> {
+    ) -> Result<Pairwise, LlmError> {
         let instruction = &first.row.instruction;
         let id = &first.row.id;
         let ab = self
@@ -320,7 +345,7 @@ impl LlmJudge {
         id: &str,
         text: String,
         tally: &mut Tally,
-    ) -> Result<Option<BTreeMap<String, f64>>, String> {
+    ) -> Result<Option<BTreeMap<String, f64>>, LlmError> {
         let reply = self.ask_text(id, text, tally).await?;
         let s = parse_scores(&reply);
         if s.is_none() {
@@ -330,7 +355,12 @@ impl LlmJudge {
     }
 
     /// The reply's text: from the cache, else from the provider (and then cached).
-    async fn ask_text(&self, id: &str, text: String, tally: &mut Tally) -> Result<String, String> {
+    async fn ask_text(
+        &self,
+        id: &str,
+        text: String,
+        tally: &mut Tally,
+    ) -> Result<String, LlmError> {
         let req = ChatRequest {
             custom_id: id.to_string(),
             system: Some(SYSTEM.into()),
@@ -343,7 +373,7 @@ impl LlmJudge {
         };
         let key = ResponseCache::key(&self.provider, &self.settings.model, &req);
         let cached = match &self.cache {
-            Some(c) => c.get(&key).await.map_err(|e| e.to_string())?,
+            Some(c) => c.get(&key).await?,
             None => None,
         };
         let reply = match cached {
@@ -356,7 +386,10 @@ impl LlmJudge {
                     .provider
                     .chat(&self.settings.model, &req)
                     .await
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| LlmError {
+                        refused: matches!(e, dagfleet_providers::ProviderError::Refused { .. }),
+                        message: e.to_string(),
+                    })?;
                 tally.requests += 1;
                 tally.usage.input_tokens += r.usage.input_tokens;
                 tally.usage.output_tokens += r.usage.output_tokens;
@@ -365,7 +398,7 @@ impl LlmJudge {
                     .cost(&self.settings.model, r.usage, false)
                     .unwrap_or(0.0);
                 if let Some(c) = &self.cache {
-                    c.put(&key, &r).await.map_err(|e| e.to_string())?;
+                    c.put(&key, &r).await?;
                 }
                 r
             }
@@ -375,7 +408,7 @@ impl LlmJudge {
 
     /// Scores `row` ungrounded and grounded; fills `row.llm_scores` (nothing when neither
     /// reply could be read) and returns what it cost. Provider errors are errors.
-    pub async fn score(&self, row: &mut EvalRow) -> Result<Tally, String> {
+    pub async fn score(&self, row: &mut EvalRow) -> Result<Tally, LlmError> {
         let mut tally = Tally::default();
         let instruction = row.row.instruction.clone();
         let ungrounded = self

@@ -168,7 +168,14 @@ pub async fn run(
         let (p, t) = judge
             .compare(&of(tuned), &of(base), MAX_PAIRS)
             .await
-            .map_err(|e| JobError::retry(format!("LLM judge, pairwise: {e}")))?;
+            .map_err(|e| {
+                let m = format!("LLM judge, pairwise: {e}");
+                if e.refused {
+                    JobError::fatal(m)
+                } else {
+                    JobError::retry(m)
+                }
+            })?;
         md.push_str(&format!(
             "Pairwise, by the LLM judge in both orders (a win counts only when both agree): the fine-tune won {} of {} pairs, the base {}, and {} were ties or depended on the order. Mean length: fine-tune {:.0} characters, base {:.0}.\n\n",
             p.first_wins, p.pairs, p.second_wins, p.neither, p.first_mean_chars, p.second_mean_chars

@@ -254,7 +254,12 @@ impl Handler for JudgeHandler {
                 .buffer_unordered(16);
                 while let Some((n, r, t)) = stream.next().await {
                     let t = t.map_err(|e| {
-                        JobError::retry(format!("LLM judge `{}`: {e}", l.model.model))
+                        let m = format!("LLM judge `{}`: {e}", l.model.model);
+                        if e.refused {
+                            JobError::fatal(m)
+                        } else {
+                            JobError::retry(m)
+                        }
                     })?;
                     tally.add(&t);
                     scored.push((n, r));
