@@ -175,23 +175,7 @@ fn the_repair_loop_runs_through_the_coordinator_and_the_report_compares_it() {
 #[test]
 fn dagfleet_generate_judges_and_repairs_against_a_served_model() {
     set_dagfleet_bin(env!("CARGO_BIN_EXE_dagfleet"));
-    let port = free_port();
-    let serve = Proc::spawn(
-        &[
-            "serve",
-            smollm2().to_str().unwrap(),
-            "--addr",
-            &format!("127.0.0.1:{port}"),
-        ],
-        &[("DAGFLEET_INFERENCE__DEVICE", "cpu")],
-        None,
-    );
-    let url = format!("http://127.0.0.1:{port}");
-    let t0 = std::time::Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(t0.elapsed().as_secs() < 60, "dagfleet serve did not start");
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    let (serve, url) = serve_smollm2();
     let dir = tempfile::tempdir().unwrap();
     let out_file = dir.path().join("dag.py");
     let out = std::process::Command::new(dagfleet_bin())
@@ -265,23 +249,7 @@ fn dagfleet_generate_judges_and_repairs_against_a_served_model() {
 #[test]
 fn dagfleet_serve_answers_v1_dags_and_the_dagfleet_agent_model() {
     set_dagfleet_bin(env!("CARGO_BIN_EXE_dagfleet"));
-    let port = free_port();
-    let serve = Proc::spawn(
-        &[
-            "serve",
-            smollm2().to_str().unwrap(),
-            "--addr",
-            &format!("127.0.0.1:{port}"),
-        ],
-        &[("DAGFLEET_INFERENCE__DEVICE", "cpu")],
-        None,
-    );
-    let url = format!("http://127.0.0.1:{port}");
-    let t0 = std::time::Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(t0.elapsed().as_secs() < 60, "dagfleet serve did not start");
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    let (serve, url) = serve_smollm2();
     let (status, body) = http_post(
         &format!("{url}/v1/dags"),
         r#"{"instruction": "Write an Airflow DAG named hello with one BashOperator task.", "max_attempts": 2, "max_tokens": 120}"#,
@@ -416,28 +384,13 @@ fn http_get(url: &str) -> String {
 #[test]
 fn the_mcp_server_answers_the_official_python_client() {
     set_dagfleet_bin(env!("CARGO_BIN_EXE_dagfleet"));
-    let port = free_port();
-    let serve = Proc::spawn(
-        &[
-            "serve",
-            smollm2().to_str().unwrap(),
-            "--addr",
-            &format!("127.0.0.1:{port}"),
-        ],
-        &[("DAGFLEET_INFERENCE__DEVICE", "cpu")],
-        None,
-    );
-    let t0 = std::time::Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(t0.elapsed().as_secs() < 60, "dagfleet serve did not start");
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    let (serve, url) = serve_smollm2();
     let python = std::env::var("DAGFLEET_PYTHON").unwrap_or_else(|_| "python3".into());
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/mcp/client.py");
     let out = std::process::Command::new(&python)
         .arg(script)
         .arg(dagfleet_bin())
-        .arg(format!("http://127.0.0.1:{port}"))
+        .arg(&url)
         .arg(format!("http://127.0.0.1:{}", free_port()))
         .arg(free_port().to_string())
         .output()

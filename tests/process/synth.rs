@@ -490,30 +490,14 @@ llm_cap = 2
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_llm_judge_runs_against_dagfleet_serve() {
     init();
-    let port = free_port();
-    let serve = Proc::spawn(
-        &[
-            "serve",
-            smollm2().to_str().unwrap(),
-            "--addr",
-            &format!("127.0.0.1:{port}"),
-        ],
-        &[("DAGFLEET_INFERENCE__DEVICE", "cpu")],
-        None,
-    );
-    let t0 = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "dagfleet serve did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let (serve, url) = tokio::task::spawn_blocking(serve_smollm2).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("dagfleet.toml");
     std::fs::write(
         &cfg,
-        format!("[providers.serve]\nkind = \"openai\"\nbase_url = \"http://127.0.0.1:{port}/v1\"\ntimeout = \"300s\"\n"),
+        format!(
+            "[providers.serve]\nkind = \"openai\"\nbase_url = \"{url}/v1\"\ntimeout = \"300s\"\n"
+        ),
     )
     .unwrap();
     let spec = format!(

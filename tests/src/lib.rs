@@ -468,3 +468,26 @@ pub fn smollm2() -> PathBuf {
     );
     p
 }
+
+/// `dagfleet serve` over SmolLM2 on CPU on a free loopback port, once it accepts
+/// connections: the process (stopped on drop) and its base URL. Needs
+/// [`set_dagfleet_bin`] first.
+pub fn serve_smollm2() -> (Proc, String) {
+    let port = free_port();
+    let serve = Proc::spawn(
+        &[
+            "serve",
+            smollm2().to_str().unwrap_or_default(),
+            "--addr",
+            &format!("127.0.0.1:{port}"),
+        ],
+        &[("DAGFLEET_INFERENCE__DEVICE", "cpu")],
+        None,
+    );
+    let t0 = std::time::Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(t0.elapsed().as_secs() < 60, "dagfleet serve did not start");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    (serve, format!("http://127.0.0.1:{port}"))
+}

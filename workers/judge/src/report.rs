@@ -21,6 +21,24 @@ pub const REPAIR_TAG: &str = " + repair (";
 /// Most base/fine-tune pairs the LLM judge compares in one report.
 const MAX_PAIRS: usize = 500;
 
+/// `(rate, passing, rows)` of two models by one measure, and what passing means: Airflow's
+/// own DagBag where it judged both, else the static judge.
+type Rate = (f64, usize, usize);
+fn rates(a: &crate::ModelSummary, b: &crate::ModelSummary) -> (&'static str, Rate, Rate) {
+    match (&a.dagbag, &b.dagbag) {
+        (Some(da), Some(db)) => (
+            "load cleanly in Airflow's DagBag",
+            (da.clean_rate, da.clean, da.rows),
+            (db.clean_rate, db.clean, db.rows),
+        ),
+        _ => (
+            "are valid",
+            (a.validity_rate, a.valid, a.rows),
+            (b.validity_rate, b.valid, b.rows),
+        ),
+    }
+}
+
 /// For each model the repair loop ran on: the single-shot model, the repaired one, and a
 /// sentence with both rates (DagBag's where it judged both, else the static judge's).
 pub fn repair_lines(s: &Summary) -> Vec<(String, String, String)> {
@@ -35,18 +53,7 @@ pub fn repair_lines(s: &Summary) -> Vec<(String, String, String)> {
         let Some(b) = s.models.get(single) else {
             continue;
         };
-        let (what, (rr, rn, rrows), (br, bn, brows)) = match (&r.dagbag, &b.dagbag) {
-            (Some(dr), Some(db)) => (
-                "load cleanly in Airflow's DagBag",
-                (dr.clean_rate, dr.clean, dr.rows),
-                (db.clean_rate, db.clean, db.rows),
-            ),
-            _ => (
-                "are valid",
-                (r.validity_rate, r.valid, r.rows),
-                (b.validity_rate, b.valid, b.rows),
-            ),
-        };
+        let (what, (rr, rn, rrows), (br, bn, brows)) = rates(r, b);
         out.push((
             single.to_string(),
             rep.clone(),
@@ -73,19 +80,7 @@ pub fn verdict(s: &Summary) -> Option<(String, String, f64, String)> {
             && (m.as_str() == base_name || m.ends_with(&format!("/{base_name}")))
     })?;
     let (b, t) = (&s.models[base], &s.models[tuned]);
-    // Airflow's own DagBag decides where it ran on both; else the static judge.
-    let (what, (tr, tn, trows), (br, bn, brows)) = match (&t.dagbag, &b.dagbag) {
-        (Some(dt), Some(db)) => (
-            "load cleanly in Airflow's DagBag",
-            (dt.clean_rate, dt.clean, dt.rows),
-            (db.clean_rate, db.clean, db.rows),
-        ),
-        _ => (
-            "are valid",
-            (t.validity_rate, t.valid, t.rows),
-            (b.validity_rate, b.valid, b.rows),
-        ),
-    };
+    let (what, (tr, tn, trows), (br, bn, brows)) = rates(t, b);
     let delta = 100.0 * (tr - br);
     let text = format!(
         "The fine-tune {} its base: {:.1}% of its DAGs {what} ({} of {}) against {:.1}% ({} of {}), {:+.1} points.",
