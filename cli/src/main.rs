@@ -499,39 +499,15 @@ async fn real_main() -> Result<std::process::ExitCode> {
             #[cfg(feature = "agent")]
             airflow_version,
         } => {
-            use dagfleet_inference::SettingsExt;
-            let s = &cfg.inference;
-            let device = s.device().map_err(anyhow::Error::msg)?;
-            let path = s.resolve(&model);
-            let (m, codec) = dagfleet_inference::load_with(&path, &device, &s.load_options())?;
-            let name = path
-                .file_name()
-                .map(|n| n.to_string_lossy().to_string())
-                .unwrap_or(model.clone());
-            let ctx = m.cfg.context;
-            let engine =
-                dagfleet_inference::Engine::start(m, codec, s.engine.clone(), name.clone());
-            let listener = tokio::net::TcpListener::bind(&addr)
-                .await
-                .with_context(|| format!("binding {addr}"))?;
-            println!(
-                "serving {name} ({device:?}, context {ctx}, max_batch {}) on http://{}",
-                s.engine.max_batch,
-                listener.local_addr()?
-            );
-            let stop = tokio_util::sync::CancellationToken::new();
-            let s2 = stop.clone();
-            tokio::spawn(async move {
-                let _ = tokio::signal::ctrl_c().await;
-                s2.cancel();
-            });
-            let app = dagfleet_inference::server::router(engine.clone());
-            #[cfg(feature = "agent")]
-            let app = {
-                let svc = generate::agent_service(&cfg, engine, dagbag, &airflow_version)?;
-                dagfleet_agent::http::with_agent(app, std::sync::Arc::new(svc))
-            };
-            dagfleet_inference::server::serve_router(listener, app, stop).await?;
+            dagfleet_inference::server::run(&cfg.inference, &model, &addr, |app, _engine| {
+                #[cfg(feature = "agent")]
+                let app = {
+                    let svc = generate::agent_service(&cfg, _engine, dagbag, &airflow_version)?;
+                    dagfleet_agent::http::with_agent(app, std::sync::Arc::new(svc))
+                };
+                Ok(app)
+            })
+            .await?;
         }
     }
     Ok(std::process::ExitCode::SUCCESS)
@@ -543,58 +519,20 @@ async fn mine_local(
     spec: &std::path::Path,
     out: Option<&std::path::Path>,
 ) -> Result<std::process::ExitCode> {
-    use dagfleet_protocol::jobs::Source;
-    use std::io::Write;
     let text = std::fs::read_to_string(spec)
         .with_context(|| format!("reading run spec {}", spec.display()))?;
     let spec: dagfleet_protocol::RunSpec = toml::from_str(&text)
         .map_err(|e| anyhow::anyhow!("run spec is not valid TOML for dagfleet: {e}"))?;
-    if spec.sources.is_empty() {
-        anyhow::bail!("run spec key `sources`: mining needs at least one source");
-    }
-    let globs = dagfleet_miner::globset(&spec.mine.globs).map_err(|e| anyhow::anyhow!(e))?;
-    let mut sink: Box<dyn Write> = match out {
+    let mut sink: Box<dyn std::io::Write> = match out {
         Some(p) => {
             Box::new(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?)
         }
         None => Box::new(std::io::stdout().lock()),
     };
-    let mut all = Vec::new();
-    for src in &spec.sources {
-        let refs = match src {
-            Source::Github { refs, .. } | Source::Git { refs, .. } => refs.clone(),
-            Source::Pypi { versions, .. } => versions.clone(),
-            Source::Dir {
-                airflow_version, ..
-            } => {
-                vec![airflow_version.clone().unwrap_or_default()]
-            }
-        };
-        let name = dagfleet_miner::sources::source_name(src);
-        for r in refs {
-            let (mined, summary) = match dagfleet_miner::sources::read(src, &r, &globs).await {
-                Ok(files) => dagfleet_miner::mine_files(&name, &r, files, &globs),
-                Err(e) => {
-                    eprintln!("{name}@{r}: {e}");
-                    continue;
-                }
-            };
-            all.extend(mined);
-            eprintln!("{}", serde_json::to_string(&summary)?);
-        }
-    }
-    // The same file in several versions becomes one record listing them; listing newer
-    // versions first in the spec keeps the newest text.
-    let found = all.len();
-    let merged = dagfleet_miner::merge_versions(all);
-    for m in &merged {
-        serde_json::to_writer(&mut sink, m)?;
-        sink.write_all(b"\n")?;
-    }
-    sink.flush()?;
+    let n = dagfleet_miner::local::mine_spec(&spec, &mut sink, &mut |l| eprintln!("{l}")).await?;
     eprintln!(
-        "{found} DAG files, {} after merging identical files across versions",
-        merged.len()
+        "{} DAG files, {} after merging identical files across versions",
+        n.found, n.written
     );
     Ok(std::process::ExitCode::SUCCESS)
 }

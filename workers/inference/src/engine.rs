@@ -11,8 +11,8 @@ use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use crate::model::{BatchKv, Model};
-use crate::tokenizer::{ChatMessage, TextCodec};
 use crate::InferError;
+use dagfleet_models::{ChatMessage, TextCodec};
 
 /// How to generate.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -273,7 +273,7 @@ impl Engine {
                 events: etx,
                 submitted: Instant::now(),
             })
-            .map_err(|_| InferError::Model("the engine thread has stopped".into()))?;
+            .map_err(|_| InferError::Engine("the engine thread has stopped".into()))?;
         Ok(erx)
     }
 
@@ -307,11 +307,11 @@ pub async fn collect(
         match ev {
             GenEvent::Delta(_) => {}
             GenEvent::Done(text, stats) => return Ok((text, stats)),
-            GenEvent::Error(e) => return Err(InferError::Model(e)),
+            GenEvent::Error(e) => return Err(InferError::Engine(e)),
             GenEvent::Deadline(e) => return Err(InferError::Deadline(e)),
         }
     }
-    Err(InferError::Model("the engine dropped the request".into()))
+    Err(InferError::Engine("the engine dropped the request".into()))
 }
 
 fn sampler(p: &GenParams) -> LogitsProcessor {

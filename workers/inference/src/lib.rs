@@ -1,34 +1,42 @@
 //! The inference role: continuous-batching generation with candle on CUDA, Metal or CPU.
 //!
-//! - [`model`]: Llama- and Qwen2-family decoders loaded from GGUF or safetensors, one KV
-//!   cache per sequence;
-//! - [`tokenizer`]: tokenizer and chat template from GGUF metadata or `tokenizer.json`;
+//! - [`model`]: Llama- and Qwen2-family decoders loaded from GGUF or safetensors (read by
+//!   `dagfleet-models`), one KV cache per sequence;
 //! - [`engine`]: the scheduler thread (continuous batching within a KV token budget,
 //!   sampling, stop strings, finish reasons, timings);
-//! - [`server`]: the OpenAI-compatible HTTP server;
+//! - [`server`] (feature `server`): the OpenAI-compatible HTTP server and `dagfleet serve`;
 //! - [`role`]: inference-batch jobs on the queue.
+//!
+//! The tokenizer and chat template ([`TextCodec`]) and device selection come from
+//! `dagfleet-models`, shared with the trainer.
 
 pub mod agent;
 pub mod engine;
 pub mod model;
 pub mod role;
+#[cfg(feature = "server")]
 pub mod server;
-pub mod tokenizer;
 
 use std::path::Path;
 
+pub use dagfleet_models::{default_device, device_named, ChatMessage, ModelError, TextCodec};
 pub use engine::{Engine, EngineConfig, FinishReason, GenEvent, GenParams, GenStats};
 pub use model::Model;
-pub use role::{device_named, InferHandler, InferenceSettings, SettingsExt};
-pub use tokenizer::{ChatMessage, TextCodec};
+pub use role::{InferHandler, InferenceSettings, SettingsExt};
 
 /// Why inference failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum InferError {
-    /// The model cannot be loaded or run.
+    /// The model cannot be loaded.
     #[error("model: {0}")]
-    Model(String),
+    Model(#[source] ModelError),
+    /// A tensor operation of the forward pass failed.
+    #[error("model: {0}")]
+    Tensor(#[from] candle_core::Error),
+    /// The engine cannot run the request (its thread stopped, a step failed).
+    #[error("model: {0}")]
+    Engine(String),
     /// The request cannot be served as asked.
     #[error("bad request: {0}")]
     Request(String),
@@ -40,17 +48,15 @@ pub enum InferError {
     Deadline(String),
 }
 
-/// The device to run on: CUDA or Metal when built with the feature and present, else CPU.
-pub fn default_device() -> candle_core::Device {
-    #[cfg(feature = "cuda")]
-    if let Ok(d) = candle_core::Device::new_cuda(0) {
-        return d;
+impl From<ModelError> for InferError {
+    /// Text the tokenizer or chat template cannot take is the request's fault; the rest is
+    /// the model's.
+    fn from(e: ModelError) -> Self {
+        match e {
+            ModelError::Text(m) => InferError::Request(m),
+            other => InferError::Model(other),
+        }
     }
-    #[cfg(feature = "metal")]
-    if let Ok(d) = candle_core::Device::new_metal(0) {
-        return d;
-    }
-    candle_core::Device::Cpu
 }
 
 /// Loads a model and its tokenizer from a `.gguf` file or a safetensors directory.

@@ -17,23 +17,10 @@ use crate::{ChatMessage, Engine};
 
 pub use dagfleet_runtime::config::InferenceSettings;
 
-/// The device `name` (`auto`, `cpu`, `cuda`, `metal`) names; errors name the setting `key`.
-pub fn device_named(name: &str, key: &str) -> Result<candle_core::Device, String> {
-    match name {
-        "auto" => Ok(crate::default_device()),
-        "cpu" => Ok(candle_core::Device::Cpu),
-        "cuda" => candle_core::Device::new_cuda(0)
-            .map_err(|e| format!("{key} = \"cuda\": {e} (build with --features cuda)")),
-        "metal" => candle_core::Device::new_metal(0)
-            .map_err(|e| format!("{key} = \"metal\": {e} (build with --features metal on macOS)")),
-        other => Err(format!("{key} `{other}` must be auto, cpu, cuda or metal")),
-    }
-}
-
 /// Device and model-path resolution of [`InferenceSettings`].
 pub trait SettingsExt {
     /// The device named by `device`.
-    fn device(&self) -> Result<candle_core::Device, String>;
+    fn device(&self) -> Result<candle_core::Device, dagfleet_models::ModelError>;
     /// The file or directory a model name refers to.
     fn resolve(&self, model: &str) -> PathBuf;
     /// Load options from the settings.
@@ -41,8 +28,8 @@ pub trait SettingsExt {
 }
 
 impl SettingsExt for InferenceSettings {
-    fn device(&self) -> Result<candle_core::Device, String> {
-        device_named(&self.device, "inference.device")
+    fn device(&self) -> Result<candle_core::Device, dagfleet_models::ModelError> {
+        dagfleet_models::device_named(&self.device, "inference.device")
     }
 
     fn load_options(&self) -> crate::model::LoadOptions {
@@ -92,13 +79,13 @@ struct RequestRow {
 
 impl InferHandler {
     /// A handler with these settings; loads `preload` now when set.
-    pub fn new(settings: InferenceSettings) -> Result<Self, String> {
+    pub fn new(settings: InferenceSettings) -> Result<Self, JobError> {
         let h = Self {
             settings,
             engines: Arc::default(),
         };
         if let Some(m) = h.settings.preload.clone() {
-            h.engine(&m).map_err(|e| e.to_string())?;
+            h.engine(&m)?;
         }
         Ok(h)
     }
@@ -127,7 +114,10 @@ impl InferHandler {
         {
             return Ok(e.clone());
         }
-        let device = self.settings.device().map_err(JobError::fatal)?;
+        let device = self
+            .settings
+            .device()
+            .map_err(|e| JobError::fatal(e.to_string()))?;
         let mut opts = self.settings.load_options();
         opts.adapter = adapter;
         let (m, codec) =
@@ -151,27 +141,8 @@ impl InferHandler {
         ctx: &JobContext,
         files: &[(&ArtifactRef, &str)],
     ) -> Result<PathBuf, JobError> {
-        let first = files
-            .first()
-            .map(|(r, _)| r.sha256.as_str())
-            .unwrap_or("none");
-        let dir = Path::new(&self.settings.models_dir)
-            .join(".store")
-            .join(&first[..first.len().min(16)]);
-        for (r, name) in files {
-            let p = dir.join(name);
-            if p.exists() {
-                ctx.note_input((*r).clone());
-                continue;
-            }
-            let data = ctx.read(r).await?;
-            let io = |e: std::io::Error| JobError::retry(format!("caching {}: {e}", p.display()));
-            tokio::fs::create_dir_all(&dir).await.map_err(io)?;
-            let tmp = dir.join(format!(".{name}.part"));
-            tokio::fs::write(&tmp, &data).await.map_err(io)?;
-            tokio::fs::rename(&tmp, &p).await.map_err(io)?;
-        }
-        Ok(dir)
+        let root = Path::new(&self.settings.models_dir).join(".store");
+        ctx.local_files(&root, files).await
     }
 
     async fn run(&self, job: &InferBatch, ctx: &JobContext) -> Result<JobOutput, JobError> {
@@ -184,17 +155,15 @@ impl InferHandler {
                 self.engine_at(dir.join(&name), None, &job.model.model)?
             }
             (None, Some(a)) => {
-                let cfg_key = a
-                    .key
-                    .replace("adapter_model.safetensors", "adapter_config.json");
-                let cfg = ctx.store().get_opt(&cfg_key).await?.ok_or_else(|| {
-                    JobError::fatal(format!("the adapter's config `{cfg_key}` is missing"))
-                })?;
-                let cfg_ref = ArtifactRef {
-                    key: cfg_key,
-                    sha256: dagfleet_runtime::sha256_hex(&cfg),
-                    bytes: cfg.len() as u64,
-                };
+                let (cfg_ref, _) = ctx
+                    .read_beside(a, "adapter_config.json")
+                    .await?
+                    .ok_or_else(|| {
+                        JobError::fatal(format!(
+                            "the adapter's config `adapter_config.json` is missing beside {}",
+                            a.key
+                        ))
+                    })?;
                 let dir = self
                     .fetch(
                         ctx,

@@ -53,6 +53,48 @@ pub async fn serve_router(
         .await
 }
 
+/// `dagfleet serve`: loads `model` (a path, or a name in `inference.models_dir`) on the
+/// configured device, binds `addr`, prints where it serves, and serves until Ctrl-C.
+/// `extend` may layer more routes over the engine's (the agent's `POST /v1/dags`).
+pub async fn run<F>(
+    settings: &crate::InferenceSettings,
+    model: &str,
+    addr: &str,
+    extend: F,
+) -> anyhow::Result<()>
+where
+    F: FnOnce(Router, Engine) -> anyhow::Result<Router>,
+{
+    use crate::SettingsExt;
+    use anyhow::Context;
+    let device = settings.device()?;
+    let path = settings.resolve(model);
+    let (m, codec) = crate::load_with(&path, &device, &settings.load_options())?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| model.to_string());
+    let ctx = m.cfg.context;
+    let engine = Engine::start(m, codec, settings.engine.clone(), name.clone());
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
+    println!(
+        "serving {name} ({device:?}, context {ctx}, max_batch {}) on http://{}",
+        settings.engine.max_batch,
+        listener.local_addr()?
+    );
+    let stop = tokio_util::sync::CancellationToken::new();
+    let s2 = stop.clone();
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        s2.cancel();
+    });
+    let app = extend(router(engine.clone()), engine)?;
+    serve_router(listener, app, stop).await?;
+    Ok(())
+}
+
 #[derive(Deserialize)]
 #[serde(untagged)]
 enum Stop {
@@ -169,7 +211,11 @@ fn infer_error(e: InferError) -> Response {
     match e {
         InferError::Request(m) => error(StatusCode::BAD_REQUEST, "invalid_request_error", m),
         InferError::Overloaded(m) => error(StatusCode::TOO_MANY_REQUESTS, "overloaded", m),
-        InferError::Model(m) => error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", m),
+        InferError::Model(_) | InferError::Tensor(_) | InferError::Engine(_) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            e.to_string(),
+        ),
         InferError::Deadline(m) => error(StatusCode::GATEWAY_TIMEOUT, "timeout", m),
     }
 }
@@ -344,7 +390,7 @@ async fn completions(
     }
     let ids = match engine.codec().encode(&body.prompt) {
         Ok(i) => i,
-        Err(e) => return infer_error(e),
+        Err(e) => return infer_error(e.into()),
     };
     let mut rx = match engine.submit(ids, body.common.params()) {
         Ok(rx) => rx,

@@ -91,7 +91,9 @@ impl JudgeHandler {
                 cap: l.cap,
                 max_tokens: l.max_tokens,
             },
-            cache: Some(dagfleet_providers::ResponseCache::new(ctx.store().clone())),
+            cache: Some(dagfleet_providers::ResponseCache::new(
+                ctx.shared_cache().clone(),
+            )),
         })
     }
 

@@ -13,6 +13,7 @@
 
 pub mod archive;
 pub mod github;
+pub mod local;
 pub mod sources;
 
 use bytes::Bytes;
@@ -110,13 +111,30 @@ pub struct ShardSummary {
     pub missing: Option<String>,
 }
 
+/// A `mine.globs` pattern that does not parse.
+#[derive(Debug, thiserror::Error)]
+#[error("mine.globs `{glob}`: {source}")]
+pub struct GlobError {
+    /// The pattern (empty when the set as a whole failed to build).
+    pub glob: String,
+    /// The cause.
+    #[source]
+    pub source: globset::Error,
+}
+
 /// Globs a path must match.
-pub fn globset(globs: &[String]) -> Result<globset::GlobSet, String> {
+pub fn globset(globs: &[String]) -> Result<globset::GlobSet, GlobError> {
     let mut b = globset::GlobSetBuilder::new();
     for g in globs {
-        b.add(globset::Glob::new(g).map_err(|e| format!("mine.globs `{g}`: {e}"))?);
+        b.add(globset::Glob::new(g).map_err(|source| GlobError {
+            glob: g.clone(),
+            source,
+        })?);
     }
-    b.build().map_err(|e| e.to_string())
+    b.build().map_err(|source| GlobError {
+        glob: globs.join(", "),
+        source,
+    })
 }
 
 fn is_test_path(path: &str) -> bool {
@@ -221,7 +239,7 @@ impl Handler for MinerHandler {
                 env.job.stage()
             )));
         };
-        let set = globset(globs).map_err(JobError::fatal)?;
+        let set = globset(globs).map_err(|e| JobError::fatal(e.to_string()))?;
         let name = sources::source_name(source);
         let (mined, summary) = match sources::read(source, reference, &set).await {
             Ok(files) => mine_files(&name, reference, files, &set),

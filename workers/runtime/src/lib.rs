@@ -22,7 +22,7 @@ pub use bus::Bus;
 pub use config::{NatsConfig, QueueConfig, Secret, StageQueue, StoreConfig};
 pub use error::{BusError, JobError, StoreError};
 pub use store::{sha256_hex, ArtifactStore};
-pub use worker::{Handler, JobContext, JobOutput, Worker, WorkerConfig, WorkerStats};
+pub use worker::{Handler, JobContext, JobOutput, JobState, Worker, WorkerConfig, WorkerStats};
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {

@@ -25,6 +25,7 @@ use futures::StreamExt;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -116,14 +117,17 @@ impl JobContext {
     /// Reads an input artifact, checking its hash, and records it as an input of this job.
     pub async fn read(&self, r: &ArtifactRef) -> Result<Bytes, JobError> {
         let data = self.store.get(r).await?;
-        lock(&self.inputs).push(r.clone());
+        self.note_input(r.clone());
         Ok(data)
     }
 
     /// Records an input that is not in the store, e.g. a model file on the worker, with its
     /// hash, so the manifest names everything the job's outputs depend on.
     pub fn note_input(&self, r: ArtifactRef) {
-        lock(&self.inputs).push(r);
+        let mut inputs = lock(&self.inputs);
+        if !inputs.iter().any(|i| i.key == r.key) {
+            inputs.push(r);
+        }
     }
 
     /// The job's envelope.
@@ -144,8 +148,71 @@ impl JobContext {
         }
     }
 
-    /// The artifact store, for reads that are not job inputs.
-    pub fn store(&self) -> &ArtifactStore {
+    /// The job's overwritable state (training checkpoints, provider batch ids): objects in
+    /// the job's folder that a later attempt reads back and may replace or delete. Unlike
+    /// [`JobContext::put`] they are not outputs of the job and are not in its record.
+    pub fn state(&self) -> JobState<'_> {
+        JobState {
+            store: &self.store,
+            prefix: artifact_key(&self.env.run_id, self.env.stage, &self.env.job_id, ""),
+        }
+    }
+
+    /// Reads the object `name` in the same folder as the artifact `beside` (the config
+    /// written next to an adapter), recording it as an input; `None` when there is none.
+    pub async fn read_beside(
+        &self,
+        beside: &ArtifactRef,
+        name: &str,
+    ) -> Result<Option<(ArtifactRef, Bytes)>, JobError> {
+        let dir = beside.key.rsplit_once('/').map(|(d, _)| d).unwrap_or("");
+        let key = format!("{dir}/{name}");
+        let Some(data) = self.store.get_opt(&key).await? else {
+            return Ok(None);
+        };
+        let r = ArtifactRef {
+            key,
+            sha256: crate::store::sha256_hex(&data),
+            bytes: data.len() as u64,
+        };
+        self.note_input(r.clone());
+        Ok(Some((r, data)))
+    }
+
+    /// Input artifacts as local files, for code that needs a path (model weights): `files`
+    /// (reference, file name) go to a folder under `root` named by the first one's hash,
+    /// kept across jobs, so a worker downloads each only once. Every file is recorded as an
+    /// input; partial downloads never take a final name.
+    pub async fn local_files(
+        &self,
+        root: &Path,
+        files: &[(&ArtifactRef, &str)],
+    ) -> Result<PathBuf, JobError> {
+        let first = files
+            .first()
+            .map(|(r, _)| r.sha256.as_str())
+            .unwrap_or("none");
+        let dir = root.join(&first[..first.len().min(16)]);
+        for (r, name) in files {
+            let p = dir.join(name);
+            if p.exists() {
+                self.note_input((*r).clone());
+                continue;
+            }
+            let data = self.read(r).await?;
+            let io = |e: std::io::Error| JobError::retry(format!("caching {}: {e}", p.display()));
+            tokio::fs::create_dir_all(&dir).await.map_err(io)?;
+            let tmp = dir.join(format!(".{name}.part"));
+            tokio::fs::write(&tmp, &data).await.map_err(io)?;
+            tokio::fs::rename(&tmp, &p).await.map_err(io)?;
+        }
+        Ok(dir)
+    }
+
+    /// The store, for content-addressed caches shared between jobs and runs (teacher and
+    /// judge replies keyed by the hash of their request). Artifacts go through
+    /// [`JobContext::put`], state through [`JobContext::state`].
+    pub fn shared_cache(&self) -> &ArtifactStore {
         &self.store
     }
 
@@ -178,6 +245,59 @@ impl JobContext {
     /// [`JobError::Retry`], so the next worker continues from it.
     pub fn stopping(&self) -> &CancellationToken {
         &self.stopping
+    }
+}
+
+/// A job's overwritable state: objects in the job's folder of the store, named relative
+/// to it (`checkpoints/step-00000100/state.json`), that attempts of the job write, read
+/// back, replace and delete. See [`JobContext::state`].
+pub struct JobState<'a> {
+    store: &'a ArtifactStore,
+    prefix: String,
+}
+
+impl JobState<'_> {
+    /// The object `name`, if an attempt wrote it.
+    pub async fn get(&self, name: &str) -> Result<Option<Bytes>, JobError> {
+        Ok(self.store.get_opt(&self.key(name)?).await?)
+    }
+
+    /// Writes `name`, replacing what is there.
+    pub async fn set(&self, name: &str, data: Bytes) -> Result<(), JobError> {
+        self.store.put_overwrite(&self.key(name)?, data).await?;
+        Ok(())
+    }
+
+    /// Writes `name` unless an attempt already did, and returns what is stored: when two
+    /// attempts race, both get the first one's content.
+    pub async fn set_first(&self, name: &str, data: Bytes) -> Result<Bytes, JobError> {
+        let key = self.key(name)?;
+        let stored = self.store.put_if_absent(&key, data.clone()).await?;
+        Ok(self.store.get_opt(&stored.key).await?.unwrap_or(data))
+    }
+
+    /// Deletes `name` (nothing happens if it is not there).
+    pub async fn delete(&self, name: &str) -> Result<(), JobError> {
+        Ok(self.store.delete(&self.key(name)?).await?)
+    }
+
+    /// The names under `prefix` (itself relative to the job's folder), relative to the
+    /// job's folder.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<String>, JobError> {
+        let keys = self.store.list(&self.key(prefix)?).await?;
+        Ok(keys
+            .into_iter()
+            .filter_map(|k| k.strip_prefix(&self.prefix).map(str::to_string))
+            .collect())
+    }
+
+    fn key(&self, name: &str) -> Result<String, JobError> {
+        if name.contains("..") || name.starts_with('/') {
+            return Err(JobError::fatal(format!(
+                "job state name `{name}` must be a relative path without `..`"
+            )));
+        }
+        Ok(format!("{}{name}", self.prefix))
     }
 }
 

@@ -13,11 +13,15 @@
 //! (`runs/<run>/synthesize/<job>/provider-batches/<round>-<n>.json`); a redelivered or
 //! restarted job finds the record and re-attaches to the batch instead of paying twice.
 
+mod batches;
 pub mod dataset;
+mod dataset_stage;
 pub mod decontam;
 pub mod filters;
+mod handler;
 pub mod inject;
 pub mod parse;
-mod synth;
+mod synthesize;
 
-pub use synth::{SynthHandler, TeacherRow};
+pub use handler::SynthHandler;
+pub use synthesize::TeacherRow;

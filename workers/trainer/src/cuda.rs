@@ -61,6 +61,33 @@ fn rows_cfg(rows: usize, threads: u32) -> LaunchConfig {
     }
 }
 
+/// One kernel launch: allocates the output `out` of `n` elements of `T`, loads kernel
+/// `name`, pushes `args` in the kernel's order (they may name `out`), launches it on `cfg`
+/// and returns `out` as candle storage. Every call site states, as its SAFETY note, why
+/// the kernel writes all `n` elements and reads only within its inputs.
+macro_rules! launch {
+    ($dev:expr, $name:expr, $out:ident: $t:ty = [$n:expr], $cfg:expr, [$($arg:expr),* $(,)?]) => {{
+        // SAFETY: see the call site: the kernel writes every element before it is read.
+        let $out: CudaSlice<$t> = unsafe { $dev.alloc::<$t>($n)? };
+        let func = $dev.get_or_load_custom_func($name, MODULE, PTX)?;
+        let mut bld = func.builder();
+        $(bld.arg($arg);)*
+        // SAFETY: see the call site: inputs and output hold what the kernel indexes.
+        unsafe { bld.launch($cfg) }.w()?;
+        CudaStorage::wrap_cuda_slice($out, $dev.clone())
+    }};
+}
+
+/// Runs `go::<T>` for `dt` (bf16 or f32) with `args`.
+macro_rules! by_dtype {
+    ($dt:expr, $go:ident($($arg:expr),* $(,)?)) => {
+        match $dt {
+            DType::BF16 => $go::<half::bf16>($($arg),*),
+            _ => $go::<f32>($($arg),*),
+        }
+    };
+}
+
 fn cpu_only(name: &str) -> Result<(CpuStorage, Shape)> {
     bail!("{name} runs on CUDA only; the CPU path uses candle's ops")
 }
@@ -118,28 +145,14 @@ impl CustomOp2 for MaskedSoftmax {
             let x = contiguous::<T>(s, ls, "attention scores")?;
             let g = contiguous::<u32>(seg, lg, "segment ids")?;
             let n = ls.shape().elem_count();
-            let rows = n / op.t;
-            // SAFETY: every element is written by the kernel (row by row, all t columns).
-            let out: CudaSlice<T> = unsafe { dev.alloc::<T>(n)? };
-            let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
-            let mut bld = func.builder();
             let (t, h) = (op.t as u32, op.heads as u32);
-            bld.arg(&x);
-            bld.arg(&out);
-            bld.arg(&g);
-            bld.arg(&t);
-            bld.arg(&h);
             // SAFETY: x and out hold rows * t elements, g holds b * t ids; the kernel reads
-            // and writes only those, one block per row.
-            unsafe { bld.launch(rows_cfg(rows, 256)) }.w()?;
-            Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+            // those and writes every element of out, one block per row.
+            Ok(launch!(dev, name, out: T = [n], rows_cfg(n / op.t, 256), [&x, &out, &g, &t, &h]))
         }
         let dev = s.device().clone();
         let name = format!("masked_softmax_{}", suffix(s.dtype())?);
-        let out = match s.dtype() {
-            DType::BF16 => go::<half::bf16>(self, &dev, s, ls, seg, lg, &name)?,
-            _ => go::<f32>(self, &dev, s, ls, seg, lg, &name)?,
-        };
+        let out = by_dtype!(s.dtype(), go(self, &dev, s, ls, seg, lg, &name))?;
         Ok((out, ls.shape().clone()))
     }
 }
@@ -194,25 +207,13 @@ impl CustomOp2 for SoftmaxBwd {
             let g = contiguous::<T>(dp, ld, "their gradient")?;
             let n = lp.shape().elem_count();
             let t = *lp.shape().dims().last().unwrap_or(&1);
-            // SAFETY: every element is written by the kernel.
-            let out: CudaSlice<T> = unsafe { dev.alloc::<T>(n)? };
-            let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
-            let mut bld = func.builder();
             let tt = t as u32;
-            bld.arg(&a);
-            bld.arg(&g);
-            bld.arg(&out);
-            bld.arg(&tt);
-            // SAFETY: a, g and out hold rows * t elements; one block per row.
-            unsafe { bld.launch(rows_cfg(n / t.max(1), 256)) }.w()?;
-            Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+            // SAFETY: a, g and out hold rows * t elements; one block per row writes its row.
+            Ok(launch!(dev, name, out: T = [n], rows_cfg(n / t.max(1), 256), [&a, &g, &out, &tt]))
         }
         let dev = p.device().clone();
         let name = format!("softmax_bwd_{}", suffix(p.dtype())?);
-        let out = match p.dtype() {
-            DType::BF16 => go::<half::bf16>(&dev, p, lp, dp, ld, &name)?,
-            _ => go::<f32>(&dev, p, lp, dp, ld, &name)?,
-        };
+        let out = by_dtype!(p.dtype(), go(&dev, p, lp, dp, ld, &name))?;
         Ok((out, lp.shape().clone()))
     }
 }
@@ -243,24 +244,15 @@ impl CustomOp1 for RowLse {
         ) -> Result<(CudaStorage, usize)> {
             let v = contiguous::<T>(x, l, "logits")?;
             let (rows, cols) = l.shape().dims2()?;
-            // SAFETY: the kernel writes one value per row.
-            let out: CudaSlice<f32> = unsafe { dev.alloc::<f32>(rows)? };
-            let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
-            let mut bld = func.builder();
             let c = cols as u32;
-            bld.arg(&v);
-            bld.arg(&out);
-            bld.arg(&c);
-            // SAFETY: v holds rows * cols elements, out rows; one block per row.
-            unsafe { bld.launch(rows_cfg(rows, 1024)) }.w()?;
-            Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), rows))
+            // SAFETY: v holds rows * cols elements, out rows; one block per row writes one
+            // value.
+            let out = launch!(dev, name, out: f32 = [rows], rows_cfg(rows, 1024), [&v, &out, &c]);
+            Ok((out, rows))
         }
         let dev = x.device().clone();
         let name = format!("row_lse_{}", suffix(x.dtype())?);
-        let (out, rows) = match x.dtype() {
-            DType::BF16 => go::<half::bf16>(&dev, x, l, &name)?,
-            _ => go::<f32>(&dev, x, l, &name)?,
-        };
+        let (out, rows) = by_dtype!(x.dtype(), go(&dev, x, l, &name))?;
         Ok((out, Shape::from(rows)))
     }
 }
@@ -325,27 +317,20 @@ impl CustomOp3 for CeGrad {
             let tg = contiguous::<u32>(t, lt, "labels")?;
             let lse = contiguous::<f32>(s, ls, "log-sum-exp")?;
             let (rows, cols) = lx.shape().dims2()?;
-            // SAFETY: every element is written by the kernel.
-            let out: CudaSlice<T> = unsafe { dev.alloc::<T>(rows * cols)? };
-            let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
-            let mut bld = func.builder();
             let c = cols as u32;
-            bld.arg(&v);
-            bld.arg(&tg);
-            bld.arg(&lse);
-            bld.arg(&out);
-            bld.arg(&c);
-            bld.arg(&scale);
-            // SAFETY: v and out hold rows * cols elements, tg and lse rows; one block per row.
-            unsafe { bld.launch(rows_cfg(rows, 1024)) }.w()?;
-            Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+            // SAFETY: v and out hold rows * cols elements, tg and lse rows; one block per row
+            // writes its row.
+            Ok(launch!(
+                dev,
+                name,
+                out: T = [rows * cols],
+                rows_cfg(rows, 1024),
+                [&v, &tg, &lse, &out, &c, &scale]
+            ))
         }
         let dev = x.device().clone();
         let name = format!("ce_grad_{}", suffix(x.dtype())?);
-        let out = match x.dtype() {
-            DType::BF16 => go::<half::bf16>(self.0, &dev, x, lx, t, lt, s, ls, &name)?,
-            _ => go::<f32>(self.0, &dev, x, lx, t, lt, s, ls, &name)?,
-        };
+        let out = by_dtype!(x.dtype(), go(self.0, &dev, x, lx, t, lt, s, ls, &name))?;
         Ok((out, lx.shape().clone()))
     }
 }
@@ -409,27 +394,20 @@ impl CustomOp3 for RmsNormBwd {
             let ww = contiguous::<T>(w, lw, "norm weight")?;
             let g = contiguous::<T>(dy, ld, "output gradient")?;
             let (rows, h) = lx.shape().dims2()?;
-            // SAFETY: every element is written by the kernel.
-            let out: CudaSlice<T> = unsafe { dev.alloc::<T>(rows * h)? };
-            let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
-            let mut bld = func.builder();
             let hh = h as u32;
-            bld.arg(&a);
-            bld.arg(&ww);
-            bld.arg(&g);
-            bld.arg(&out);
-            bld.arg(&hh);
-            bld.arg(&eps);
-            // SAFETY: a, g and out hold rows * h elements, ww h; one block per row.
-            unsafe { bld.launch(rows_cfg(rows, 256)) }.w()?;
-            Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+            // SAFETY: a, g and out hold rows * h elements, ww h; one block per row writes its
+            // row.
+            Ok(launch!(
+                dev,
+                name,
+                out: T = [rows * h],
+                rows_cfg(rows, 256),
+                [&a, &ww, &g, &out, &hh, &eps]
+            ))
         }
         let dev = x.device().clone();
         let name = format!("rms_norm_bwd_{}", suffix(x.dtype())?);
-        let out = match x.dtype() {
-            DType::BF16 => go::<half::bf16>(self.0, &dev, x, lx, w, lw, dy, ld, &name)?,
-            _ => go::<f32>(self.0, &dev, x, lx, w, lw, dy, ld, &name)?,
-        };
+        let out = by_dtype!(x.dtype(), go(self.0, &dev, x, lx, w, lw, dy, ld, &name))?;
         Ok((out, lx.shape().clone()))
     }
 }
@@ -495,32 +473,20 @@ impl CustomOp3 for SwigluBwd {
             let b = contiguous::<T>(u, lu, "up")?;
             let d = contiguous::<T>(dh, ld, "output gradient")?;
             let n = lg.shape().elem_count();
-            // SAFETY: the kernel writes all 2n elements.
-            let out: CudaSlice<T> = unsafe { dev.alloc::<T>(2 * n)? };
-            let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
-            let mut bld = func.builder();
             let nn = n as u64;
-            bld.arg(&a);
-            bld.arg(&b);
-            bld.arg(&d);
-            bld.arg(&out);
-            bld.arg(&nn);
             let blocks = n.div_ceil(256).min(65_535 * 8) as u32;
             let cfg = LaunchConfig {
                 grid_dim: (blocks.max(1), 1, 1),
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: 0,
             };
-            // SAFETY: a, b, d hold n elements and out 2n; the grid-stride loop stays below n.
-            unsafe { bld.launch(cfg) }.w()?;
-            Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+            // SAFETY: a, b, d hold n elements and out 2n; the grid-stride loop writes both
+            // gradients of every element and stays below n.
+            Ok(launch!(dev, name, out: T = [2 * n], cfg, [&a, &b, &d, &out, &nn]))
         }
         let dev = g.device().clone();
         let name = format!("swiglu_bwd_{}", suffix(g.dtype())?);
-        let out = match g.dtype() {
-            DType::BF16 => go::<half::bf16>(&dev, g, lg, u, lu, dh, ld, &name)?,
-            _ => go::<f32>(&dev, g, lg, u, lu, dh, ld, &name)?,
-        };
+        let out = by_dtype!(g.dtype(), go(&dev, g, lg, u, lu, dh, ld, &name))?;
         let mut dims = vec![2];
         dims.extend_from_slice(lg.shape().dims());
         Ok((out, Shape::from(dims)))

@@ -5,7 +5,7 @@
 //! Bad rows are skipped and counted by reason, never fatal; an empty result is an error that
 //! says why every row went.
 
-use dagfleet_inference::{ChatMessage, TextCodec};
+use dagfleet_models::{ChatMessage, TextCodec};
 use dagfleet_protocol::spec::{Batching, LongRows};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -108,10 +108,31 @@ fn parse_messages(line: &str) -> Result<Vec<ChatMessage>, String> {
     Ok(out)
 }
 
+/// Why one training row cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RowError {
+    /// The chat template cannot render it.
+    #[error("{0}")]
+    Text(#[source] dagfleet_models::ModelError),
+    /// The tokenizer cannot encode it.
+    #[error("tokenizing: {0}")]
+    Tokenize(String),
+    /// It renders, but cannot be labelled.
+    #[error("{0}")]
+    Unusable(&'static str),
+}
+
+impl From<&'static str> for RowError {
+    fn from(s: &'static str) -> Self {
+        RowError::Unusable(s)
+    }
+}
+
 /// Tokenizes one conversation: every assistant turn (with its end-of-turn token) is
 /// labelled, everything else is context.
-pub fn tokenize(codec: &TextCodec, messages: &[ChatMessage]) -> Result<Example, String> {
-    let err = |e: dagfleet_inference::InferError| e.to_string();
+pub fn tokenize(codec: &TextCodec, messages: &[ChatMessage]) -> Result<Example, RowError> {
+    let err = RowError::Text;
     let full = codec.render_chat(messages, false).map_err(err)?;
     let mut spans = Vec::new();
     for (k, m) in messages.iter().enumerate() {
@@ -138,7 +159,7 @@ pub fn tokenize(codec: &TextCodec, messages: &[ChatMessage]) -> Result<Example, 
     let enc = codec
         .tokenizer()
         .encode(full.as_str(), false)
-        .map_err(|e| format!("tokenizing: {e}"))?;
+        .map_err(|e| RowError::Tokenize(e.to_string()))?;
     let mut ids = enc.get_ids().to_vec();
     let mut label: Vec<bool> = enc
         .get_offsets()
@@ -190,7 +211,7 @@ pub fn read_rows(
         let mut ex = match tokenize(codec, &msgs) {
             Ok(ex) => ex,
             Err(e) => {
-                st.skip(e, lineno);
+                st.skip(e.to_string(), lineno);
                 continue;
             }
         };

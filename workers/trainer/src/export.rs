@@ -10,14 +10,15 @@
 
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
-use dagfleet_inference::model::{open_gguf, Arch, ModelConfig};
-use dagfleet_inference::TextCodec;
+use dagfleet_models::names::{hf_to_gguf, permute_qk};
+use dagfleet_models::TextCodec;
+use dagfleet_models::{open_gguf, Arch, ModelConfig};
 use serde_json::{json, Value};
 use std::path::Path;
 
 use crate::lora::Lora;
 use crate::model::TrainModel;
-use crate::weights::{hf_to_gguf, permute_qk, BaseFormat};
+use crate::weights::BaseFormat;
 use crate::TrainError;
 
 fn ex(msg: impl std::fmt::Display) -> TrainError {

@@ -18,6 +18,7 @@
 //!   jobs, a directory for `dagfleet train`);
 //! - [`role`]: train jobs on the queue.
 
+pub mod bench;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod data;
@@ -38,9 +39,12 @@ pub use trainer::{Checkpoint, StepMetrics, Trainer};
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum TrainError {
-    /// The base model cannot be loaded or run.
+    /// The base model cannot be run as asked.
     #[error("model: {0}")]
     Model(String),
+    /// The base model's files, tokenizer or device cannot be used.
+    #[error("model: {0}")]
+    Files(#[from] dagfleet_models::ModelError),
     /// The rows cannot be used.
     #[error("data: {0}")]
     Data(String),
@@ -63,7 +67,7 @@ pub enum TrainError {
     Export(String),
     /// A tensor operation failed.
     #[error("{0}")]
-    Candle(String),
+    Tensor(#[source] candle_core::Error),
 }
 
 impl From<candle_core::Error> for TrainError {
@@ -72,7 +76,7 @@ impl From<candle_core::Error> for TrainError {
         if s.contains("OUT_OF_MEMORY") || s.to_ascii_lowercase().contains("out of memory") {
             TrainError::OutOfMemory(s)
         } else {
-            TrainError::Candle(s)
+            TrainError::Tensor(e)
         }
     }
 }
@@ -80,7 +84,7 @@ impl From<candle_core::Error> for TrainError {
 /// The device to train on: CUDA or Metal when built with the feature and present, else the
 /// CPU.
 pub fn default_device() -> candle_core::Device {
-    dagfleet_inference::default_device()
+    dagfleet_models::default_device()
 }
 
 /// The compute dtype for `device`: bf16 on GPUs, f32 on the CPU.
@@ -129,6 +133,6 @@ mod tests {
             "{msg}"
         );
         let other: TrainError = candle_core::Error::Msg("shape mismatch".into()).into();
-        assert!(matches!(other, TrainError::Candle(_)));
+        assert!(matches!(other, TrainError::Tensor(_)));
     }
 }

@@ -10,7 +10,7 @@ use rand_chacha::ChaCha8Rng;
 use std::collections::BTreeMap;
 
 use crate::TrainError;
-use dagfleet_inference::model::ModelConfig;
+use dagfleet_models::ModelConfig;
 
 /// A linear layer of a decoder block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -225,7 +225,7 @@ impl Lora {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use dagfleet_inference::model::Arch;
+    use dagfleet_models::Arch;
 
     fn cfg() -> ModelConfig {
         ModelConfig {

@@ -14,7 +14,6 @@
 use bytes::Bytes;
 use dagfleet_protocol::jobs::TrainJob;
 use dagfleet_protocol::{ArtifactRef, Envelope, EventKind, Job, Role};
-use dagfleet_runtime::store::artifact_key;
 use dagfleet_runtime::{Handler, JobContext, JobError, JobOutput};
 use serde_json::json;
 use std::collections::HashMap;
@@ -134,12 +133,13 @@ impl TrainHandler {
         Ok(ArtifactRef { key, sha256, bytes })
     }
 
+    /// The job's checkpoints, newest first: (step, folder relative to the job's state).
     async fn latest_checkpoint(
         &self,
         ctx: &JobContext,
         prefix: &str,
     ) -> Result<Vec<(u64, String)>, JobError> {
-        let keys = ctx.store().list(prefix).await?;
+        let keys = ctx.state().list(prefix).await?;
         let mut steps: Vec<(u64, String)> = keys
             .iter()
             .filter_map(|k| {
@@ -181,14 +181,12 @@ impl TrainHandler {
             Some(v) => Some(ctx.read(v).await?),
             None => None,
         };
-        let ck_prefix = artifact_key(&env.run_id, env.stage, &env.job_id, "checkpoints/");
+        let ck_prefix = "checkpoints/";
         let mut resume = None;
-        for (step, dir) in self.latest_checkpoint(ctx, &ck_prefix).await? {
-            let meta = ctx.store().get_opt(&format!("{dir}state.json")).await?;
-            let tensors = ctx
-                .store()
-                .get_opt(&format!("{dir}state.safetensors"))
-                .await?;
+        let state = ctx.state();
+        for (step, dir) in self.latest_checkpoint(ctx, ck_prefix).await? {
+            let meta = state.get(&format!("{dir}state.json")).await?;
+            let tensors = state.get(&format!("{dir}state.safetensors")).await?;
             if let (Some(meta), Some(tensors)) = (meta, tensors) {
                 resume = Some(Checkpoint {
                     tensors,
@@ -251,17 +249,15 @@ impl TrainHandler {
                 }
                 Msg::Checkpoint(ck, ack) => {
                     let dir = format!("{ck_prefix}step-{:08}/", ck.step);
-                    ctx.store()
-                        .put_overwrite(&format!("{dir}state.safetensors"), ck.tensors)
+                    state
+                        .set(&format!("{dir}state.safetensors"), ck.tensors)
                         .await?;
-                    ctx.store()
-                        .put_overwrite(&format!("{dir}state.json"), ck.meta)
-                        .await?;
+                    state.set(&format!("{dir}state.json"), ck.meta).await?;
                     kept.push(dir);
-                    let all = self.latest_checkpoint(ctx, &ck_prefix).await?;
+                    let all = self.latest_checkpoint(ctx, ck_prefix).await?;
                     for (_, old) in all.iter().skip(job.spec.keep_checkpoints) {
                         for f in ["state.json", "state.safetensors"] {
-                            ctx.store().delete(&format!("{old}{f}")).await?;
+                            state.delete(&format!("{old}{f}")).await?;
                         }
                     }
                     let _ = ack.send(());
@@ -288,7 +284,7 @@ impl TrainHandler {
                 "worker stopping; checkpoint at step {step} written, the job resumes from it"
             ))),
             Err(Stop::Failed(e)) => Err(match e {
-                TrainError::Candle(_) => JobError::retry(e.to_string()),
+                TrainError::Tensor(_) => JobError::retry(e.to_string()),
                 other => JobError::fatal(other.to_string()),
             }),
         }

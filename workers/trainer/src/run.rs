@@ -40,7 +40,7 @@ pub fn fingerprint(
 pub fn hash_model(path: &Path) -> Result<(String, u64), TrainError> {
     let files: Vec<PathBuf> = if path.is_dir() {
         let mut v: Vec<PathBuf> = std::fs::read_dir(path)
-            .map_err(|e| TrainError::Model(format!("{}: {e}", path.display())))?
+            .map_err(|e| dagfleet_models::ModelError::io(path, e))?
             .flatten()
             .map(|e| e.path())
             .filter(|p| p.is_file())
@@ -53,10 +53,9 @@ pub fn hash_model(path: &Path) -> Result<(String, u64), TrainError> {
     let mut hasher = Sha256::new();
     let mut bytes = 0;
     for f in &files {
-        let mut r = std::fs::File::open(f)
-            .map_err(|e| TrainError::Model(format!("base model {}: {e}", f.display())))?;
-        bytes += std::io::copy(&mut r, &mut hasher)
-            .map_err(|e| TrainError::Model(format!("base model {}: {e}", f.display())))?;
+        let io = |e| dagfleet_models::ModelError::io(f, e);
+        let mut r = std::fs::File::open(f).map_err(io)?;
+        bytes += std::io::copy(&mut r, &mut hasher).map_err(io)?;
     }
     Ok((hex::encode(hasher.finalize()), bytes))
 }
@@ -207,6 +206,12 @@ impl From<TrainError> for Stop {
     }
 }
 
+impl From<dagfleet_models::ModelError> for Stop {
+    fn from(e: dagfleet_models::ModelError) -> Self {
+        Stop::Failed(e.into())
+    }
+}
+
 /// Trains from rows to exports, on the calling thread: reads and tokenizes the rows, loads
 /// the base, continues from `resume` when it belongs to this run, steps until done (with a
 /// checkpoint every `checkpoint_every` steps and when `cancel` fires), then writes the
@@ -224,15 +229,13 @@ pub fn run(inp: RunInputs, sink: &mut dyn Sink) -> Result<Vec<(String, f64)>, St
         cancel,
     } = inp;
     let t0 = std::time::Instant::now();
-    let device = dagfleet_inference::device_named(&device_name, "trainer.device")
-        .map_err(TrainError::Model)?;
+    let device = dagfleet_models::device_named(&device_name, "trainer.device")?;
     let dtype = crate::compute_dtype(&device);
     let codec = if base_path.is_dir() {
-        dagfleet_inference::TextCodec::from_dir(&base_path)
+        dagfleet_models::TextCodec::from_dir(&base_path)
     } else {
-        dagfleet_inference::TextCodec::from_gguf(&base_path)
-    }
-    .map_err(|e| TrainError::Model(e.to_string()))?;
+        dagfleet_models::TextCodec::from_gguf(&base_path)
+    }?;
     let text = String::from_utf8_lossy(&train_text);
     let (train, tstats) = read_rows(&codec, &text, spec.max_seq_len, spec.long_rows, None);
     if train.is_empty() {

@@ -7,7 +7,7 @@
 #![allow(clippy::unwrap_used, clippy::needless_range_loop)]
 
 use candle_core::{DType, Device, Tensor};
-use dagfleet_inference::model::{Arch, ModelConfig};
+use dagfleet_models::{Arch, ModelConfig};
 use dagfleet_trainer::data::{host_batch, Example};
 use dagfleet_trainer::lora::{Lora, LoraConfig, Module};
 use dagfleet_trainer::model::{DropoutSeed, TrainModel};

@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 use candle_core::{DType, Device, Tensor};
-use dagfleet_inference::model::{Arch, ModelConfig};
+use dagfleet_models::{Arch, ModelConfig};
 use dagfleet_protocol::spec::{Batching, TrainSpec};
 use dagfleet_trainer::data::Example;
 use dagfleet_trainer::model::TrainModel;

@@ -12,7 +12,7 @@
 #![allow(clippy::unwrap_used)]
 
 use candle_core::{DType, Device, Tensor};
-use dagfleet_inference::{ChatMessage, TextCodec};
+use dagfleet_models::{ChatMessage, TextCodec};
 use dagfleet_protocol::spec::{LongRows, TrainSpec};
 use dagfleet_trainer::data::{read_rows, tokenize, Example};
 use dagfleet_trainer::export::{self, GgufKind};
@@ -383,7 +383,7 @@ fn a_small_dataset_is_overfit_and_the_exports_round_trip() {
     // (A as [r, in], B as [out, r]), with Llama's q/k rows of B in the base GGUF's order.
     // (llama.cpp itself loading it is bench/check_exports.py's job; BENCHMARKS.md.)
     use candle_core::quantized::gguf_file;
-    use dagfleet_trainer::weights::{hf_to_gguf, permute_qk};
+    use dagfleet_models::names::{hf_to_gguf, permute_qk};
     let bytes = export::gguf_lora(&tr.lora, &tr.model, "smol-test-adapter").unwrap();
     let mut cur = std::io::Cursor::new(bytes);
     let content = gguf_file::Content::read(&mut cur).unwrap();

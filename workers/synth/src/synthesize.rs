@@ -1,39 +1,22 @@
-//! The synthesize and dataset jobs.
+//! The synthesize stage: for each mined DAG of a chunk, teacher prompts for N instruction
+//! variants (and the run's extra task kinds), answered from the cache, online or through
+//! provider batches ([`crate::batches`]); replies parsed and filtered, and troubleshooting
+//! pairs added by failure injection.
 
 use bytes::Bytes;
 use dagfleet_analysis::Options;
-use dagfleet_protocol::jobs::{DatasetBuild, SynthChunk};
+use dagfleet_protocol::jobs::SynthChunk;
 use dagfleet_protocol::spec::SynthMode;
-use dagfleet_protocol::{Envelope, Job, Role};
-use dagfleet_providers::{
-    BatchState, ChatReply, ChatRequest, Outcome, Provider, ProviderConfig, ProviderError,
-    ProviderKind, ResponseCache,
-};
-use dagfleet_runtime::{now_ms, Handler, JobContext, JobError, JobOutput};
+use dagfleet_protocol::Envelope;
+use dagfleet_providers::{ChatReply, ChatRequest, Provider, ResponseCache};
+use dagfleet_runtime::{JobContext, JobError, JobOutput};
 use futures::StreamExt;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
-use tracing::{info, warn};
 
-use crate::dataset::{self, Pair};
-use crate::{filters, inject, parse};
-
-/// Handler of the `synthesizer` role.
-#[derive(Clone, Default)]
-pub struct SynthHandler {
-    configs: Arc<BTreeMap<String, ProviderConfig>>,
-    built: Arc<Mutex<HashMap<String, Provider>>>,
-}
-
-impl std::fmt::Debug for SynthHandler {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SynthHandler")
-            .field("providers", &self.configs.keys().collect::<Vec<_>>())
-            .finish()
-    }
-}
+use crate::batches::provider_err;
+use crate::dataset::Pair;
+use crate::{filters, inject, parse, SynthHandler};
 
 /// One mined DAG as the synthesize stage reads it.
 #[derive(Clone, Debug, Deserialize)]
@@ -78,24 +61,7 @@ impl TeacherRow {
     }
 }
 
-/// The record of a submitted provider batch, stored before the job polls it.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-struct BatchRecord {
-    id: String,
-    provider: String,
-    model: String,
-    requests: usize,
-    created_at_ms: i64,
-}
-
-fn provider_err(e: ProviderError) -> JobError {
-    match e {
-        ProviderError::Exhausted { .. } => JobError::retry(e.to_string()),
-        other => JobError::fatal(other.to_string()),
-    }
-}
-
-fn subst(t: &str, vars: &[(&str, &str)]) -> String {
+pub(crate) fn subst(t: &str, vars: &[(&str, &str)]) -> String {
     let mut s = t.to_string();
     for (k, v) in vars {
         s = s.replace(&format!("{{{k}}}"), v);
@@ -104,55 +70,27 @@ fn subst(t: &str, vars: &[(&str, &str)]) -> String {
 }
 
 /// Token estimate for prompt budgeting: code runs at about 3 characters per token.
-fn est_tokens(s: &str) -> u64 {
+pub(crate) fn est_tokens(s: &str) -> u64 {
     (s.chars().count() as u64).div_ceil(3)
 }
 
+/// What a synthesize job asked and paid for.
 #[derive(Default)]
-struct Tally {
-    requests: u64,
-    cached: u64,
-    calls: u64,
-    batches: u64,
-    input_tokens: u64,
-    output_tokens: u64,
-    cost_usd: f64,
-    cost_unknown: u64,
-    resubmitted: u64,
-    failed: u64,
+pub(crate) struct Tally {
+    pub(crate) requests: u64,
+    pub(crate) cached: u64,
+    pub(crate) calls: u64,
+    pub(crate) batches: u64,
+    pub(crate) input_tokens: u64,
+    pub(crate) output_tokens: u64,
+    pub(crate) cost_usd: f64,
+    pub(crate) cost_unknown: u64,
+    pub(crate) resubmitted: u64,
+    pub(crate) failed: u64,
 }
 
 impl SynthHandler {
-    /// A handler with the `[providers.*]` settings of the worker config.
-    pub fn new(providers: BTreeMap<String, ProviderConfig>) -> Self {
-        Self {
-            configs: Arc::new(providers),
-            built: Arc::default(),
-        }
-    }
-
-    fn provider(&self, name: &str) -> Result<Provider, JobError> {
-        let mut built = self.built.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(p) = built.get(name) {
-            return Ok(p.clone());
-        }
-        let cfg = match (self.configs.get(name), name) {
-            (Some(c), _) => c.clone(),
-            (None, "anthropic") => ProviderConfig::new(ProviderKind::Anthropic, None),
-            (None, "openai") => ProviderConfig::new(ProviderKind::Openai, None),
-            (None, other) => {
-                return Err(JobError::fatal(format!(
-                    "teacher provider `{other}` is not configured on this worker; add [providers.{other}] with `kind` and `base_url` to its config (configured: {})",
-                    self.configs.keys().cloned().collect::<Vec<_>>().join(", ")
-                )))
-            }
-        };
-        let p = Provider::new(name, cfg).map_err(|e| JobError::fatal(e.to_string()))?;
-        built.insert(name.to_string(), p.clone());
-        Ok(p)
-    }
-
-    async fn synthesize(
+    pub(crate) async fn synthesize(
         &self,
         env: &Envelope,
         job: &SynthChunk,
@@ -252,7 +190,7 @@ impl SynthHandler {
         }
 
         // Replies: cache first, then the provider.
-        let cache = ResponseCache::new(ctx.store().clone());
+        let cache = ResponseCache::new(ctx.shared_cache().clone());
         let mut tally = Tally {
             requests: requests.len() as u64,
             ..Default::default()
@@ -480,7 +418,14 @@ impl SynthHandler {
         Ok(o)
     }
 
-    fn account(&self, p: &Provider, model: &str, rep: &ChatReply, batch: bool, t: &mut Tally) {
+    pub(crate) fn account(
+        &self,
+        p: &Provider,
+        model: &str,
+        rep: &ChatReply,
+        batch: bool,
+        t: &mut Tally,
+    ) {
         t.input_tokens += rep.usage.input_tokens;
         t.output_tokens += rep.usage.output_tokens;
         match p.cost(model, rep.usage, batch) {
@@ -490,7 +435,7 @@ impl SynthHandler {
     }
 
     #[allow(clippy::too_many_arguments)]
-    async fn run_online(
+    pub(crate) async fn run_online(
         &self,
         ctx: &JobContext,
         p: &Provider,
@@ -530,304 +475,5 @@ impl SynthHandler {
             }
         }
         Ok(())
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    async fn run_batches(
-        &self,
-        env: &Envelope,
-        ctx: &JobContext,
-        p: &Provider,
-        model: &str,
-        spec: &dagfleet_protocol::spec::SynthSpec,
-        mut pending: Vec<ChatRequest>,
-        cache: &ResponseCache,
-        replies: &mut HashMap<String, ChatReply>,
-        t: &mut Tally,
-        failures: &mut Vec<(String, String)>,
-    ) -> Result<(), JobError> {
-        let store = ctx.store();
-        for round in 0..=spec.max_resubmits {
-            if pending.is_empty() {
-                break;
-            }
-            if round > 0 {
-                t.resubmitted += pending.len() as u64;
-            }
-            let by_id: HashMap<String, ChatRequest> = pending
-                .iter()
-                .map(|r| (r.custom_id.clone(), r.clone()))
-                .collect();
-            let mut again: Vec<ChatRequest> = Vec::new();
-            let mut last_err: HashMap<String, String> = HashMap::new();
-            let ranges = p.batch_ranges(model, &pending);
-            for (j, range) in ranges.into_iter().enumerate() {
-                let key = dagfleet_runtime::store::artifact_key(
-                    &env.run_id,
-                    env.stage,
-                    &env.job_id,
-                    &format!("provider-batches/{round}-{j}.json"),
-                );
-                let rec: BatchRecord = match store.get_opt(&key).await? {
-                    Some(b) => {
-                        let rec: BatchRecord = serde_json::from_slice(&b).map_err(|e| {
-                            JobError::fatal(format!("batch record {key} is unreadable: {e}"))
-                        })?;
-                        info!(batch = %rec.id, "re-attaching to a provider batch submitted by an earlier attempt");
-                        rec
-                    }
-                    None => {
-                        let reqs = &pending[range.clone()];
-                        let tag = format!("{}/{round}-{j}", env.job_id);
-                        // A batch this job created just before it died, where the provider
-                        // keeps metadata (OpenAI); a failed lookup only means creating one.
-                        let found = match p.find_batch(&tag).await {
-                            Ok(f) => f,
-                            Err(e) => {
-                                warn!(error = %e, "could not look for an earlier batch of this job");
-                                None
-                            }
-                        };
-                        let id = match found {
-                            Some(id) => {
-                                info!(batch = %id, "adopting a batch an earlier attempt created but did not record");
-                                id
-                            }
-                            None => {
-                                t.batches += 1;
-                                p.create_batch(model, reqs, &tag)
-                                    .await
-                                    .map_err(provider_err)?
-                            }
-                        };
-                        let rec = BatchRecord {
-                            id,
-                            provider: p.name().into(),
-                            model: model.into(),
-                            requests: reqs.len(),
-                            created_at_ms: now_ms(),
-                        };
-                        let data = serde_json::to_vec(&rec).unwrap_or_default();
-                        let stored = store.put_if_absent(&key, Bytes::from(data)).await?;
-                        let winner: BatchRecord = serde_json::from_slice(
-                            &store.get_opt(&stored.key).await?.unwrap_or_default(),
-                        )
-                        .unwrap_or(rec.clone());
-                        if winner.id != rec.id {
-                            warn!(ours = %rec.id, kept = %winner.id, "another attempt recorded a batch first; cancelling ours");
-                            let _ = p.cancel_batch(&rec.id).await;
-                        }
-                        ctx.progress(
-                            0,
-                            reqs.len() as u64,
-                            &format!("submitted batch {}", winner.id),
-                        )
-                        .await;
-                        winner
-                    }
-                };
-                // Poll until it ends, the deadline passes, or the worker stops.
-                loop {
-                    let st = p.batch_status(&rec.id).await.map_err(provider_err)?;
-                    match st.state {
-                        BatchState::Ended => break,
-                        BatchState::Failed(why) => {
-                            return Err(JobError::fatal(format!(
-                                "provider batch {} failed: {why}",
-                                rec.id
-                            )))
-                        }
-                        BatchState::InProgress => {}
-                    }
-                    let age = Duration::from_millis((now_ms() - rec.created_at_ms).max(0) as u64);
-                    if age > spec.batch_deadline {
-                        let cancel = p.cancel_batch(&rec.id).await;
-                        return Err(JobError::fatal(format!(
-                            "provider batch {} did not end within synthesize.batch_deadline = {}s ({}/{} requests done); it was cancelled{}",
-                            rec.id,
-                            spec.batch_deadline.as_secs(),
-                            st.done,
-                            st.total,
-                            match cancel {
-                                Ok(()) => String::new(),
-                                Err(e) => format!(" (the cancel failed: {e})"),
-                            }
-                        )));
-                    }
-                    ctx.progress(st.done, st.total, &format!("batch {} in progress", rec.id))
-                        .await;
-                    tokio::select! {
-                        _ = tokio::time::sleep(spec.poll_interval) => {}
-                        _ = ctx.cancelled().cancelled() => {
-                            return Err(JobError::retry(format!(
-                                "worker stopping; provider batch {} keeps running and the next attempt re-attaches to it",
-                                rec.id
-                            )));
-                        }
-                    }
-                }
-                let results = p.batch_results(&rec.id).await.map_err(provider_err)?;
-                t.calls += 1;
-                let mut seen = std::collections::HashSet::new();
-                for (cid, outcome) in results {
-                    let Some(req) = by_id.get(&cid) else { continue };
-                    seen.insert(cid.clone());
-                    match outcome {
-                        Outcome::Ok(rep) => {
-                            self.account(p, model, &rep, true, t);
-                            cache.put(&ResponseCache::key(p, model, req), &rep).await?;
-                            replies.insert(cid, rep);
-                        }
-                        Outcome::Errored(m) => {
-                            last_err.insert(cid, format!("errored: {m}"));
-                            again.push(req.clone());
-                        }
-                        Outcome::Expired => {
-                            last_err.insert(cid, "expired".into());
-                            again.push(req.clone());
-                        }
-                        Outcome::Canceled => {
-                            last_err.insert(cid, "canceled".into());
-                            again.push(req.clone());
-                        }
-                    }
-                }
-                // Requests of this range the batch did not answer (e.g. a re-attached batch
-                // from an attempt that asked for fewer) go to the next round.
-                for r in &pending[range] {
-                    if !seen.contains(&r.custom_id) && !replies.contains_key(&r.custom_id) {
-                        last_err
-                            .insert(r.custom_id.clone(), "missing from the batch results".into());
-                        again.push(r.clone());
-                    }
-                }
-            }
-            if round == spec.max_resubmits {
-                for r in &again {
-                    t.failed += 1;
-                    failures.push((
-                        r.custom_id.clone(),
-                        format!(
-                            "{} after {} resubmission(s)",
-                            last_err.get(&r.custom_id).cloned().unwrap_or_default(),
-                            spec.max_resubmits
-                        ),
-                    ));
-                }
-            }
-            pending = again;
-        }
-        Ok(())
-    }
-
-    async fn dataset(&self, job: &DatasetBuild, ctx: &JobContext) -> Result<JobOutput, JobError> {
-        let mut pairs = Vec::new();
-        let mut unreadable = 0u64;
-        for input in &job.inputs {
-            let data = ctx.read(input).await?;
-            for line in String::from_utf8_lossy(&data).lines() {
-                if line.trim().is_empty() {
-                    continue;
-                }
-                match serde_json::from_str::<Pair>(line) {
-                    Ok(p) => pairs.push(p),
-                    Err(_) => unreadable += 1,
-                }
-            }
-        }
-        if pairs.is_empty() {
-            return Err(JobError::fatal(format!(
-                "the dataset stage got no pairs from {} synthesize output(s); nothing to build",
-                job.inputs.len()
-            )));
-        }
-        // Decontamination first: nothing near a held-out row reaches any split.
-        let mut held = Vec::new();
-        let mut held_unreadable = 0;
-        for h in &job.held_out {
-            let data = ctx.read(h).await?;
-            let name = h.key.rsplit('/').next().unwrap_or(&h.key);
-            let (rows, bad) = crate::decontam::parse(&String::from_utf8_lossy(&data), name);
-            held.extend(rows);
-            held_unreadable += bad;
-        }
-        let input_rows = pairs.len();
-        let (pairs, removed) =
-            crate::decontam::decontaminate(pairs, &held, job.spec.leak_threshold);
-        if pairs.is_empty() {
-            return Err(JobError::fatal(format!(
-                "all {input_rows} pairs come near the {} held-out rows (dataset.leak_threshold = {}); nothing is left to build a dataset from",
-                held.len(),
-                job.spec.leak_threshold
-            )));
-        }
-        ctx.put(
-            "held_out_removed.jsonl",
-            Bytes::from(
-                removed
-                    .iter()
-                    .map(|r| serde_json::to_string(r).unwrap_or_default() + "\n")
-                    .collect::<String>(),
-            ),
-        )
-        .await?;
-        let mut built = dataset::build(pairs, &job.spec).map_err(JobError::fatal)?;
-        built.stats.input_rows = input_rows;
-        built.stats.held_out = dataset::HeldOutStats {
-            rows: held.len(),
-            unreadable_rows: held_unreadable,
-            removed_pairs: removed.len(),
-            removed_sources: removed
-                .iter()
-                .map(|r| r.source_id.as_str())
-                .collect::<std::collections::HashSet<_>>()
-                .len(),
-            threshold: job.spec.leak_threshold,
-        };
-        for (s, rows) in built.splits.iter().enumerate() {
-            let mut out = Vec::new();
-            for p in rows {
-                out.extend_from_slice(
-                    dataset::chatml(p, &job.spec.system_prompt, job.spec.version_line)
-                        .to_string()
-                        .as_bytes(),
-                );
-                out.push(b'\n');
-            }
-            ctx.put(&format!("{}.jsonl", dataset::SPLITS[s]), Bytes::from(out))
-                .await?;
-        }
-        ctx.put(
-            "stats.json",
-            Bytes::from(serde_json::to_vec_pretty(&built.stats).unwrap_or_default()),
-        )
-        .await?;
-        let st = &built.stats;
-        Ok(JobOutput::default()
-            .metric("rows", st.rows.iter().sum::<usize>() as f64)
-            .metric("train_rows", st.rows[0] as f64)
-            .metric("valid_rows", st.rows[1] as f64)
-            .metric("test_rows", st.rows[2] as f64)
-            .metric("exact_duplicates", st.exact_duplicates as f64)
-            .metric("near_duplicates", st.near_duplicates as f64)
-            .metric("held_out_removed", st.held_out.removed_pairs as f64)
-            .metric("unreadable_rows", unreadable as f64))
-    }
-}
-
-impl Handler for SynthHandler {
-    fn role(&self) -> Role {
-        Role::Synthesizer
-    }
-
-    async fn handle(&self, env: &Envelope, ctx: &JobContext) -> Result<JobOutput, JobError> {
-        match &env.job {
-            Job::Synthesize(job) => self.synthesize(env, job, ctx).await,
-            Job::Dataset(job) => self.dataset(job, ctx).await,
-            other => Err(JobError::fatal(format!(
-                "the synthesizer role got a `{}` job, which it does not run",
-                other.stage()
-            ))),
-        }
     }
 }

@@ -12,7 +12,7 @@ use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer};
 
-use crate::InferError;
+use crate::{bad, ModelError};
 
 /// The pre-tokenizer regex of Qwen2 (llama.cpp `LLAMA_VOCAB_PRE_TYPE_QWEN2`).
 const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
@@ -71,13 +71,9 @@ fn ints(v: &gguf_file::Value) -> Option<Vec<i64>> {
     }
 }
 
-fn bad(path: &Path, msg: impl std::fmt::Display) -> InferError {
-    InferError::Model(format!("{}: {msg}", path.display()))
-}
-
 impl TextCodec {
     /// Reads the tokenizer and chat template of a GGUF file.
-    pub fn from_gguf(path: &Path) -> Result<Self, InferError> {
+    pub fn from_gguf(path: &Path) -> Result<Self, ModelError> {
         let mut f = std::fs::File::open(path).map_err(|e| bad(path, e))?;
         let c = gguf_file::Content::read(&mut f).map_err(|e| bad(path, e))?;
         let md = &c.metadata;
@@ -127,7 +123,7 @@ impl TextCodec {
             .and_then(|v| v.to_string().ok())
             .cloned()
             .unwrap_or_else(|| "default".into());
-        let split = |re: &str| -> Result<PreTokenizerWrapper, InferError> {
+        let split = |re: &str| -> Result<PreTokenizerWrapper, ModelError> {
             Ok(Split::new(
                 SplitPattern::Regex(re.into()),
                 SplitDelimiterBehavior::Isolated,
@@ -188,7 +184,7 @@ impl TextCodec {
     }
 
     /// Reads `tokenizer.json` and `tokenizer_config.json` of a model directory.
-    pub fn from_dir(dir: &Path) -> Result<Self, InferError> {
+    pub fn from_dir(dir: &Path) -> Result<Self, ModelError> {
         let tj = dir.join("tokenizer.json");
         let tok = Tokenizer::from_file(&tj).map_err(|e| bad(&tj, e))?;
         let cfg_path = dir.join("tokenizer_config.json");
@@ -236,7 +232,7 @@ impl TextCodec {
 
     /// Renders `messages` with the model's chat template (ChatML when it has none), ending
     /// with the assistant's turn opened.
-    pub fn render(&self, messages: &[ChatMessage]) -> Result<String, InferError> {
+    pub fn render(&self, messages: &[ChatMessage]) -> Result<String, ModelError> {
         self.render_chat(messages, true)
     }
 
@@ -247,7 +243,7 @@ impl TextCodec {
         &self,
         messages: &[ChatMessage],
         add_generation_prompt: bool,
-    ) -> Result<String, InferError> {
+    ) -> Result<String, ModelError> {
         let Some(t) = &self.template else {
             let mut s = String::new();
             for m in messages {
@@ -274,18 +270,18 @@ impl TextCodec {
             },
         );
         env.add_template("chat", t).map_err(|e| {
-            InferError::Request(format!("the model's chat template does not parse: {e}"))
+            ModelError::Text(format!("the model's chat template does not parse: {e}"))
         })?;
         let tpl = env
             .get_template("chat")
-            .map_err(|e| InferError::Request(e.to_string()))?;
+            .map_err(|e| ModelError::Text(e.to_string()))?;
         tpl.render(context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos.clone().unwrap_or_default(),
             eos_token => self.eos.clone().unwrap_or_default(),
         })
-        .map_err(|e| InferError::Request(format!("chat template: {e}")))
+        .map_err(|e| ModelError::Text(format!("chat template: {e}")))
     }
 
     /// The tokenizer.
@@ -304,11 +300,11 @@ impl TextCodec {
     }
 
     /// Token ids of `text`; special tokens in it (e.g. `<|im_start|>`) are matched.
-    pub fn encode(&self, text: &str) -> Result<Vec<u32>, InferError> {
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, ModelError> {
         let enc = self
             .tok
             .encode(text, false)
-            .map_err(|e| InferError::Request(format!("tokenizing: {e}")))?;
+            .map_err(|e| ModelError::Text(format!("tokenizing: {e}")))?;
         let mut ids = enc.get_ids().to_vec();
         if self.add_bos {
             if let Some(b) = self.bos_id {
@@ -321,9 +317,9 @@ impl TextCodec {
     }
 
     /// Text of `ids`, without special tokens.
-    pub fn decode(&self, ids: &[u32]) -> Result<String, InferError> {
+    pub fn decode(&self, ids: &[u32]) -> Result<String, ModelError> {
         self.tok
             .decode(ids, true)
-            .map_err(|e| InferError::Request(format!("detokenizing: {e}")))
+            .map_err(|e| ModelError::Text(format!("detokenizing: {e}")))
     }
 }
