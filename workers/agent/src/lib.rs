@@ -38,8 +38,9 @@ pub enum AgentError {
     Generate {
         /// The attempt, from 1.
         attempt: u32,
-        /// The model's or the transport's message.
-        reason: String,
+        /// The model's or the transport's error.
+        #[source]
+        reason: GenerateError,
     },
     /// The settings cannot work.
     #[error("{0}")]
@@ -59,6 +60,18 @@ pub struct Generated {
     pub finish_reason: String,
 }
 
+/// Why a [`Generator`] could not answer: the model's or the transport's error, kept whole.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct GenerateError(Box<dyn std::error::Error + Send + Sync + 'static>);
+
+impl GenerateError {
+    /// Wraps `e`.
+    pub fn new(e: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>) -> Self {
+        GenerateError(e.into())
+    }
+}
+
 /// Something that answers a conversation.
 pub trait Generator: Send + Sync {
     /// Answers `messages` (after `system`) with at most `max_tokens` new tokens.
@@ -67,7 +80,7 @@ pub trait Generator: Send + Sync {
         system: &str,
         messages: &[Message],
         max_tokens: u32,
-    ) -> impl Future<Output = Result<Generated, String>> + Send;
+    ) -> impl Future<Output = Result<Generated, GenerateError>> + Send;
 }
 
 /// A [`Generator`] over a teacher provider (OpenAI-compatible servers such as
@@ -87,7 +100,7 @@ impl Generator for ProviderGenerator {
         system: &str,
         messages: &[Message],
         max_tokens: u32,
-    ) -> Result<Generated, String> {
+    ) -> Result<Generated, GenerateError> {
         let req = ChatRequest {
             custom_id: "agent".into(),
             system: Some(system.to_string()),
@@ -99,7 +112,7 @@ impl Generator for ProviderGenerator {
             .provider
             .chat(&self.model, &req)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(GenerateError::new)?;
         Ok(Generated {
             text: r.text,
             prompt_tokens: r.usage.input_tokens,
@@ -454,11 +467,11 @@ mod tests {
             _system: &str,
             messages: &[Message],
             _max_tokens: u32,
-        ) -> Result<Generated, String> {
+        ) -> Result<Generated, GenerateError> {
             self.seen.lock().unwrap().push(messages.to_vec());
             let mut a = self.answers.lock().unwrap();
             if a.is_empty() {
-                return Err("no more answers".into());
+                return Err(GenerateError::new("no more answers"));
             }
             Ok(Generated {
                 text: a.remove(0),

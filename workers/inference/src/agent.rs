@@ -2,7 +2,7 @@
 //! of `dagfleet serve`'s `POST /v1/dags` generate through it directly, so repair turns batch
 //! with every other request the engine runs.
 
-use dagfleet_agent::{Generated, Generator};
+use dagfleet_agent::{GenerateError, Generated, Generator};
 use dagfleet_providers::Message;
 
 use crate::{ChatMessage, Engine, FinishReason, GenParams};
@@ -24,7 +24,7 @@ impl Generator for EngineGenerator {
         system: &str,
         messages: &[Message],
         max_tokens: u32,
-    ) -> Result<Generated, String> {
+    ) -> Result<Generated, GenerateError> {
         let chat: Vec<ChatMessage> = (!system.is_empty())
             .then(|| ChatMessage {
                 role: "system".into(),
@@ -46,7 +46,7 @@ impl Generator for EngineGenerator {
             .engine
             .generate(&chat, params)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(GenerateError::new)?;
         Ok(Generated {
             text,
             prompt_tokens: st.prompt_tokens as u64,

@@ -457,6 +457,7 @@ fn schedule(
             });
         }
         // Drop sequences whose client went away or whose deadline passed.
+        let mut late_clients = Vec::new();
         running.retain(|s| {
             let gone = s.job.events.is_closed();
             let late = !gone && expired(s.job.submitted);
@@ -464,15 +465,19 @@ fn schedule(
                 stats.disconnected.fetch_add(1, Ordering::Relaxed);
             } else if late {
                 stats.expired.fetch_add(1, Ordering::Relaxed);
-                let _ = s.job.events.send(GenEvent::Deadline(expire_msg()));
+                late_clients.push(s.job.events.clone());
             }
             if gone || late {
                 kv.release(s.slot);
             }
             !(gone || late)
         });
-        // The gauges follow at once: with nobody left, the loop next blocks for a request.
+        // The gauges follow at once (with nobody left, the loop next blocks for a request),
+        // before the expired clients hear of it, so what they see next agrees with /health.
         gauges(&running);
+        for c in late_clients {
+            let _ = c.send(GenEvent::Deadline(expire_msg()));
+        }
         if running.is_empty() {
             continue;
         }

@@ -262,6 +262,54 @@ impl Drop for Helper {
     }
 }
 
+/// Why DagBag cannot judge.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DagbagError {
+    /// A file or folder of a helper cannot be made.
+    #[error("cannot {what} {}: {source}", path.display())]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The Airflow environment's interpreter cannot be started.
+    #[error("cannot start the Airflow {version} interpreter {}: {source}", python.display())]
+    Spawn {
+        /// The Airflow version.
+        version: String,
+        /// The interpreter.
+        python: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A helper stopped; the message holds the last lines it wrote to stderr.
+    #[error("{0}")]
+    Exited(String),
+    /// Writing to or reading from a helper failed.
+    #[error("the DagBag helper's pipe: {0}")]
+    Pipe(#[source] std::io::Error),
+    /// A helper's answer does not have the expected shape.
+    #[error("the DagBag helper's answer: {0}")]
+    Answer(#[source] serde_json::Error),
+}
+
+fn io_err<'a>(
+    what: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> DagbagError + 'a {
+    move |source| DagbagError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
 fn stderr_tail(dir: &Path) -> String {
     let s = std::fs::read_to_string(dir.join("stderr.log")).unwrap_or_default();
     let lines: Vec<&str> = s.lines().rev().take(6).collect();
@@ -270,14 +318,15 @@ fn stderr_tail(dir: &Path) -> String {
 
 impl Helper {
     /// Starts one helper in `dir` and waits for it to say it is ready.
-    fn start(env: &AirflowEnv, dir: &Path, timeout: Duration) -> Result<(Self, String), String> {
-        std::fs::create_dir_all(dir.join("dags"))
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    fn start(
+        env: &AirflowEnv,
+        dir: &Path,
+        timeout: Duration,
+    ) -> Result<(Self, String), DagbagError> {
+        std::fs::create_dir_all(dir.join("dags")).map_err(io_err("create", dir))?;
         let script = dir.join("dagbag.py");
-        std::fs::write(&script, HELPER)
-            .map_err(|e| format!("cannot write {}: {e}", script.display()))?;
-        let log = std::fs::File::create(dir.join("stderr.log"))
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        std::fs::write(&script, HELPER).map_err(io_err("write", &script))?;
+        let log = std::fs::File::create(dir.join("stderr.log")).map_err(io_err("create", dir))?;
         // A cleared environment: the code being judged sees no credential of the worker's.
         let mut cmd = Command::new(&env.python);
         cmd.arg(&script)
@@ -295,15 +344,13 @@ impl Helper {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log));
-        let mut child = cmd.spawn().map_err(|e| {
-            format!(
-                "cannot start the Airflow {} interpreter {}: {e}",
-                env.version,
-                env.python.display()
-            )
+        let mut child = cmd.spawn().map_err(|source| DagbagError::Spawn {
+            version: env.version.to_string(),
+            python: env.python.clone(),
+            source,
         })?;
         let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
-            return Err("the DagBag helper has no pipes".into());
+            return Err(DagbagError::Exited("the DagBag helper has no pipes".into()));
         };
         let mut h = Helper {
             child,
@@ -317,12 +364,12 @@ impl Helper {
             line.clear();
             match h.stdout.read_line(&mut line) {
                 Ok(0) | Err(_) => {
-                    return Err(format!(
+                    return Err(DagbagError::Exited(format!(
                         "the DagBag helper for Airflow {} ({}) exited before it was ready: {}",
                         env.version,
                         env.python.display(),
                         stderr_tail(dir)
-                    ))
+                    )))
                 }
                 Ok(_) => {}
             }
@@ -335,33 +382,36 @@ impl Helper {
         }
     }
 
-    fn ask(&mut self, code: &str, timeout: Duration) -> Result<Answer, String> {
+    fn ask(&mut self, code: &str, timeout: Duration) -> Result<Answer, DagbagError> {
         self.next += 1;
         let id = self.next;
         // The file name keeps DagBag's safe-mode heuristic and import paths simple.
         let path = self.dir.join("dags").join(format!("dag_{id}.py"));
-        std::fs::write(&path, code).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        std::fs::write(&path, code).map_err(io_err("write", &path))?;
         let req = serde_json::json!({"id": id, "path": path, "timeout": timeout.as_secs_f64()});
         let res = (|| {
-            writeln!(self.stdin, "{req}").map_err(|e| e.to_string())?;
-            self.stdin.flush().map_err(|e| e.to_string())?;
+            writeln!(self.stdin, "{req}").map_err(DagbagError::Pipe)?;
+            self.stdin.flush().map_err(DagbagError::Pipe)?;
             let mut line = String::new();
             loop {
                 line.clear();
                 if self
                     .stdout
                     .read_line(&mut line)
-                    .map_err(|e| e.to_string())?
+                    .map_err(DagbagError::Pipe)?
                     == 0
                 {
-                    return Err(format!("the helper exited: {}", stderr_tail(&self.dir)));
+                    return Err(DagbagError::Exited(format!(
+                        "the helper exited: {}",
+                        stderr_tail(&self.dir)
+                    )));
                 }
                 let v: serde_json::Value = match serde_json::from_str(&line) {
                     Ok(v) => v,
                     Err(_) => continue,
                 };
                 if v["id"] == id {
-                    return serde_json::from_value(v).map_err(|e| e.to_string());
+                    return serde_json::from_value(v).map_err(DagbagError::Answer);
                 }
             }
         })();
@@ -393,13 +443,16 @@ impl std::fmt::Debug for Dagbag {
 impl Dagbag {
     /// Starts `procs` helpers for `env` (in parallel: each initialises its own database).
     /// Each file gets at most `timeout` to load.
-    pub fn start(env: &AirflowEnv, procs: usize, timeout: Duration) -> Result<Self, String> {
+    pub fn start(env: &AirflowEnv, procs: usize, timeout: Duration) -> Result<Self, DagbagError> {
         let home = tempfile::Builder::new()
             .prefix("dagfleet-dagbag-")
             .tempdir()
-            .map_err(|e| format!("cannot create a private AIRFLOW_HOME: {e}"))?;
+            .map_err(io_err(
+                "create a private AIRFLOW_HOME in",
+                &std::env::temp_dir(),
+            ))?;
         let procs = procs.max(1);
-        let started: Vec<Result<(Helper, String), String>> = std::thread::scope(|s| {
+        let started: Vec<Result<(Helper, String), DagbagError>> = std::thread::scope(|s| {
             let hs: Vec<_> = (0..procs)
                 .map(|i| {
                     let dir = home.path().join(format!("h{i}"));
@@ -408,8 +461,9 @@ impl Dagbag {
                 .collect();
             hs.into_iter()
                 .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err("helper thread panicked".into()))
+                    h.join().unwrap_or_else(|_| {
+                        Err(DagbagError::Exited("helper thread panicked".into()))
+                    })
                 })
                 .collect()
         });
@@ -486,7 +540,7 @@ impl Dagbag {
                     airflow: self.airflow.clone(),
                     status: "crashed".into(),
                     error_class: Some("Crashed".into()),
-                    error: Some(clip(&e)),
+                    error: Some(clip(&e.to_string())),
                     ..Default::default()
                 }
             }

@@ -116,17 +116,48 @@ impl JudgeHandler {
             ));
         };
         e.pool
-            .get_or_init(|| Dagbag::start(&e.env, self.procs, self.timeout).map(Arc::new))
+            .get_or_init(|| {
+                Dagbag::start(&e.env, self.procs, self.timeout)
+                    .map(Arc::new)
+                    .map_err(|e| e.to_string())
+            })
             .clone()
     }
 }
 
+/// Why a JSONL row cannot be judged.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RowError {
+    /// The line is not JSON, or not a generation row.
+    #[error("row {row}{}: {source}", if *.not_json { " is not JSON" } else { "" })]
+    Json {
+        /// The row, from 1.
+        row: u64,
+        /// Whether the line is not JSON at all.
+        not_json: bool,
+        /// The cause.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The row holds nothing to judge.
+    #[error("row {0} has neither `output` nor `content`")]
+    Empty(u64),
+}
+
 /// Reads one JSONL row as something to judge.
-pub fn row_to_gen(line: &str, n: u64) -> Result<GenRow, String> {
-    let v: serde_json::Value =
-        serde_json::from_str(line).map_err(|e| format!("row {n} is not JSON: {e}"))?;
+pub fn row_to_gen(line: &str, n: u64) -> Result<GenRow, RowError> {
+    let v: serde_json::Value = serde_json::from_str(line).map_err(|source| RowError::Json {
+        row: n,
+        not_json: true,
+        source,
+    })?;
     if v.get("output").is_some() {
-        return serde_json::from_value(v).map_err(|e| format!("row {n}: {e}"));
+        return serde_json::from_value(v).map_err(|source| RowError::Json {
+            row: n,
+            not_json: false,
+            source,
+        });
     }
     if let Some(content) = v.get("content").and_then(|c| c.as_str()) {
         let id = v
@@ -145,7 +176,7 @@ pub fn row_to_gen(line: &str, n: u64) -> Result<GenRow, String> {
             ..Default::default()
         });
     }
-    Err(format!("row {n} has neither `output` nor `content`"))
+    Err(RowError::Empty(n))
 }
 
 /// Parses `2.10` into `(2, 10)`; `None` keeps the default.

@@ -23,7 +23,7 @@ pub fn device_named(name: &str, key: &str) -> Result<Device, ModelError> {
     let unavailable = |hint: &str, source: candle_core::Error| ModelError::Device {
         setting: format!("{key} = \"{name}\""),
         hint: hint.to_string(),
-        source,
+        source: Box::new(source),
     };
     match name {
         "auto" => Ok(default_device()),

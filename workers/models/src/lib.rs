@@ -60,7 +60,7 @@ pub enum ModelError {
         path: PathBuf,
         /// The cause.
         #[source]
-        source: candle_core::Error,
+        source: Box<candle_core::Error>,
     },
     /// Text cannot be rendered with the chat template, tokenized or detokenized.
     #[error("{0}")]
@@ -74,7 +74,7 @@ pub enum ModelError {
         hint: String,
         /// The cause.
         #[source]
-        source: candle_core::Error,
+        source: Box<candle_core::Error>,
     },
     /// A setting's value is not one of those allowed.
     #[error("{0}")]
@@ -110,7 +110,7 @@ impl ModelError {
     pub fn tensor(path: &Path, source: candle_core::Error) -> Self {
         ModelError::Tensor {
             path: path.to_path_buf(),
-            source,
+            source: Box::new(source),
         }
     }
 }

@@ -78,18 +78,93 @@ macro_rules! launch {
     }};
 }
 
-/// Runs `go::<T>` for `dt` (bf16 or f32) with `args`.
-macro_rules! by_dtype {
-    ($dt:expr, $go:ident($($arg:expr),* $(,)?)) => {
-        match $dt {
-            DType::BF16 => $go::<half::bf16>($($arg),*),
-            _ => $go::<f32>($($arg),*),
+/// An element type the kernels come in (bf16, f32).
+trait Elem: candle_core::cuda_backend::CudaDType + DeviceRepr {}
+impl<T: candle_core::cuda_backend::CudaDType + DeviceRepr> Elem for T {}
+
+/// One input of an op: its storage and layout.
+type In<'a> = (&'a CudaStorage, &'a Layout);
+
+/// Implements candle's `CustomOp1/2/3` for an op that runs on CUDA only (the CPU path uses
+/// candle's ops): the kernel `<kernel>_<bf16|f32>` is chosen by the first input's dtype and
+/// the op's `run::<T>` gets its inputs as (storage, layout) pairs.
+macro_rules! cuda_only_op {
+    (@cuda $self:ident, $kernel:literal, $first:ident, [$($s:ident, $l:ident),+]) => {{
+        let dev = $first.device().clone();
+        let name = format!("{}_{}", $kernel, suffix($first.dtype())?);
+        match $first.dtype() {
+            DType::BF16 => $self.run::<half::bf16>(&dev, [$(($s, $l)),+], &name),
+            _ => $self.run::<f32>(&dev, [$(($s, $l)),+], &name),
+        }
+    }};
+    ($ty:ty, $name:literal, $kernel:literal, 1) => {
+        impl CustomOp1 for $ty {
+            fn name(&self) -> &'static str {
+                $name
+            }
+            fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+                cpu_only($name)
+            }
+            fn cuda_fwd(&self, a: &CudaStorage, la: &Layout) -> Result<(CudaStorage, Shape)> {
+                cuda_only_op!(@cuda self, $kernel, a, [a, la])
+            }
         }
     };
-}
-
-fn cpu_only(name: &str) -> Result<(CpuStorage, Shape)> {
-    bail!("{name} runs on CUDA only; the CPU path uses candle's ops")
+    ($ty:ty, $name:literal, $kernel:literal, 2) => {
+        impl CustomOp2 for $ty {
+            fn name(&self) -> &'static str {
+                $name
+            }
+            fn cpu_fwd(
+                &self,
+                _: &CpuStorage,
+                _: &Layout,
+                _: &CpuStorage,
+                _: &Layout,
+            ) -> Result<(CpuStorage, Shape)> {
+                cpu_only($name)
+            }
+            fn cuda_fwd(
+                &self,
+                a: &CudaStorage,
+                la: &Layout,
+                b: &CudaStorage,
+                lb: &Layout,
+            ) -> Result<(CudaStorage, Shape)> {
+                cuda_only_op!(@cuda self, $kernel, a, [a, la, b, lb])
+            }
+        }
+    };
+    ($ty:ty, $name:literal, $kernel:literal, 3) => {
+        impl CustomOp3 for $ty {
+            fn name(&self) -> &'static str {
+                $name
+            }
+            fn cpu_fwd(
+                &self,
+                _: &CpuStorage,
+                _: &Layout,
+                _: &CpuStorage,
+                _: &Layout,
+                _: &CpuStorage,
+                _: &Layout,
+            ) -> Result<(CpuStorage, Shape)> {
+                cpu_only($name)
+            }
+            #[allow(clippy::too_many_arguments)]
+            fn cuda_fwd(
+                &self,
+                a: &CudaStorage,
+                la: &Layout,
+                b: &CudaStorage,
+                lb: &Layout,
+                c: &CudaStorage,
+                lc: &Layout,
+            ) -> Result<(CudaStorage, Shape)> {
+                cuda_only_op!(@cuda self, $kernel, a, [a, la, b, lb, c, lc])
+            }
+        }
+    };
 }
 
 /// Attention probabilities of raw scores `s` `[b, heads, t, t]` (already scaled), where
@@ -111,48 +186,28 @@ struct MaskedSoftmax {
     heads: usize,
 }
 
-impl CustomOp2 for MaskedSoftmax {
-    fn name(&self) -> &'static str {
-        "dagfleet-masked-softmax"
-    }
+cuda_only_op!(
+    MaskedSoftmax,
+    "dagfleet-masked-softmax",
+    "masked_softmax",
+    2
+);
 
-    fn cpu_fwd(
+impl MaskedSoftmax {
+    fn run<T: Elem>(
         &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_only(self.name())
-    }
-
-    fn cuda_fwd(
-        &self,
-        s: &CudaStorage,
-        ls: &Layout,
-        seg: &CudaStorage,
-        lg: &Layout,
+        dev: &CudaDevice,
+        [(s, ls), (seg, lg)]: [In<'_>; 2],
+        name: &str,
     ) -> Result<(CudaStorage, Shape)> {
-        fn go<T: candle_core::cuda_backend::CudaDType + DeviceRepr>(
-            op: &MaskedSoftmax,
-            dev: &CudaDevice,
-            s: &CudaStorage,
-            ls: &Layout,
-            seg: &CudaStorage,
-            lg: &Layout,
-            name: &str,
-        ) -> Result<CudaStorage> {
-            let x = contiguous::<T>(s, ls, "attention scores")?;
-            let g = contiguous::<u32>(seg, lg, "segment ids")?;
-            let n = ls.shape().elem_count();
-            let (t, h) = (op.t as u32, op.heads as u32);
-            // SAFETY: x and out hold rows * t elements, g holds b * t ids; the kernel reads
-            // those and writes every element of out, one block per row.
-            Ok(launch!(dev, name, out: T = [n], rows_cfg(n / op.t, 256), [&x, &out, &g, &t, &h]))
-        }
-        let dev = s.device().clone();
-        let name = format!("masked_softmax_{}", suffix(s.dtype())?);
-        let out = by_dtype!(s.dtype(), go(self, &dev, s, ls, seg, lg, &name))?;
+        let x = contiguous::<T>(s, ls, "attention scores")?;
+        let g = contiguous::<u32>(seg, lg, "segment ids")?;
+        let n = ls.shape().elem_count();
+        let (t, h) = (self.t as u32, self.heads as u32);
+        // SAFETY: x and out hold rows * t elements, g holds b * t ids; the kernel reads
+        // those and writes every element of out, one block per row.
+        let out =
+            launch!(dev, name, out: T = [n], rows_cfg(n / self.t, 256), [&x, &out, &g, &t, &h]);
         Ok((out, ls.shape().clone()))
     }
 }
@@ -173,47 +228,23 @@ pub fn softmax_bwd(p: &Tensor, dp: &Tensor) -> Result<Tensor> {
 
 struct SoftmaxBwd;
 
-impl CustomOp2 for SoftmaxBwd {
-    fn name(&self) -> &'static str {
-        "dagfleet-softmax-bwd"
-    }
+cuda_only_op!(SoftmaxBwd, "dagfleet-softmax-bwd", "softmax_bwd", 2);
 
-    fn cpu_fwd(
+impl SoftmaxBwd {
+    fn run<T: Elem>(
         &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_only(self.name())
-    }
-
-    fn cuda_fwd(
-        &self,
-        p: &CudaStorage,
-        lp: &Layout,
-        dp: &CudaStorage,
-        ld: &Layout,
+        dev: &CudaDevice,
+        [(p, lp), (dp, ld)]: [In<'_>; 2],
+        name: &str,
     ) -> Result<(CudaStorage, Shape)> {
-        fn go<T: candle_core::cuda_backend::CudaDType + DeviceRepr>(
-            dev: &CudaDevice,
-            p: &CudaStorage,
-            lp: &Layout,
-            dp: &CudaStorage,
-            ld: &Layout,
-            name: &str,
-        ) -> Result<CudaStorage> {
-            let a = contiguous::<T>(p, lp, "probabilities")?;
-            let g = contiguous::<T>(dp, ld, "their gradient")?;
-            let n = lp.shape().elem_count();
-            let t = *lp.shape().dims().last().unwrap_or(&1);
-            let tt = t as u32;
-            // SAFETY: a, g and out hold rows * t elements; one block per row writes its row.
-            Ok(launch!(dev, name, out: T = [n], rows_cfg(n / t.max(1), 256), [&a, &g, &out, &tt]))
-        }
-        let dev = p.device().clone();
-        let name = format!("softmax_bwd_{}", suffix(p.dtype())?);
-        let out = by_dtype!(p.dtype(), go(&dev, p, lp, dp, ld, &name))?;
+        let a = contiguous::<T>(p, lp, "probabilities")?;
+        let g = contiguous::<T>(dp, ld, "their gradient")?;
+        let n = lp.shape().elem_count();
+        let t = *lp.shape().dims().last().unwrap_or(&1);
+        let tt = t as u32;
+        // SAFETY: a, g and out hold rows * t elements; one block per row writes its row.
+        let out =
+            launch!(dev, name, out: T = [n], rows_cfg(n / t.max(1), 256), [&a, &g, &out, &tt]);
         Ok((out, lp.shape().clone()))
     }
 }
@@ -226,33 +257,20 @@ pub fn row_lse(x: &Tensor) -> Result<Tensor> {
 
 struct RowLse;
 
-impl CustomOp1 for RowLse {
-    fn name(&self) -> &'static str {
-        "dagfleet-row-lse"
-    }
+cuda_only_op!(RowLse, "dagfleet-row-lse", "row_lse", 1);
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        cpu_only(self.name())
-    }
-
-    fn cuda_fwd(&self, x: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-        fn go<T: candle_core::cuda_backend::CudaDType + DeviceRepr>(
-            dev: &CudaDevice,
-            x: &CudaStorage,
-            l: &Layout,
-            name: &str,
-        ) -> Result<(CudaStorage, usize)> {
-            let v = contiguous::<T>(x, l, "logits")?;
-            let (rows, cols) = l.shape().dims2()?;
-            let c = cols as u32;
-            // SAFETY: v holds rows * cols elements, out rows; one block per row writes one
-            // value.
-            let out = launch!(dev, name, out: f32 = [rows], rows_cfg(rows, 1024), [&v, &out, &c]);
-            Ok((out, rows))
-        }
-        let dev = x.device().clone();
-        let name = format!("row_lse_{}", suffix(x.dtype())?);
-        let (out, rows) = by_dtype!(x.dtype(), go(&dev, x, l, &name))?;
+impl RowLse {
+    fn run<T: Elem>(
+        &self,
+        dev: &CudaDevice,
+        [(x, l)]: [In<'_>; 1],
+        name: &str,
+    ) -> Result<(CudaStorage, Shape)> {
+        let v = contiguous::<T>(x, l, "logits")?;
+        let (rows, cols) = l.shape().dims2()?;
+        let c = cols as u32;
+        // SAFETY: v holds rows * cols elements, out rows; one block per row writes one value.
+        let out = launch!(dev, name, out: f32 = [rows], rows_cfg(rows, 1024), [&v, &out, &c]);
         Ok((out, Shape::from(rows)))
     }
 }
@@ -275,62 +293,29 @@ pub fn ce_grad(x: &Tensor, target: &Tensor, lse: &Tensor, scale: f64) -> Result<
 
 struct CeGrad(f32);
 
-impl CustomOp3 for CeGrad {
-    fn name(&self) -> &'static str {
-        "dagfleet-ce-grad"
-    }
+cuda_only_op!(CeGrad, "dagfleet-ce-grad", "ce_grad", 3);
 
-    fn cpu_fwd(
+impl CeGrad {
+    fn run<T: Elem>(
         &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_only(self.name())
-    }
-
-    fn cuda_fwd(
-        &self,
-        x: &CudaStorage,
-        lx: &Layout,
-        t: &CudaStorage,
-        lt: &Layout,
-        s: &CudaStorage,
-        ls: &Layout,
+        dev: &CudaDevice,
+        [(x, lx), (t, lt), (s, ls)]: [In<'_>; 3],
+        name: &str,
     ) -> Result<(CudaStorage, Shape)> {
-        #[allow(clippy::too_many_arguments)]
-        fn go<T: candle_core::cuda_backend::CudaDType + DeviceRepr>(
-            scale: f32,
-            dev: &CudaDevice,
-            x: &CudaStorage,
-            lx: &Layout,
-            t: &CudaStorage,
-            lt: &Layout,
-            s: &CudaStorage,
-            ls: &Layout,
-            name: &str,
-        ) -> Result<CudaStorage> {
-            let v = contiguous::<T>(x, lx, "logits")?;
-            let tg = contiguous::<u32>(t, lt, "labels")?;
-            let lse = contiguous::<f32>(s, ls, "log-sum-exp")?;
-            let (rows, cols) = lx.shape().dims2()?;
-            let c = cols as u32;
-            // SAFETY: v and out hold rows * cols elements, tg and lse rows; one block per row
-            // writes its row.
-            Ok(launch!(
-                dev,
-                name,
-                out: T = [rows * cols],
-                rows_cfg(rows, 1024),
-                [&v, &tg, &lse, &out, &c, &scale]
-            ))
-        }
-        let dev = x.device().clone();
-        let name = format!("ce_grad_{}", suffix(x.dtype())?);
-        let out = by_dtype!(x.dtype(), go(self.0, &dev, x, lx, t, lt, s, ls, &name))?;
+        let v = contiguous::<T>(x, lx, "logits")?;
+        let tg = contiguous::<u32>(t, lt, "labels")?;
+        let lse = contiguous::<f32>(s, ls, "log-sum-exp")?;
+        let (rows, cols) = lx.shape().dims2()?;
+        let (c, scale) = (cols as u32, self.0);
+        // SAFETY: v and out hold rows * cols elements, tg and lse rows; one block per row
+        // writes its row.
+        let out = launch!(
+            dev,
+            name,
+            out: T = [rows * cols],
+            rows_cfg(rows, 1024),
+            [&v, &tg, &lse, &out, &c, &scale]
+        );
         Ok((out, lx.shape().clone()))
     }
 }
@@ -352,62 +337,28 @@ pub fn rms_norm_bwd(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f64) -> Result<Ten
 
 struct RmsNormBwd(f32);
 
-impl CustomOp3 for RmsNormBwd {
-    fn name(&self) -> &'static str {
-        "dagfleet-rms-norm-bwd"
-    }
+cuda_only_op!(RmsNormBwd, "dagfleet-rms-norm-bwd", "rms_norm_bwd", 3);
 
-    fn cpu_fwd(
+impl RmsNormBwd {
+    fn run<T: Elem>(
         &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_only(self.name())
-    }
-
-    fn cuda_fwd(
-        &self,
-        x: &CudaStorage,
-        lx: &Layout,
-        w: &CudaStorage,
-        lw: &Layout,
-        dy: &CudaStorage,
-        ld: &Layout,
+        dev: &CudaDevice,
+        [(x, lx), (w, lw), (dy, ld)]: [In<'_>; 3],
+        name: &str,
     ) -> Result<(CudaStorage, Shape)> {
-        #[allow(clippy::too_many_arguments)]
-        fn go<T: candle_core::cuda_backend::CudaDType + DeviceRepr>(
-            eps: f32,
-            dev: &CudaDevice,
-            x: &CudaStorage,
-            lx: &Layout,
-            w: &CudaStorage,
-            lw: &Layout,
-            dy: &CudaStorage,
-            ld: &Layout,
-            name: &str,
-        ) -> Result<CudaStorage> {
-            let a = contiguous::<T>(x, lx, "norm input")?;
-            let ww = contiguous::<T>(w, lw, "norm weight")?;
-            let g = contiguous::<T>(dy, ld, "output gradient")?;
-            let (rows, h) = lx.shape().dims2()?;
-            let hh = h as u32;
-            // SAFETY: a, g and out hold rows * h elements, ww h; one block per row writes its
-            // row.
-            Ok(launch!(
-                dev,
-                name,
-                out: T = [rows * h],
-                rows_cfg(rows, 256),
-                [&a, &ww, &g, &out, &hh, &eps]
-            ))
-        }
-        let dev = x.device().clone();
-        let name = format!("rms_norm_bwd_{}", suffix(x.dtype())?);
-        let out = by_dtype!(x.dtype(), go(self.0, &dev, x, lx, w, lw, dy, ld, &name))?;
+        let a = contiguous::<T>(x, lx, "norm input")?;
+        let ww = contiguous::<T>(w, lw, "norm weight")?;
+        let g = contiguous::<T>(dy, ld, "output gradient")?;
+        let (rows, h) = lx.shape().dims2()?;
+        let (hh, eps) = (h as u32, self.0);
+        // SAFETY: a, g and out hold rows * h elements, ww h; one block per row writes its row.
+        let out = launch!(
+            dev,
+            name,
+            out: T = [rows * h],
+            rows_cfg(rows, 256),
+            [&a, &ww, &g, &out, &hh, &eps]
+        );
         Ok((out, lx.shape().clone()))
     }
 }
@@ -432,61 +383,29 @@ pub fn swiglu_bwd(g: &Tensor, u: &Tensor, dh: &Tensor) -> Result<(Tensor, Tensor
 
 struct SwigluBwd;
 
-impl CustomOp3 for SwigluBwd {
-    fn name(&self) -> &'static str {
-        "dagfleet-swiglu-bwd"
-    }
+cuda_only_op!(SwigluBwd, "dagfleet-swiglu-bwd", "swiglu_bwd", 3);
 
-    fn cpu_fwd(
+impl SwigluBwd {
+    fn run<T: Elem>(
         &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_only(self.name())
-    }
-
-    fn cuda_fwd(
-        &self,
-        g: &CudaStorage,
-        lg: &Layout,
-        u: &CudaStorage,
-        lu: &Layout,
-        dh: &CudaStorage,
-        ld: &Layout,
+        dev: &CudaDevice,
+        [(g, lg), (u, lu), (dh, ld)]: [In<'_>; 3],
+        name: &str,
     ) -> Result<(CudaStorage, Shape)> {
-        #[allow(clippy::too_many_arguments)]
-        fn go<T: candle_core::cuda_backend::CudaDType + DeviceRepr>(
-            dev: &CudaDevice,
-            g: &CudaStorage,
-            lg: &Layout,
-            u: &CudaStorage,
-            lu: &Layout,
-            dh: &CudaStorage,
-            ld: &Layout,
-            name: &str,
-        ) -> Result<CudaStorage> {
-            let a = contiguous::<T>(g, lg, "gate")?;
-            let b = contiguous::<T>(u, lu, "up")?;
-            let d = contiguous::<T>(dh, ld, "output gradient")?;
-            let n = lg.shape().elem_count();
-            let nn = n as u64;
-            let blocks = n.div_ceil(256).min(65_535 * 8) as u32;
-            let cfg = LaunchConfig {
-                grid_dim: (blocks.max(1), 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: a, b, d hold n elements and out 2n; the grid-stride loop writes both
-            // gradients of every element and stays below n.
-            Ok(launch!(dev, name, out: T = [2 * n], cfg, [&a, &b, &d, &out, &nn]))
-        }
-        let dev = g.device().clone();
-        let name = format!("swiglu_bwd_{}", suffix(g.dtype())?);
-        let out = by_dtype!(g.dtype(), go(&dev, g, lg, u, lu, dh, ld, &name))?;
+        let a = contiguous::<T>(g, lg, "gate")?;
+        let b = contiguous::<T>(u, lu, "up")?;
+        let d = contiguous::<T>(dh, ld, "output gradient")?;
+        let n = lg.shape().elem_count();
+        let nn = n as u64;
+        let blocks = n.div_ceil(256).min(65_535 * 8) as u32;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks.max(1), 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: a, b, d hold n elements and out 2n; the grid-stride loop writes both
+        // gradients of every element and stays below n.
+        let out = launch!(dev, name, out: T = [2 * n], cfg, [&a, &b, &d, &out, &nn]);
         let mut dims = vec![2];
         dims.extend_from_slice(lg.shape().dims());
         Ok((out, Shape::from(dims)))

@@ -192,19 +192,11 @@ impl TrainModel {
         let device = base.embed.device().clone();
         let dtype = base.embed.dtype();
         let cfg = &base.cfg;
-        let half = cfg.head_dim / 2;
         let len = max_len.max(cfg.context).max(1);
-        let inv: Vec<f32> = (0..half)
-            .map(|i| 1f32 / cfg.rope_theta.powf(2.0 * i as f32 / cfg.head_dim as f32))
-            .collect();
-        let inv = Tensor::from_vec(inv, (1, half), &device)?;
-        let pos = Tensor::arange(0u32, len as u32, &device)?
-            .to_dtype(DType::F32)?
-            .reshape((len, 1))?;
-        let freqs = pos.matmul(&inv)?;
+        let (cos, sin) = dagfleet_models::rope::tables(cfg, len, &device, dtype)?;
         Ok(Self {
-            cos: freqs.cos()?.to_dtype(dtype)?,
-            sin: freqs.sin()?.to_dtype(dtype)?,
+            cos,
+            sin,
             attn_f32: match std::env::var("DAGFLEET_TRAIN_ATTN_F32").ok().as_deref() {
                 Some("1") | Some("true") => true,
                 Some("0") | Some("false") => false,
