@@ -61,20 +61,36 @@ fn rows_cfg(rows: usize, threads: u32) -> LaunchConfig {
     }
 }
 
-/// One kernel launch: allocates the output `out` of `n` elements of `T`, loads kernel
-/// `name`, pushes `args` in the kernel's order (they may name `out`), launches it on `cfg`
+fn cpu_only(name: &str) -> Result<(CpuStorage, Shape)> {
+    bail!("{name} runs on CUDA only; the CPU path uses candle's ops")
+}
+
+/// Fails with each input's shape and dtype unless `ok`.
+fn expect(ok: bool, op: &str, inputs: &[(&str, &Tensor)]) -> Result<()> {
+    if ok {
+        return Ok(());
+    }
+    let what: Vec<String> = inputs
+        .iter()
+        .map(|(n, t)| format!("{n} {:?} {:?}", t.dims(), t.dtype()))
+        .collect();
+    bail!("{op}: {}", what.join(", "))
+}
+
+/// One kernel launch: allocates the output `out` of `n` elements of `T`, loads the
+/// [`Kernel`], pushes `args` in the kernel's order (they may name `out`), launches it on `cfg`
 /// and returns `out` as candle storage. Every call site states, as its SAFETY note, why
 /// the kernel writes all `n` elements and reads only within its inputs.
 macro_rules! launch {
-    ($dev:expr, $name:expr, $out:ident: $t:ty = [$n:expr], $cfg:expr, [$($arg:expr),* $(,)?]) => {{
+    ($k:expr, $out:ident: $t:ty = [$n:expr], $cfg:expr, [$($arg:expr),* $(,)?]) => {{
         // SAFETY: see the call site: the kernel writes every element before it is read.
-        let $out: CudaSlice<$t> = unsafe { $dev.alloc::<$t>($n)? };
-        let func = $dev.get_or_load_custom_func($name, MODULE, PTX)?;
+        let $out: CudaSlice<$t> = unsafe { $k.dev.alloc::<$t>($n)? };
+        let func = $k.dev.get_or_load_custom_func(&$k.name, MODULE, PTX)?;
         let mut bld = func.builder();
         $(bld.arg($arg);)*
         // SAFETY: see the call site: inputs and output hold what the kernel indexes.
         unsafe { bld.launch($cfg) }.w()?;
-        CudaStorage::wrap_cuda_slice($out, $dev.clone())
+        CudaStorage::wrap_cuda_slice($out, $k.dev.clone())
     }};
 }
 
@@ -85,16 +101,27 @@ impl<T: candle_core::cuda_backend::CudaDType + DeviceRepr> Elem for T {}
 /// One input of an op: its storage and layout.
 type In<'a> = (&'a CudaStorage, &'a Layout);
 
+/// What an op's kernel returns: the output storage and its shape.
+type Out = Result<(CudaStorage, Shape)>;
+
+/// The kernel an op launches (`<kernel>_<bf16|f32>`) on its device.
+struct Kernel {
+    dev: CudaDevice,
+    name: String,
+}
+
 /// Implements candle's `CustomOp1/2/3` for an op that runs on CUDA only (the CPU path uses
 /// candle's ops): the kernel `<kernel>_<bf16|f32>` is chosen by the first input's dtype and
 /// the op's `run::<T>` gets its inputs as (storage, layout) pairs.
 macro_rules! cuda_only_op {
     (@cuda $self:ident, $kernel:literal, $first:ident, [$($s:ident, $l:ident),+]) => {{
-        let dev = $first.device().clone();
-        let name = format!("{}_{}", $kernel, suffix($first.dtype())?);
+        let k = Kernel {
+            dev: $first.device().clone(),
+            name: format!("{}_{}", $kernel, suffix($first.dtype())?),
+        };
         match $first.dtype() {
-            DType::BF16 => $self.run::<half::bf16>(&dev, [$(($s, $l)),+], &name),
-            _ => $self.run::<f32>(&dev, [$(($s, $l)),+], &name),
+            DType::BF16 => $self.run::<half::bf16>(&k, [$(($s, $l)),+]),
+            _ => $self.run::<f32>(&k, [$(($s, $l)),+]),
         }
     }};
     ($ty:ty, $name:literal, $kernel:literal, 1) => {
@@ -171,13 +198,8 @@ macro_rules! cuda_only_op {
 /// query `i` of batch row `bi` sees key `j` when `j <= i` and `seg[bi, j] == seg[bi, i]`.
 pub fn masked_softmax(s: &Tensor, seg: &Tensor) -> Result<Tensor> {
     let (b, heads, t, t2) = s.dims4()?;
-    if t != t2 || seg.dims() != [b, t] || seg.dtype() != DType::U32 {
-        bail!(
-            "masked_softmax: scores {:?} and segments {:?}",
-            s.dims(),
-            seg.dims()
-        );
-    }
+    let ok = t == t2 && seg.dims() == [b, t] && seg.dtype() == DType::U32;
+    expect(ok, "masked_softmax", &[("scores", s), ("segments", seg)])?;
     s.apply_op2_no_bwd(seg, &MaskedSoftmax { t, heads })
 }
 
@@ -194,35 +216,22 @@ cuda_only_op!(
 );
 
 impl MaskedSoftmax {
-    fn run<T: Elem>(
-        &self,
-        dev: &CudaDevice,
-        [(s, ls), (seg, lg)]: [In<'_>; 2],
-        name: &str,
-    ) -> Result<(CudaStorage, Shape)> {
+    fn run<T: Elem>(&self, k: &Kernel, [(s, ls), (seg, lg)]: [In<'_>; 2]) -> Out {
         let x = contiguous::<T>(s, ls, "attention scores")?;
         let g = contiguous::<u32>(seg, lg, "segment ids")?;
         let n = ls.shape().elem_count();
         let (t, h) = (self.t as u32, self.heads as u32);
         // SAFETY: x and out hold rows * t elements, g holds b * t ids; the kernel reads
         // those and writes every element of out, one block per row.
-        let out =
-            launch!(dev, name, out: T = [n], rows_cfg(n / self.t, 256), [&x, &out, &g, &t, &h]);
+        let out = launch!(k, out: T = [n], rows_cfg(n / self.t, 256), [&x, &out, &g, &t, &h]);
         Ok((out, ls.shape().clone()))
     }
 }
 
 /// `p · (dp - Σ_j p · dp)` per row of the last dimension.
 pub fn softmax_bwd(p: &Tensor, dp: &Tensor) -> Result<Tensor> {
-    if p.dims() != dp.dims() || p.dtype() != dp.dtype() {
-        bail!(
-            "softmax_bwd: {:?} {:?} and {:?} {:?}",
-            p.dims(),
-            p.dtype(),
-            dp.dims(),
-            dp.dtype()
-        );
-    }
+    let ok = p.dims() == dp.dims() && p.dtype() == dp.dtype();
+    expect(ok, "softmax_bwd", &[("p", p), ("dp", dp)])?;
     p.apply_op2_no_bwd(dp, &SoftmaxBwd)
 }
 
@@ -231,20 +240,14 @@ struct SoftmaxBwd;
 cuda_only_op!(SoftmaxBwd, "dagfleet-softmax-bwd", "softmax_bwd", 2);
 
 impl SoftmaxBwd {
-    fn run<T: Elem>(
-        &self,
-        dev: &CudaDevice,
-        [(p, lp), (dp, ld)]: [In<'_>; 2],
-        name: &str,
-    ) -> Result<(CudaStorage, Shape)> {
+    fn run<T: Elem>(&self, k: &Kernel, [(p, lp), (dp, ld)]: [In<'_>; 2]) -> Out {
         let a = contiguous::<T>(p, lp, "probabilities")?;
         let g = contiguous::<T>(dp, ld, "their gradient")?;
         let n = lp.shape().elem_count();
         let t = *lp.shape().dims().last().unwrap_or(&1);
         let tt = t as u32;
         // SAFETY: a, g and out hold rows * t elements; one block per row writes its row.
-        let out =
-            launch!(dev, name, out: T = [n], rows_cfg(n / t.max(1), 256), [&a, &g, &out, &tt]);
+        let out = launch!(k, out: T = [n], rows_cfg(n / t.max(1), 256), [&a, &g, &out, &tt]);
         Ok((out, lp.shape().clone()))
     }
 }
@@ -260,17 +263,12 @@ struct RowLse;
 cuda_only_op!(RowLse, "dagfleet-row-lse", "row_lse", 1);
 
 impl RowLse {
-    fn run<T: Elem>(
-        &self,
-        dev: &CudaDevice,
-        [(x, l)]: [In<'_>; 1],
-        name: &str,
-    ) -> Result<(CudaStorage, Shape)> {
+    fn run<T: Elem>(&self, k: &Kernel, [(x, l)]: [In<'_>; 1]) -> Out {
         let v = contiguous::<T>(x, l, "logits")?;
         let (rows, cols) = l.shape().dims2()?;
         let c = cols as u32;
         // SAFETY: v holds rows * cols elements, out rows; one block per row writes one value.
-        let out = launch!(dev, name, out: f32 = [rows], rows_cfg(rows, 1024), [&v, &out, &c]);
+        let out = launch!(k, out: f32 = [rows], rows_cfg(rows, 1024), [&v, &out, &c]);
         Ok((out, Shape::from(rows)))
     }
 }
@@ -280,14 +278,12 @@ impl RowLse {
 /// and the labels `target` (u32 `[rows]`).
 pub fn ce_grad(x: &Tensor, target: &Tensor, lse: &Tensor, scale: f64) -> Result<Tensor> {
     let (rows, _) = x.dims2()?;
-    if target.dims() != [rows] || lse.dims() != [rows] || lse.dtype() != DType::F32 {
-        bail!(
-            "ce_grad: logits {:?}, targets {:?}, lse {:?}",
-            x.dims(),
-            target.dims(),
-            lse.dims()
-        );
-    }
+    let ok = target.dims() == [rows] && lse.dims() == [rows] && lse.dtype() == DType::F32;
+    expect(
+        ok,
+        "ce_grad",
+        &[("logits", x), ("targets", target), ("lse", lse)],
+    )?;
     x.apply_op3_no_bwd(target, lse, &CeGrad(scale as f32))
 }
 
@@ -296,12 +292,7 @@ struct CeGrad(f32);
 cuda_only_op!(CeGrad, "dagfleet-ce-grad", "ce_grad", 3);
 
 impl CeGrad {
-    fn run<T: Elem>(
-        &self,
-        dev: &CudaDevice,
-        [(x, lx), (t, lt), (s, ls)]: [In<'_>; 3],
-        name: &str,
-    ) -> Result<(CudaStorage, Shape)> {
+    fn run<T: Elem>(&self, k: &Kernel, [(x, lx), (t, lt), (s, ls)]: [In<'_>; 3]) -> Out {
         let v = contiguous::<T>(x, lx, "logits")?;
         let tg = contiguous::<u32>(t, lt, "labels")?;
         let lse = contiguous::<f32>(s, ls, "log-sum-exp")?;
@@ -309,13 +300,7 @@ impl CeGrad {
         let (c, scale) = (cols as u32, self.0);
         // SAFETY: v and out hold rows * cols elements, tg and lse rows; one block per row
         // writes its row.
-        let out = launch!(
-            dev,
-            name,
-            out: T = [rows * cols],
-            rows_cfg(rows, 1024),
-            [&v, &tg, &lse, &out, &c, &scale]
-        );
+        let out = launch!(k, out: T = [rows * cols], rows_cfg(rows, 1024), [&v, &tg, &lse, &out, &c, &scale]);
         Ok((out, lx.shape().clone()))
     }
 }
@@ -323,15 +308,9 @@ impl CeGrad {
 /// RMSNorm's input gradient: `x`, `dy` `[rows, h]`, `w` `[h]`, all one dtype.
 pub fn rms_norm_bwd(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f64) -> Result<Tensor> {
     let (_, h) = x.dims2()?;
-    if w.dims() != [h] || dy.dims() != x.dims() || w.dtype() != x.dtype() || dy.dtype() != x.dtype()
-    {
-        bail!(
-            "rms_norm_bwd: x {:?}, w {:?}, dy {:?}",
-            x.dims(),
-            w.dims(),
-            dy.dims()
-        );
-    }
+    let ok = w.dims() == [h] && dy.dims() == x.dims();
+    let ok = ok && w.dtype() == x.dtype() && dy.dtype() == x.dtype();
+    expect(ok, "rms_norm_bwd", &[("x", x), ("w", w), ("dy", dy)])?;
     x.apply_op3_no_bwd(w, dy, &RmsNormBwd(eps as f32))
 }
 
@@ -340,43 +319,24 @@ struct RmsNormBwd(f32);
 cuda_only_op!(RmsNormBwd, "dagfleet-rms-norm-bwd", "rms_norm_bwd", 3);
 
 impl RmsNormBwd {
-    fn run<T: Elem>(
-        &self,
-        dev: &CudaDevice,
-        [(x, lx), (w, lw), (dy, ld)]: [In<'_>; 3],
-        name: &str,
-    ) -> Result<(CudaStorage, Shape)> {
+    fn run<T: Elem>(&self, k: &Kernel, [(x, lx), (w, lw), (dy, ld)]: [In<'_>; 3]) -> Out {
         let a = contiguous::<T>(x, lx, "norm input")?;
         let ww = contiguous::<T>(w, lw, "norm weight")?;
         let g = contiguous::<T>(dy, ld, "output gradient")?;
         let (rows, h) = lx.shape().dims2()?;
         let (hh, eps) = (h as u32, self.0);
         // SAFETY: a, g and out hold rows * h elements, ww h; one block per row writes its row.
-        let out = launch!(
-            dev,
-            name,
-            out: T = [rows * h],
-            rows_cfg(rows, 256),
-            [&a, &ww, &g, &out, &hh, &eps]
-        );
+        let out =
+            launch!(k, out: T = [rows * h], rows_cfg(rows, 256), [&a, &ww, &g, &out, &hh, &eps]);
         Ok((out, lx.shape().clone()))
     }
 }
 
 /// The gradients `(dg, du)` of `h = silu(g) · u` given `dh`, all of one shape and dtype.
 pub fn swiglu_bwd(g: &Tensor, u: &Tensor, dh: &Tensor) -> Result<(Tensor, Tensor)> {
-    if g.dims() != u.dims()
-        || g.dims() != dh.dims()
-        || g.dtype() != u.dtype()
-        || g.dtype() != dh.dtype()
-    {
-        bail!(
-            "swiglu_bwd: g {:?}, u {:?}, dh {:?}",
-            g.dims(),
-            u.dims(),
-            dh.dims()
-        );
-    }
+    let ok = g.dims() == u.dims() && g.dims() == dh.dims();
+    let ok = ok && g.dtype() == u.dtype() && g.dtype() == dh.dtype();
+    expect(ok, "swiglu_bwd", &[("g", g), ("u", u), ("dh", dh)])?;
     let both = g.apply_op3_no_bwd(u, dh, &SwigluBwd)?;
     Ok((both.get(0)?, both.get(1)?))
 }
@@ -386,12 +346,7 @@ struct SwigluBwd;
 cuda_only_op!(SwigluBwd, "dagfleet-swiglu-bwd", "swiglu_bwd", 3);
 
 impl SwigluBwd {
-    fn run<T: Elem>(
-        &self,
-        dev: &CudaDevice,
-        [(g, lg), (u, lu), (dh, ld)]: [In<'_>; 3],
-        name: &str,
-    ) -> Result<(CudaStorage, Shape)> {
+    fn run<T: Elem>(&self, k: &Kernel, [(g, lg), (u, lu), (dh, ld)]: [In<'_>; 3]) -> Out {
         let a = contiguous::<T>(g, lg, "gate")?;
         let b = contiguous::<T>(u, lu, "up")?;
         let d = contiguous::<T>(dh, ld, "output gradient")?;
@@ -405,7 +360,7 @@ impl SwigluBwd {
         };
         // SAFETY: a, b, d hold n elements and out 2n; the grid-stride loop writes both
         // gradients of every element and stays below n.
-        let out = launch!(dev, name, out: T = [2 * n], cfg, [&a, &b, &d, &out, &nn]);
+        let out = launch!(k, out: T = [2 * n], cfg, [&a, &b, &d, &out, &nn]);
         let mut dims = vec![2];
         dims.extend_from_slice(lg.shape().dims());
         Ok((out, Shape::from(dims)))
