@@ -52,4 +52,12 @@ PYTHON=python3 bash tests/airflow-env.sh
 PYTHON="$VENV/bin/python" bash tests/fetch-models.sh
 export DAGFLEET_SMOLLM2="${DAGFLEET_MODELS:-$HOME/.cache/dagfleet-models}/SmolLM2-135M-Instruct.Q4_1.gguf"
 
+# Licences, bans and sources of the whole dependency graph (deny.toml).
+if ! command -v cargo-deny >/dev/null; then
+  echo "== installing cargo-deny"
+  cargo install --locked --quiet cargo-deny@0.20.2
+fi
+echo "== cargo deny check licenses bans sources"
+cargo deny --log-level error check licenses bans sources
+
 exec cargo test --workspace "$@"

@@ -44,6 +44,17 @@ pub struct Config {
     pub judge: JudgeSettings,
     /// The operator's limits on run specs: a spec may ask for less, never more.
     pub caps: Caps,
+    /// dagfleet's HTTP servers (`dagfleet serve`, `dagfleet mcp --http`).
+    pub http: HttpSettings,
+}
+
+/// Settings of dagfleet's HTTP servers, and of the commands that talk to them.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpSettings {
+    /// The API key clients send as `Authorization: Bearer <key>`. Needed to listen beyond
+    /// loopback; `dagfleet generate` and `dagfleet mcp` send it to the model server too.
+    pub api_key: Option<dagfleet_runtime::config::Secret>,
 }
 
 impl Default for Config {
@@ -60,6 +71,7 @@ impl Default for Config {
             trainer: Default::default(),
             judge: Default::default(),
             caps: Default::default(),
+            http: Default::default(),
             providers: BTreeMap::from([
                 (
                     "anthropic".to_string(),
@@ -215,6 +227,13 @@ impl Config {
         }
         if self.nats.url.trim().is_empty() {
             anyhow::bail!("invalid configuration: nats.url is empty");
+        }
+        if let Some(k) = &self.http.api_key {
+            if k.expose().trim().len() < 8 {
+                anyhow::bail!(
+                    "invalid configuration: http.api_key must be at least 8 characters (it is shorter, or empty); unset it to serve on loopback only"
+                );
+            }
         }
         // Credentials in the URL would be printed and logged with it; they have their own,
         // redacted keys.

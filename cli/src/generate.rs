@@ -44,6 +44,7 @@ pub async fn run(cfg: &crate::config::Config, a: Args) -> Result<ExitCode> {
             "local".to_string(),
             ProviderConfig {
                 max_retries: 1,
+                api_key: cfg.http.api_key.clone(),
                 ..ProviderConfig::new(ProviderKind::Openai, Some(a.url.clone()))
             },
         ),
@@ -51,7 +52,10 @@ pub async fn run(cfg: &crate::config::Config, a: Args) -> Result<ExitCode> {
     let base = pcfg.base_url.clone().unwrap_or_else(|| a.url.clone());
     let model = match &a.model {
         Some(m) => m.clone(),
-        None => dagfleet_agent::served_model(&base).await?,
+        None => {
+            let key = pcfg.api_key.as_ref().map(|k| k.expose().to_string());
+            dagfleet_agent::served_model(&base, key.as_deref()).await?
+        }
     };
     let provider = Provider::new(&name, pcfg)?;
     let dagbag = match a.dagbag {
@@ -136,10 +140,20 @@ pub async fn run(cfg: &crate::config::Config, a: Args) -> Result<ExitCode> {
     })
 }
 
+/// Who may use this process's HTTP server: `http.api_key`, or anyone with
+/// `--insecure-no-auth`.
+pub fn access(cfg: &crate::config::Config, insecure_no_auth: bool) -> dagfleet_agent::auth::Access {
+    dagfleet_agent::auth::Access {
+        api_key: cfg.http.api_key.as_ref().map(|k| k.expose().to_string()),
+        insecure_no_auth,
+    }
+}
+
 /// `dagfleet mcp`: the MCP server on stdio, or streamable HTTP at `http`.
 pub async fn mcp(
     cfg: &crate::config::Config,
     http: Option<String>,
+    insecure_no_auth: bool,
     url: String,
     model: Option<String>,
     airflow_version: String,
@@ -157,13 +171,16 @@ pub async fn mcp(
         url,
         model,
         airflow_version,
+        api_key: cfg.http.api_key.clone(),
         dagbag,
     });
+    let access = access(cfg, insecure_no_auth);
     match http {
         None => dagfleet_agent::mcp::serve_stdio(server)
             .await
             .map_err(anyhow::Error::msg),
         Some(addr) => {
+            access.check_listen(&addr).map_err(anyhow::Error::msg)?;
             let l = tokio::net::TcpListener::bind(&addr)
                 .await
                 .with_context(|| format!("cannot listen on {addr}"))?;
@@ -174,7 +191,7 @@ pub async fn mcp(
                 let _ = tokio::signal::ctrl_c().await;
                 s.cancel();
             });
-            dagfleet_agent::mcp::serve_http(server, l, stop).await?;
+            dagfleet_agent::mcp::serve_http(server, l, &access, stop).await?;
             Ok(())
         }
     }

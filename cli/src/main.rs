@@ -195,6 +195,9 @@ enum Cmd {
         /// The Airflow version when a call names none.
         #[arg(long, default_value = "2.10")]
         airflow_version: String,
+        /// Listen beyond loopback without an API key (`http.api_key`).
+        #[arg(long)]
+        insecure_no_auth: bool,
     },
     /// Run the train stage of a spec on this machine, without a cluster: LoRA fine-tuning of
     /// `models.base` on `train.dataset`, with every export and the report written under
@@ -214,9 +217,14 @@ enum Cmd {
         /// A `.gguf` file or a safetensors model directory (names are looked up in
         /// `inference.models_dir`).
         model: String,
-        /// Address to listen on.
+        /// Address to listen on; beyond loopback only with an API key (`http.api_key`, e.g.
+        /// DAGFLEET_HTTP__API_KEY), which every route but /health then takes as
+        /// `Authorization: Bearer <key>`.
         #[arg(long, default_value = "127.0.0.1:8080")]
         addr: String,
+        /// Listen beyond loopback without an API key.
+        #[arg(long)]
+        insecure_no_auth: bool,
         /// The agent (`POST /v1/dags`, model `dagfleet-agent`) also loads each attempt with
         /// Airflow's DagBag (an environment from `tests/airflow-env.sh`).
         #[cfg(feature = "agent")]
@@ -470,8 +478,9 @@ async fn real_main() -> Result<std::process::ExitCode> {
             url,
             model,
             airflow_version,
+            insecure_no_auth,
         } => {
-            generate::mcp(&cfg, http, url, model, airflow_version).await?;
+            generate::mcp(&cfg, http, insecure_no_auth, url, model, airflow_version).await?;
         }
         #[cfg(feature = "judge")]
         Cmd::Judge {
@@ -494,19 +503,30 @@ async fn real_main() -> Result<std::process::ExitCode> {
         Cmd::Serve {
             model,
             addr,
+            insecure_no_auth,
             #[cfg(feature = "agent")]
             dagbag,
             #[cfg(feature = "agent")]
             airflow_version,
         } => {
-            dagfleet_inference::server::run(&cfg.inference, &model, &addr, |app, _engine| {
-                #[cfg(feature = "agent")]
-                let app = {
-                    let svc = generate::agent_service(&cfg, _engine, dagbag, &airflow_version)?;
-                    dagfleet_agent::http::with_agent(app, std::sync::Arc::new(svc))
-                };
-                Ok(app)
-            })
+            let access = dagfleet_inference::server::Access {
+                api_key: cfg.http.api_key.as_ref().map(|k| k.expose().to_string()),
+                insecure_no_auth,
+            };
+            dagfleet_inference::server::run(
+                &cfg.inference,
+                &model,
+                &addr,
+                &access,
+                |app, _engine| {
+                    #[cfg(feature = "agent")]
+                    let app = {
+                        let svc = generate::agent_service(&cfg, _engine, dagbag, &airflow_version)?;
+                        dagfleet_agent::http::with_agent(app, std::sync::Arc::new(svc))
+                    };
+                    Ok(app)
+                },
+            )
             .await?;
         }
     }

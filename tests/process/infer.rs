@@ -401,3 +401,125 @@ fn the_mcp_server_answers_the_official_python_client() {
     assert!(stdout.contains("mcp ok"), "{stdout}\n{stderr}");
     serve.term();
 }
+
+/// A GET with extra header lines; returns the status and the body.
+fn http_get_with(url: &str, headers: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").unwrap();
+    let (host, path) = rest.split_once('/').unwrap();
+    let mut s = std::net::TcpStream::connect(host).unwrap();
+    write!(
+        s,
+        "GET /{path} HTTP/1.1\r\nHost: {host}\r\n{headers}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let status = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// `dagfleet serve` and `dagfleet mcp --http` refuse to listen beyond loopback without an
+/// API key (before loading anything); with `http.api_key` every route but /health takes
+/// it as a bearer token, and `dagfleet generate` sends it.
+#[test]
+fn servers_beyond_loopback_need_an_api_key_and_check_it() {
+    set_dagfleet_bin(env!("CARGO_BIN_EXE_dagfleet"));
+    let model = smollm2();
+    let model = model.to_str().unwrap();
+    let port = free_port().to_string();
+    for args in [
+        vec!["serve", model, "--addr", &format!("0.0.0.0:{port}")],
+        vec!["mcp", "--http", &format!("0.0.0.0:{port}")],
+    ] {
+        let out = std::process::Command::new(dagfleet_bin())
+            .args(&args)
+            .env_remove("DAGFLEET_HTTP__API_KEY")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} started without a key");
+        assert!(
+            err.contains("refusing to listen on 0.0.0.0") && err.contains("--insecure-no-auth"),
+            "{args:?}: {err}"
+        );
+    }
+
+    let port = free_port();
+    let key = "k3y-for-the-test";
+    let _serve = Proc::spawn(
+        &["serve", model, "--addr", &format!("127.0.0.1:{port}")],
+        &[
+            ("DAGFLEET_INFERENCE__DEVICE", "cpu"),
+            ("DAGFLEET_HTTP__API_KEY", key),
+        ],
+        None,
+    );
+    let url = format!("http://127.0.0.1:{port}");
+    let t0 = std::time::Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(t0.elapsed().as_secs() < 60, "dagfleet serve did not start");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let (status, body) = http_get_with(&format!("{url}/health"), "");
+    assert_eq!(status, 200, "/health stays open for probes: {body}");
+    let (status, body) = http_get_with(&format!("{url}/v1/models"), "");
+    assert_eq!(status, 401, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"]["type"], "invalid_api_key", "{body}");
+    let (status, _) = http_get_with(
+        &format!("{url}/v1/models"),
+        "Authorization: Bearer not-the-key\r\n",
+    );
+    assert_eq!(status, 401);
+    let (status, body) = http_get_with(
+        &format!("{url}/v1/models"),
+        &format!("Authorization: Bearer {key}\r\n"),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(!body.contains(key));
+    // The agent endpoint is behind the key too.
+    let (status, _) = http_post(&format!("{url}/v1/dags"), "{\"instruction\": \"x\"}");
+    assert_eq!(status, 401);
+    // `dagfleet generate` sends http.api_key to the model server.
+    let out = std::process::Command::new(dagfleet_bin())
+        .args([
+            "generate",
+            "Write an Airflow DAG that prints hello.",
+            "--url",
+            &url,
+            "--attempts",
+            "1",
+            "--max-tokens",
+            "16",
+        ])
+        .env("DAGFLEET_HTTP__API_KEY", key)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("401"), "{err}");
+    assert!(!err.contains(key), "the key is never printed: {err}");
+    let out = std::process::Command::new(dagfleet_bin())
+        .args([
+            "generate",
+            "x",
+            "--url",
+            &url,
+            "--attempts",
+            "1",
+            "--max-tokens",
+            "8",
+        ])
+        .env_remove("DAGFLEET_HTTP__API_KEY")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a client without the key is refused");
+}

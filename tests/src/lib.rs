@@ -118,6 +118,152 @@ impl Drop for NatsServer {
     }
 }
 
+/// Three `nats-server -js` processes on loopback, routed into one JetStream cluster
+/// (`server_name` n0, n1, n2, each with its own store); any one can be killed and restarted
+/// on its ports and store.
+pub struct NatsCluster {
+    /// The nodes, by index; `None` while killed.
+    nodes: Vec<Option<Child>>,
+    /// Client ports.
+    pub ports: Vec<u16>,
+    confs: Vec<PathBuf>,
+    _dir: tempfile::TempDir,
+}
+
+impl NatsCluster {
+    /// Starts the three nodes and waits until JetStream answers on each.
+    pub async fn start() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let route_urls: Vec<String> = routes
+            .iter()
+            .map(|p| format!("nats-route://127.0.0.1:{p}"))
+            .collect();
+        let confs: Vec<PathBuf> = (0..3)
+            .map(|i| {
+                let store = dir.path().join(format!("n{i}"));
+                let conf = dir.path().join(format!("n{i}.conf"));
+                std::fs::write(
+                    &conf,
+                    format!(
+                        "server_name: n{i}\nlisten: 127.0.0.1:{}\njetstream {{ store_dir: \"{}\" }}\ncluster {{\n  name: dagfleet\n  listen: 127.0.0.1:{}\n  routes: [{}]\n}}\n",
+                        ports[i],
+                        store.display(),
+                        routes[i],
+                        route_urls.join(", ")
+                    ),
+                )
+                .expect("writing a nats-server config");
+                conf
+            })
+            .collect();
+        let mut c = Self {
+            nodes: (0..3).map(|_| None).collect(),
+            ports,
+            confs,
+            _dir: dir,
+        };
+        for i in 0..3 {
+            c.spawn(i);
+        }
+        c.wait_ready(Duration::from_secs(30)).await;
+        c
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let child = Command::new("nats-server")
+            .arg("-c")
+            .arg(&self.confs[i])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server must be installed (apt-get install nats-server)");
+        self.nodes[i] = Some(child);
+        let t0 = Instant::now();
+        while TcpStream::connect(("127.0.0.1", self.ports[i])).is_err() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(15),
+                "node n{i} did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until a JetStream request through every live node succeeds (the meta leader is
+    /// elected and reachable).
+    pub async fn wait_ready(&self, limit: Duration) {
+        let t0 = Instant::now();
+        loop {
+            let mut ok = true;
+            for (i, n) in self.nodes.iter().enumerate() {
+                if n.is_none() {
+                    continue;
+                }
+                let url = format!("nats://127.0.0.1:{}", self.ports[i]);
+                ok &= match async_nats::connect(&url).await {
+                    // $JS.API.INFO answers with an error until the meta leader is known.
+                    Ok(c) => match c.request("$JS.API.INFO", "".into()).await {
+                        Ok(m) => serde_json::from_slice::<serde_json::Value>(&m.payload)
+                            .is_ok_and(|v| v.get("error").is_none()),
+                        Err(_) => false,
+                    },
+                    Err(_) => false,
+                };
+            }
+            if ok {
+                return;
+            }
+            assert!(t0.elapsed() < limit, "the JetStream cluster did not form");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Every node's URL, comma-separated, as `nats.url` takes them.
+    pub fn url(&self) -> String {
+        self.ports
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Connection settings for the cluster.
+    pub fn config(&self) -> NatsConfig {
+        NatsConfig {
+            url: self.url(),
+            ..Default::default()
+        }
+    }
+
+    /// Kills node `i` with SIGKILL.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts node `i` again on its ports and store.
+    pub fn restart(&mut self, i: usize) {
+        self.kill(i);
+        self.spawn(i);
+    }
+
+    /// The index of the node named `server_name` (n0, n1, n2).
+    pub fn index_of(name: &str) -> Option<usize> {
+        name.strip_prefix('n')?.parse().ok()
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill(i);
+        }
+    }
+}
+
 /// An S3-compatible server (s3s-fs) in this process.
 pub struct S3Server {
     /// `http://127.0.0.1:<port>`.
@@ -247,13 +393,24 @@ impl Stack {
         coordinators: usize,
         workers: usize,
     ) -> Self {
-        let bus = Bus::connect(nats, fast_queues(), "test")
+        Self::start_with(nats, fast_queues(), store, coordinators, workers).await
+    }
+
+    /// [`Stack::start`] with these queue settings (e.g. `replicas` for a cluster).
+    pub async fn start_with(
+        nats: &NatsConfig,
+        queues: QueueConfig,
+        store: ArtifactStore,
+        coordinators: usize,
+        workers: usize,
+    ) -> Self {
+        let bus = Bus::connect(nats, queues.clone(), "test")
             .await
             .expect("bus");
         let stop = CancellationToken::new();
         let mut tasks = tokio::task::JoinSet::new();
         for i in 0..coordinators {
-            let b = Bus::connect(nats, fast_queues(), "test-coord")
+            let b = Bus::connect(nats, queues.clone(), "test-coord")
                 .await
                 .expect("bus");
             let c = Coordinator::new(b, store.clone(), fast_coordinator(&format!("c{i}")));
@@ -263,7 +420,7 @@ impl Stack {
             });
         }
         for i in 0..workers {
-            let b = Bus::connect(nats, fast_queues(), "test-worker")
+            let b = Bus::connect(nats, queues.clone(), "test-worker")
                 .await
                 .expect("bus");
             let mut wc = WorkerConfig::new(dagfleet_protocol::Role::Noop);

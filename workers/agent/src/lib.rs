@@ -9,6 +9,8 @@
 //! all of them, their tokens and seconds.
 
 #[cfg(feature = "http")]
+pub mod auth;
+#[cfg(feature = "http")]
 pub mod http;
 #[cfg(feature = "mcp")]
 pub mod mcp;
@@ -123,15 +125,19 @@ impl Generator for ProviderGenerator {
 }
 
 /// The first model an OpenAI-compatible server at `base_url` lists (`GET /v1/models`), for
-/// when the user names none.
-pub async fn served_model(base_url: &str) -> Result<String, AgentError> {
+/// when the user names none; `api_key` goes as the bearer token where the server asks one.
+pub async fn served_model(base_url: &str, api_key: Option<&str>) -> Result<String, AgentError> {
     let url = format!("{}/v1/models", base_url.trim_end_matches('/'));
     let down = |e: String| {
         AgentError::Config(format!("no model server at {base_url}: {e} (start one with `dagfleet serve MODEL`, or give --url)"))
     };
-    let v: serde_json::Value = reqwest::Client::new()
+    let mut req = reqwest::Client::new()
         .get(&url)
-        .timeout(std::time::Duration::from_secs(10))
+        .timeout(std::time::Duration::from_secs(10));
+    if let Some(k) = api_key {
+        req = req.bearer_auth(k);
+    }
+    let v: serde_json::Value = req
         .send()
         .await
         .map_err(|e| down(e.to_string()))?

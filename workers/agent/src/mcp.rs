@@ -41,6 +41,8 @@ pub struct McpSettings {
     pub model: Option<String>,
     /// The Airflow version when a call names none.
     pub airflow_version: String,
+    /// The model server's API key, sent as the bearer token.
+    pub api_key: Option<dagfleet_providers::Secret>,
     /// DagBag pools, started on first use per version; `None`: DagBag is not offered.
     pub dagbag: Option<DagbagFactory>,
 }
@@ -220,14 +222,18 @@ impl DagMcp {
         };
         let model = match &self.settings.model {
             Some(m) => m.clone(),
-            None => crate::served_model(&self.settings.url)
-                .await
-                .map_err(|e| e.to_string())?,
+            None => crate::served_model(
+                &self.settings.url,
+                self.settings.api_key.as_ref().map(|k| k.expose()),
+            )
+            .await
+            .map_err(|e| e.to_string())?,
         };
         let provider = Provider::new(
             "mcp",
             ProviderConfig {
                 max_retries: 1,
+                api_key: self.settings.api_key.clone(),
                 ..ProviderConfig::new(ProviderKind::Openai, Some(self.settings.url.clone()))
             },
         )
@@ -427,6 +433,7 @@ pub async fn serve_stdio(server: DagMcp) -> Result<(), String> {
 pub async fn serve_http(
     server: DagMcp,
     listener: tokio::net::TcpListener,
+    access: &crate::auth::Access,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> std::io::Result<()> {
     use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
@@ -439,7 +446,7 @@ pub async fn serve_http(
         LocalSessionManager::default().into(),
         cfg,
     );
-    let app = axum::Router::new().nest_service("/mcp", service);
+    let app = access.layer(axum::Router::new().nest_service("/mcp", service));
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await

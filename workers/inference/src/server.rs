@@ -18,6 +18,8 @@ use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 use tokio::sync::mpsc;
 
+pub use dagfleet_agent::auth::Access;
+
 use crate::engine::{collect, GenEvent, GenParams};
 use crate::{ChatMessage, Engine, InferError};
 
@@ -54,12 +56,15 @@ pub async fn serve_router(
 }
 
 /// `dagfleet serve`: loads `model` (a path, or a name in `inference.models_dir`) on the
-/// configured device, binds `addr`, prints where it serves, and serves until Ctrl-C.
-/// `extend` may layer more routes over the engine's (the agent's `POST /v1/dags`).
+/// configured device, binds `addr` (beyond loopback only with an API key, or when `access`
+/// says insecure), prints where it serves, and serves until Ctrl-C. `extend` may layer more
+/// routes over the engine's (the agent's `POST /v1/dags`); every route but `/health` then
+/// takes the key.
 pub async fn run<F>(
     settings: &crate::InferenceSettings,
     model: &str,
     addr: &str,
+    access: &Access,
     extend: F,
 ) -> anyhow::Result<()>
 where
@@ -67,6 +72,7 @@ where
 {
     use crate::SettingsExt;
     use anyhow::Context;
+    access.check_listen(addr).map_err(anyhow::Error::msg)?;
     let device = settings.device()?;
     let path = settings.resolve(model);
     let (m, codec) = crate::load_with(&path, &device, &settings.load_options())?;
@@ -90,7 +96,7 @@ where
         let _ = tokio::signal::ctrl_c().await;
         s2.cancel();
     });
-    let app = extend(router(engine.clone()), engine)?;
+    let app = access.layer(extend(router(engine.clone()), engine)?);
     serve_router(listener, app, stop).await?;
     Ok(())
 }

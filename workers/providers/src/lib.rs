@@ -27,7 +27,8 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 
 pub use cache::ResponseCache;
-use dagfleet_runtime::Secret;
+/// A secret setting (API keys): redacted in `Debug` and when serialized.
+pub use dagfleet_runtime::Secret;
 
 /// Which wire protocol a provider speaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

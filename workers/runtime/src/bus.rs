@@ -73,6 +73,7 @@ impl Bus {
                 storage: stream::StorageType::File,
                 duplicate_window: queues.dedup_window,
                 max_message_size: (queues.max_job_bytes as i32).saturating_mul(4),
+                num_replicas: queues.replicas,
                 ..Default::default()
             },
         )
@@ -86,6 +87,7 @@ impl Bus {
                 storage: stream::StorageType::File,
                 duplicate_window: queues.dedup_window.min(queues.events_max_age),
                 max_age: queues.events_max_age,
+                num_replicas: queues.replicas,
                 ..Default::default()
             },
         )
@@ -98,6 +100,7 @@ impl Bus {
                 retention: stream::RetentionPolicy::Limits,
                 storage: stream::StorageType::File,
                 max_age: Duration::from_secs(30 * 24 * 3600),
+                num_replicas: queues.replicas,
                 ..Default::default()
             },
         )
@@ -108,6 +111,7 @@ impl Bus {
                 bucket: subj::RUNS_BUCKET.into(),
                 history: 5,
                 storage: stream::StorageType::File,
+                num_replicas: queues.replicas,
                 ..Default::default()
             },
         )
@@ -119,6 +123,7 @@ impl Bus {
                 history: 1,
                 max_age: Duration::from_secs(30),
                 storage: stream::StorageType::Memory,
+                num_replicas: queues.replicas,
                 ..Default::default()
             },
         )
@@ -406,6 +411,7 @@ async fn ensure_stream(js: &jetstream::Context, cfg: stream::Config) -> Result<(
                 || current.duplicate_window != cfg.duplicate_window
                 || current.max_age != cfg.max_age
                 || current.max_message_size != cfg.max_message_size
+                || current.num_replicas != cfg.num_replicas
             {
                 // A worker with per-role permissions may not update streams: it works with
                 // the stream as the coordinators set it up.
@@ -430,6 +436,20 @@ async fn ensure_stream(js: &jetstream::Context, cfg: stream::Config) -> Result<(
 async fn ensure_kv(js: &jetstream::Context, cfg: kv::Config) -> Result<kv::Store, BusError> {
     let bucket = cfg.bucket.clone();
     if let Ok(s) = js.get_key_value(&bucket).await {
+        // A bucket made with another replica count is moved to this one (best effort, as
+        // for streams: a worker may not have the right).
+        if let Ok(mut st) = js.get_stream(format!("KV_{bucket}")).await {
+            if let Ok(info) = st.info().await {
+                let want = cfg.num_replicas.max(1);
+                if info.config.num_replicas != want {
+                    let mut c = info.config.clone();
+                    c.num_replicas = want;
+                    if let Err(e) = js.update_stream(&c).await {
+                        tracing::warn!(bucket = %bucket, error = %e, "KV bucket replicas differ from this process's and could not be updated; using the bucket as it is");
+                    }
+                }
+            }
+        }
         return Ok(s);
     }
     let stream = stream::Config {
@@ -442,7 +462,7 @@ async fn ensure_kv(js: &jetstream::Context, cfg: kv::Config) -> Result<kv::Store
         deny_delete: true,
         allow_direct: true,
         discard: stream::DiscardPolicy::New,
-        num_replicas: 1,
+        num_replicas: cfg.num_replicas.max(1),
         ..Default::default()
     };
     if let Err(e) = js.create_stream(stream).await {

@@ -216,6 +216,10 @@ pub struct QueueConfig {
     /// How long events are kept.
     #[serde(with = "humantime_serde")]
     pub events_max_age: Duration,
+    /// Copies of every stream and KV bucket in a clustered JetStream (1 on one server; 3
+    /// in a three-node cluster survives the loss of any one node). Consumers follow their
+    /// stream. An existing stream with another count is moved to this one.
+    pub replicas: usize,
 }
 
 impl Default for QueueConfig {
@@ -225,6 +229,7 @@ impl Default for QueueConfig {
             dedup_window: Duration::from_secs(3600),
             max_job_bytes: 512 * 1024,
             events_max_age: Duration::from_secs(7 * 24 * 3600),
+            replicas: 1,
         }
     }
 }
@@ -276,6 +281,12 @@ impl QueueConfig {
         }
         if self.max_job_bytes == 0 {
             return Err("queues.max_job_bytes must be at least 1".into());
+        }
+        if !(1..=5).contains(&self.replicas) {
+            return Err(format!(
+                "queues.replicas must be 1 to 5 (JetStream's limit), not {}",
+                self.replicas
+            ));
         }
         Ok(())
     }
