@@ -57,13 +57,94 @@ async fn follow(
                 return samples;
             }
         }
-        assert!(
-            t0.elapsed() < Duration::from_secs(240),
-            "run {run} did not finish: {:?}",
-            samples.last()
-        );
+        if t0.elapsed() > Duration::from_secs(150) {
+            panic!(
+                "run {run} did not finish: {:?}\n{}",
+                samples.last(),
+                diagnose(stack, run).await
+            );
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// The jobs stream, the noop consumer, the events stream and the coordinators' consumer,
+/// and what the run state says is missing, for a run that stalls.
+async fn diagnose(stack: &Stack, run: &RunId) -> String {
+    let js = stack.bus.jetstream();
+    let mut out = String::new();
+    for s in [subjects::JOBS_STREAM, subjects::EVENTS_STREAM] {
+        if let Ok(mut st) = js.get_stream(s).await {
+            if let Ok(i) = st.info().await {
+                out += &format!(
+                    "{s}: {:?} leader {:?}\n",
+                    i.state,
+                    i.cluster.as_ref().and_then(|c| c.leader.clone())
+                );
+            }
+            for c in [
+                subjects::role_consumer(dagfleet_protocol::Role::Noop),
+                subjects::COORDINATOR_CONSUMER.to_string(),
+            ] {
+                if let Ok(mut con) = st
+                    .get_consumer::<async_nats::jetstream::consumer::pull::Config>(&c)
+                    .await
+                {
+                    if let Ok(i) = con.info().await {
+                        out += &format!("  consumer {c}: pending {} ack_pending {} redelivered {} delivered {:?} ack_floor {:?}\n", i.num_pending, i.num_ack_pending, i.num_redelivered, i.delivered, i.ack_floor);
+                    }
+                }
+            }
+        }
+    }
+    if let Ok(Some((st, _))) = dagfleet_coordinator::load_run(&stack.bus, run).await {
+        out += &format!(
+            "stage: status {:?} jobs {} done {} failed {} takeovers {}\n",
+            st.stages[0].status,
+            st.stages[0].jobs,
+            st.stages[0].done.len(),
+            st.stages[0].failed.len(),
+            st.stages[0].dispatch_takeovers
+        );
+    }
+    // Which completions the events stream holds for the run.
+    if let Ok(st) = js.get_stream(subjects::EVENTS_STREAM).await {
+        use futures::StreamExt;
+        let c = st
+            .create_consumer(async_nats::jetstream::consumer::pull::Config {
+                filter_subject: subjects::run_events(run),
+                ack_policy: async_nats::jetstream::consumer::AckPolicy::None,
+                ..Default::default()
+            })
+            .await;
+        if let Ok(c) = c {
+            let mut done = std::collections::BTreeSet::new();
+            let mut events = 0;
+            if let Ok(mut batch) = c
+                .fetch()
+                .max_messages(100_000)
+                .expires(Duration::from_secs(3))
+                .messages()
+                .await
+            {
+                while let Some(Ok(m)) = batch.next().await {
+                    events += 1;
+                    if let Ok(ev) = dagfleet_protocol::codec::decode_event(&m.payload) {
+                        if let dagfleet_protocol::EventKind::JobsDone { records } = ev.kind {
+                            done.extend(records.into_iter().map(|r| r.index));
+                        }
+                    }
+                }
+            }
+            out += &format!(
+                "events of the run in the stream: {events}, distinct jobs done in them: {}\n",
+                done.len()
+            );
+        }
+    }
+    let recs = records(&stack.store, run).await.len();
+    out += &format!("job records in the store: {recs}\n");
+    out
 }
 
 /// Jobs/s before the fault, seconds until the first 50 jobs finish after it, and jobs/s

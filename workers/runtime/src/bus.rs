@@ -105,8 +105,12 @@ impl Bus {
             },
         )
         .await?;
+        // Run state is read back for compare-and-set: reads go to the stream's leader. A
+        // follower that is catching up (a restarted node) could otherwise answer with a state
+        // too old to count a completion in, and the completion would be dropped unnoticed.
         let runs = ensure_kv(
             &js,
+            false,
             kv::Config {
                 bucket: subj::RUNS_BUCKET.into(),
                 history: 5,
@@ -116,8 +120,10 @@ impl Bus {
             },
         )
         .await?;
+        // Heartbeats may be read from any replica: a stale one only delays a view.
         let workers = ensure_kv(
             &js,
+            true,
             kv::Config {
                 bucket: subj::WORKERS_BUCKET.into(),
                 history: 1,
@@ -393,7 +399,21 @@ pub async fn connect(nats: &NatsConfig, name: &str) -> Result<async_nats::Client
     if nats.tls_required || tls_url || nats.tls_cert.is_some() {
         opts = opts.require_tls(true);
     }
-    opts.connect(nats.url.as_str())
+    // Every node of a cluster, comma-separated; the client fails over between them.
+    let addrs = nats
+        .url
+        .split(',')
+        .map(|u| u.trim())
+        .filter(|u| !u.is_empty())
+        .map(|u| {
+            u.parse::<async_nats::ServerAddr>()
+                .map_err(|e| BusError::Connect {
+                    url: redact_url(&nats.url),
+                    reason: format!("`{}` is not a NATS URL: {e}", redact_url(u)),
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    opts.connect(addrs.as_slice())
         .await
         .map_err(|e| BusError::Connect {
             url: redact_url(&nats.url),
@@ -433,19 +453,33 @@ async fn ensure_stream(js: &jetstream::Context, cfg: stream::Config) -> Result<(
 /// Creates a KV bucket's backing stream directly. `create_key_value` first asks for account
 /// info in a shape nats-server 2.9 does not send, so the stream is made here with the same
 /// settings the client would use.
-async fn ensure_kv(js: &jetstream::Context, cfg: kv::Config) -> Result<kv::Store, BusError> {
+async fn ensure_kv(
+    js: &jetstream::Context,
+    direct: bool,
+    cfg: kv::Config,
+) -> Result<kv::Store, BusError> {
     let bucket = cfg.bucket.clone();
     if let Ok(s) = js.get_key_value(&bucket).await {
-        // A bucket made with another replica count is moved to this one (best effort, as
-        // for streams: a worker may not have the right).
+        // A bucket made with another replica count or read mode is moved to this one (best
+        // effort, as for streams: a worker may not have the right).
         if let Ok(mut st) = js.get_stream(format!("KV_{bucket}")).await {
             if let Ok(info) = st.info().await {
                 let want = cfg.num_replicas.max(1);
-                if info.config.num_replicas != want {
+                if info.config.num_replicas != want || info.config.allow_direct != direct {
                     let mut c = info.config.clone();
                     c.num_replicas = want;
-                    if let Err(e) = js.update_stream(&c).await {
-                        tracing::warn!(bucket = %bucket, error = %e, "KV bucket replicas differ from this process's and could not be updated; using the bucket as it is");
+                    c.allow_direct = direct;
+                    match js.update_stream(&c).await {
+                        // The store caches the read mode: open it again.
+                        Ok(_) => {
+                            return js
+                                .get_key_value(&bucket)
+                                .await
+                                .map_err(|e| topo(&format!("KV {bucket}"), e))
+                        }
+                        Err(e) => {
+                            tracing::warn!(bucket = %bucket, error = %e, "KV bucket settings differ from this process's and could not be updated; using the bucket as it is")
+                        }
                     }
                 }
             }
@@ -460,7 +494,7 @@ async fn ensure_kv(js: &jetstream::Context, cfg: kv::Config) -> Result<kv::Store
         storage: cfg.storage,
         allow_rollup: true,
         deny_delete: true,
-        allow_direct: true,
+        allow_direct: direct,
         discard: stream::DiscardPolicy::New,
         num_replicas: cfg.num_replicas.max(1),
         ..Default::default()
