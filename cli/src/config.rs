@@ -127,6 +127,10 @@ pub struct CoordinatorSettings {
     /// with one Airflow version) waits for such a worker before its run fails.
     #[serde(with = "humantime_serde")]
     pub lane_wait: Duration,
+    /// How long a dispatched stage may make no progress before its completions are counted
+    /// again from the job records in the store.
+    #[serde(with = "humantime_serde")]
+    pub resync_after: Duration,
 }
 
 impl Default for CoordinatorSettings {
@@ -135,6 +139,7 @@ impl Default for CoordinatorSettings {
             reconcile_every: Duration::from_secs(2),
             dispatch_lease: Duration::from_secs(30),
             lane_wait: Duration::from_secs(30),
+            resync_after: Duration::from_secs(30),
         }
     }
 }

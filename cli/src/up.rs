@@ -16,6 +16,7 @@ pub fn coordinator_config(cfg: &Config) -> CoordinatorConfig {
         reconcile_every: cfg.coordinator.reconcile_every,
         dispatch_lease: cfg.coordinator.dispatch_lease,
         lane_wait: cfg.coordinator.lane_wait,
+        resync_after: cfg.coordinator.resync_after,
         caps: cfg.caps.clone(),
         ..Default::default()
     }

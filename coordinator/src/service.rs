@@ -8,8 +8,8 @@
 //! error or panic while moving one run forward never ends the process.
 
 use dagfleet_protocol::{
-    decode_event, Caps, Event, EventKind, RunId, RunState, RunStatus, Stage, StageStatus,
-    SCHEMA_VERSION,
+    decode_event, Caps, Event, EventKind, JobRecord, RunId, RunState, RunStatus, Stage,
+    StageStatus, SCHEMA_VERSION,
 };
 use dagfleet_runtime::{now_ms, ArtifactStore, Bus};
 use futures::{FutureExt, StreamExt};
@@ -46,6 +46,11 @@ pub struct CoordinatorConfig {
     /// How long a stage whose jobs need a lane (e.g. DagBag judging with one Airflow
     /// version) waits for a live worker serving it before its run fails.
     pub lane_wait: Duration,
+    /// How long a dispatched stage may show no progress before the coordinator counts its
+    /// completions again from the job records in the store (the ground truth: a worker
+    /// writes a job's record before it announces the job), in case a completion event was
+    /// lost on the way into the run state.
+    pub resync_after: Duration,
 }
 
 impl Default for CoordinatorConfig {
@@ -60,6 +65,7 @@ impl Default for CoordinatorConfig {
             max_dispatch_takeovers: 3,
             max_run_panics: 3,
             lane_wait: Duration::from_secs(30),
+            resync_after: Duration::from_secs(30),
         }
     }
 }
@@ -134,6 +140,9 @@ enum Lease {
     Exhausted(u32),
 }
 
+/// Deliveries of an event for a run whose state is not found before it is dropped.
+const MISSING_RUN_DELIVERIES: i64 = 5;
+
 /// A coordinator process.
 pub struct Coordinator {
     bus: Bus,
@@ -141,6 +150,8 @@ pub struct Coordinator {
     cfg: CoordinatorConfig,
     /// Panics per run while moving it forward.
     panics: Mutex<HashMap<RunId, u32>>,
+    /// Per dispatched stage: jobs settled when last seen, and since when.
+    progress: Mutex<HashMap<(RunId, Stage), (u32, std::time::Instant)>>,
 }
 
 impl Coordinator {
@@ -151,6 +162,7 @@ impl Coordinator {
             store,
             cfg,
             panics: Mutex::new(HashMap::new()),
+            progress: Mutex::new(HashMap::new()),
         }
     }
 
@@ -225,12 +237,22 @@ impl Coordinator {
         msgs: Vec<async_nats::jetstream::Message>,
     ) -> Result<(), CoordinatorError> {
         let mut by_run: BTreeMap<RunId, Vec<EventKind>> = BTreeMap::new();
+        let mut msg_runs: Vec<Option<RunId>> = Vec::with_capacity(msgs.len());
         for m in &msgs {
             match decode_event(&m.payload) {
-                Ok(ev) => by_run.entry(ev.run_id).or_default().push(ev.kind),
-                Err(e) => warn!(subject = %m.subject, error = %e, "unreadable event skipped"),
+                Ok(ev) => {
+                    msg_runs.push(Some(ev.run_id.clone()));
+                    by_run.entry(ev.run_id).or_default().push(ev.kind)
+                }
+                Err(e) => {
+                    msg_runs.push(None);
+                    warn!(subject = %m.subject, error = %e, "unreadable event skipped")
+                }
             }
         }
+        // Runs whose state was not found: a run that does not exist, or a KV leader that
+        // has just taken over and cannot find the entry yet.
+        let mut not_found = std::collections::BTreeSet::new();
         for (run, kinds) in &mut by_run {
             self.keep_recorded(run, kinds).await;
         }
@@ -255,7 +277,10 @@ impl Coordinator {
             })
             .await;
             match applied {
-                Ok(_) => self.reconcile_guarded(run).await,
+                Ok(None) => {
+                    not_found.insert(run.clone());
+                }
+                Ok(Some(_)) => self.reconcile_guarded(run).await,
                 // Nothing to apply these events to, now or later.
                 Err(e @ CoordinatorError::Unreadable { .. }) => {
                     warn!(error = %e, "events for an unreadable run state dropped")
@@ -263,10 +288,74 @@ impl Coordinator {
                 Err(e) => return Err(e),
             }
         }
-        // Acks go out only after the state is stored.
-        for m in &msgs {
-            let _ = m.ack().await;
+        // Acks go out only after the state is stored. Completions for a run whose state was
+        // not found come back a few times before they are dropped: in a cluster, a run-state
+        // read right after a leader change can miss an entry that exists.
+        for (m, run) in msgs.iter().zip(&msg_runs) {
+            let retry = run.as_ref().is_some_and(|r| not_found.contains(r))
+                && m.info().is_ok_and(|i| i.delivered < MISSING_RUN_DELIVERIES);
+            if retry {
+                let _ = m
+                    .ack_with(async_nats::jetstream::AckKind::Nak(Some(
+                        Duration::from_secs(2),
+                    )))
+                    .await;
+            } else {
+                let _ = m.ack().await;
+            }
         }
+        Ok(())
+    }
+
+    /// Counts a stalled stage's completions again from its job records: when a dispatched
+    /// stage has settled no new job for `resync_after`, every record in the store is applied
+    /// as a completion (those already counted change nothing).
+    async fn resync_if_stalled(
+        &self,
+        run: &RunId,
+        cur: &dagfleet_protocol::StageState,
+    ) -> Result<(), CoordinatorError> {
+        use futures::stream::{self, StreamExt as _};
+        let key = (run.clone(), cur.stage);
+        let now = std::time::Instant::now();
+        {
+            let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+            let e = p.entry(key.clone()).or_insert((cur.settled(), now));
+            if e.0 != cur.settled() {
+                *e = (cur.settled(), now);
+                return Ok(());
+            }
+            if now.duration_since(e.1) < self.cfg.resync_after {
+                return Ok(());
+            }
+            e.1 = now;
+        }
+        let prefix = format!(
+            "{}/{}/",
+            dagfleet_runtime::store::records_prefix(run),
+            cur.stage
+        );
+        let keys = self.store.list(&prefix).await?;
+        let records: Vec<JobRecord> = stream::iter(keys)
+            .map(|k| async move { self.store.get_opt(&k).await })
+            .buffer_unordered(32)
+            .filter_map(|r| async move {
+                r.ok()
+                    .flatten()
+                    .and_then(|b| serde_json::from_slice::<JobRecord>(&b).ok())
+            })
+            .collect()
+            .await;
+        let missing = records
+            .iter()
+            .filter(|r| r.run_id == *run && !cur.done.contains(r.index))
+            .count();
+        if missing == 0 {
+            return Ok(());
+        }
+        let ev = EventKind::JobsDone { records };
+        update_run(&self.bus, run, |st| apply_event(st, &self.cfg.caps, &ev)).await?;
+        warn!(run = %run, stage = %cur.stage, missing, "completions counted again from job records after the stage stalled");
         Ok(())
     }
 
@@ -395,7 +484,7 @@ impl Coordinator {
                 }
                 StageStatus::Dispatched => {
                     if cur.settled() < cur.jobs {
-                        return Ok(());
+                        return self.resync_if_stalled(run, &cur).await;
                     }
                     let limit = state.spec.limits.max_failed_jobs;
                     let failed = cur.failed.len();

@@ -371,6 +371,7 @@ pub fn fast_coordinator(id: &str) -> CoordinatorConfig {
         reconcile_every: Duration::from_millis(300),
         dispatch_lease: Duration::from_secs(3),
         event_batch: 1000,
+        resync_after: Duration::from_secs(5),
         ..Default::default()
     }
 }

@@ -39,6 +39,8 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
   value: /etc/dagfleet/dagfleet.toml
 - name: DAGFLEET_NATS__URL
   value: {{ $root.Values.nats.url | quote }}
+- name: DAGFLEET_QUEUES__REPLICAS
+  value: {{ $root.Values.nats.replicas | default 1 | quote }}
 {{- with $root.Values.nats.auth }}
 {{- if and .existingSecret .perRole }}
 - name: DAGFLEET_NATS__USER

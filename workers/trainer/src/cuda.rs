@@ -124,74 +124,50 @@ macro_rules! cuda_only_op {
             _ => $self.run::<f32>(&k, [$(($s, $l)),+]),
         }
     }};
+    // One arm per arity of candle's trait; each method on one line.
     ($ty:ty, $name:literal, $kernel:literal, 1) => {
         impl CustomOp1 for $ty {
-            fn name(&self) -> &'static str {
-                $name
-            }
-            fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-                cpu_only($name)
-            }
-            fn cuda_fwd(&self, a: &CudaStorage, la: &Layout) -> Result<(CudaStorage, Shape)> {
-                cuda_only_op!(@cuda self, $kernel, a, [a, la])
-            }
+            fn name(&self) -> &'static str { $name }
+            fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> { cpu_only($name) }
+            fn cuda_fwd(&self, a: &CudaStorage, la: &Layout) -> Out { cuda_only_op!(@cuda self, $kernel, a, [a, la]) }
         }
     };
     ($ty:ty, $name:literal, $kernel:literal, 2) => {
         impl CustomOp2 for $ty {
-            fn name(&self) -> &'static str {
-                $name
-            }
-            fn cpu_fwd(
-                &self,
-                _: &CpuStorage,
-                _: &Layout,
-                _: &CpuStorage,
-                _: &Layout,
-            ) -> Result<(CpuStorage, Shape)> {
-                cpu_only($name)
-            }
-            fn cuda_fwd(
-                &self,
-                a: &CudaStorage,
-                la: &Layout,
-                b: &CudaStorage,
-                lb: &Layout,
-            ) -> Result<(CudaStorage, Shape)> {
-                cuda_only_op!(@cuda self, $kernel, a, [a, la, b, lb])
-            }
+            fn name(&self) -> &'static str { $name }
+            fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> { cpu_only($name) }
+            fn cuda_fwd(&self, a: &CudaStorage, la: &Layout, b: &CudaStorage, lb: &Layout) -> Out { cuda_only_op!(@cuda self, $kernel, a, [a, la, b, lb]) }
         }
     };
     ($ty:ty, $name:literal, $kernel:literal, 3) => {
         impl CustomOp3 for $ty {
-            fn name(&self) -> &'static str {
-                $name
-            }
-            fn cpu_fwd(
-                &self,
-                _: &CpuStorage,
-                _: &Layout,
-                _: &CpuStorage,
-                _: &Layout,
-                _: &CpuStorage,
-                _: &Layout,
-            ) -> Result<(CpuStorage, Shape)> {
-                cpu_only($name)
-            }
+            fn name(&self) -> &'static str { $name }
+            fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> { cpu_only($name) }
             #[allow(clippy::too_many_arguments)]
-            fn cuda_fwd(
-                &self,
-                a: &CudaStorage,
-                la: &Layout,
-                b: &CudaStorage,
-                lb: &Layout,
-                c: &CudaStorage,
-                lc: &Layout,
-            ) -> Result<(CudaStorage, Shape)> {
-                cuda_only_op!(@cuda self, $kernel, a, [a, la, b, lb, c, lc])
-            }
+            fn cuda_fwd(&self, a: &CudaStorage, la: &Layout, b: &CudaStorage, lb: &Layout, c: &CudaStorage, lc: &Layout) -> Out { cuda_only_op!(@cuda self, $kernel, a, [a, la, b, lb, c, lc]) }
         }
     };
+}
+
+/// A kernel with one block per row of `x` `[rows, cols]` that takes `(x, a, b, out, cols,
+/// scalar)` and writes `out` `[rows, cols]` in `x`'s type; `names` name the inputs in errors.
+fn per_row<T: Elem, A: Elem, B: Elem>(
+    k: &Kernel,
+    [(x, lx), (a, la), (b, lb)]: [In<'_>; 3],
+    names: [&str; 3],
+    threads: u32,
+    scalar: f32,
+) -> Out {
+    let v = contiguous::<T>(x, lx, names[0])?;
+    let a = contiguous::<A>(a, la, names[1])?;
+    let b = contiguous::<B>(b, lb, names[2])?;
+    let (rows, cols) = lx.shape().dims2()?;
+    let c = cols as u32;
+    // SAFETY: v and out hold rows * cols elements; a and b hold what the kernel reads for
+    // each row, as the public function's shape check ensured; one block per row writes its
+    // row of out.
+    let out = launch!(k, out: T = [rows * cols], rows_cfg(rows, threads), [&v, &a, &b, &out, &c, &scalar]);
+    Ok((out, lx.shape().clone()))
 }
 
 /// Attention probabilities of raw scores `s` `[b, heads, t, t]` (already scaled), where
@@ -292,16 +268,9 @@ struct CeGrad(f32);
 cuda_only_op!(CeGrad, "dagfleet-ce-grad", "ce_grad", 3);
 
 impl CeGrad {
-    fn run<T: Elem>(&self, k: &Kernel, [(x, lx), (t, lt), (s, ls)]: [In<'_>; 3]) -> Out {
-        let v = contiguous::<T>(x, lx, "logits")?;
-        let tg = contiguous::<u32>(t, lt, "labels")?;
-        let lse = contiguous::<f32>(s, ls, "log-sum-exp")?;
-        let (rows, cols) = lx.shape().dims2()?;
-        let (c, scale) = (cols as u32, self.0);
-        // SAFETY: v and out hold rows * cols elements, tg and lse rows; one block per row
-        // writes its row.
-        let out = launch!(k, out: T = [rows * cols], rows_cfg(rows, 1024), [&v, &tg, &lse, &out, &c, &scale]);
-        Ok((out, lx.shape().clone()))
+    fn run<T: Elem>(&self, k: &Kernel, ins: [In<'_>; 3]) -> Out {
+        // One label and one log-sum-exp per row beside the logits.
+        per_row::<T, u32, f32>(k, ins, ["logits", "labels", "log-sum-exp"], 1024, self.0)
     }
 }
 
@@ -319,16 +288,10 @@ struct RmsNormBwd(f32);
 cuda_only_op!(RmsNormBwd, "dagfleet-rms-norm-bwd", "rms_norm_bwd", 3);
 
 impl RmsNormBwd {
-    fn run<T: Elem>(&self, k: &Kernel, [(x, lx), (w, lw), (dy, ld)]: [In<'_>; 3]) -> Out {
-        let a = contiguous::<T>(x, lx, "norm input")?;
-        let ww = contiguous::<T>(w, lw, "norm weight")?;
-        let g = contiguous::<T>(dy, ld, "output gradient")?;
-        let (rows, h) = lx.shape().dims2()?;
-        let (hh, eps) = (h as u32, self.0);
-        // SAFETY: a, g and out hold rows * h elements, ww h; one block per row writes its row.
-        let out =
-            launch!(k, out: T = [rows * h], rows_cfg(rows, 256), [&a, &ww, &g, &out, &hh, &eps]);
-        Ok((out, lx.shape().clone()))
+    fn run<T: Elem>(&self, k: &Kernel, ins: [In<'_>; 3]) -> Out {
+        // The weight `[cols]` and the output gradient `[rows, cols]` beside the input.
+        let names = ["norm input", "norm weight", "output gradient"];
+        per_row::<T, T, T>(k, ins, names, 256, self.0)
     }
 }
 
