@@ -7,7 +7,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use dagfleet_protocol::{subjects, JobRecord, RunId, RunStatus};
+use dagfleet_protocol::{subjects, RunId, RunStatus};
 use dagfleet_runtime::ArtifactStore;
 use dagfleet_tests::*;
 use std::time::{Duration, Instant};
@@ -22,15 +22,6 @@ fn noop_spec(name: &str) -> String {
     format!(
         "name = \"{name}\"\nstages = [\"noop\"]\n[noop]\njobs = {JOBS}\nwork_ms = 20\noutput_bytes = 8\n"
     )
-}
-
-async fn records(store: &ArtifactStore, run: &RunId) -> Vec<JobRecord> {
-    let mut out = Vec::new();
-    for k in store.list(&format!("runs/{run}/jobs")).await.unwrap() {
-        let b = store.get_opt(&k).await.unwrap().unwrap();
-        out.push(serde_json::from_slice(&b).unwrap());
-    }
-    out
 }
 
 /// Polls the run every 100 ms until it ends; `at` is called once with the number of jobs
@@ -142,7 +133,7 @@ async fn diagnose(stack: &Stack, run: &RunId) -> String {
             );
         }
     }
-    let recs = records(&stack.store, run).await.len();
+    let recs = job_records(&stack.store, run).await.len();
     out += &format!("job records in the store: {recs}\n");
     out
 }
@@ -185,7 +176,11 @@ async fn exactly_once(stack: &Stack, store: &ArtifactStore, run: &RunId) {
         .map(|k| k.rsplit_once('/').unwrap().0.to_string())
         .collect();
     assert_eq!(dirs.len(), JOBS);
-    assert_eq!(records(store, run).await.len(), JOBS, "one record per job");
+    assert_eq!(
+        job_records(store, run).await.len(),
+        JOBS,
+        "one record per job"
+    );
 }
 
 fn worker_env<'a>(url: &'a str, store: &'a str, replicas: &'a str) -> Vec<(&'a str, &'a str)> {

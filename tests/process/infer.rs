@@ -337,14 +337,23 @@ fn dagfleet_serve_answers_v1_dags_and_the_dagfleet_agent_model() {
 
 /// A POST of JSON over a plain TCP socket: the status and the body.
 fn http_post(url: &str, json: &str) -> (u16, String) {
+    let headers = format!(
+        "Content-Type: application/json\r\nContent-Length: {}\r\n",
+        json.len()
+    );
+    http_request("POST", url, &headers, json)
+}
+
+/// One HTTP/1.1 request over a plain TCP socket, with extra header lines; returns the
+/// status and the body.
+fn http_request(method: &str, url: &str, headers: &str, body: &str) -> (u16, String) {
     use std::io::{Read, Write};
     let rest = url.strip_prefix("http://").unwrap();
     let (host, path) = rest.split_once('/').unwrap();
     let mut s = std::net::TcpStream::connect(host).unwrap();
     write!(
         s,
-        "POST /{path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{json}",
-        json.len()
+        "{method} /{path} HTTP/1.1\r\nHost: {host}\r\n{headers}Connection: close\r\n\r\n{body}"
     )
     .unwrap();
     let mut resp = String::new();
@@ -404,27 +413,7 @@ fn the_mcp_server_answers_the_official_python_client() {
 
 /// A GET with extra header lines; returns the status and the body.
 fn http_get_with(url: &str, headers: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let rest = url.strip_prefix("http://").unwrap();
-    let (host, path) = rest.split_once('/').unwrap();
-    let mut s = std::net::TcpStream::connect(host).unwrap();
-    write!(
-        s,
-        "GET /{path} HTTP/1.1\r\nHost: {host}\r\n{headers}Connection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    let status = resp
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = resp
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
+    http_request("GET", url, headers, "")
 }
 
 /// `dagfleet serve` and `dagfleet mcp --http` refuse to listen beyond loopback without an

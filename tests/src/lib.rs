@@ -456,6 +456,22 @@ impl Stack {
     }
 }
 
+/// Every job record of `run` in `store`.
+pub async fn job_records(store: &ArtifactStore, run: &RunId) -> Vec<dagfleet_protocol::JobRecord> {
+    let mut out = Vec::new();
+    for k in store
+        .list(&dagfleet_runtime::store::records_prefix(run))
+        .await
+        .expect("listing job records")
+    {
+        let b = store.get_opt(&k).await.expect("reading a job record");
+        if let Some(b) = b {
+            out.push(serde_json::from_slice(&b).expect("a job record"));
+        }
+    }
+    out
+}
+
 /// Waits until `run` is done or failed; panics after `limit`.
 pub async fn wait_run(bus: &Bus, run: &RunId, limit: Duration) -> RunState {
     let t0 = Instant::now();
