@@ -8,8 +8,7 @@ fn init() {
     dagfleet_tests::set_dagfleet_bin(env!("CARGO_BIN_EXE_dagfleet"));
 }
 
-use dagfleet_protocol::{subjects, JobRecord, RunId, RunStatus};
-use dagfleet_runtime::ArtifactStore;
+use dagfleet_protocol::{subjects, RunStatus};
 use dagfleet_tests::*;
 use futures::StreamExt;
 use std::time::{Duration, Instant};
@@ -73,15 +72,6 @@ async fn wait_for_worker(bus: &dagfleet_runtime::Bus, prefix: &str) {
     }
 }
 
-async fn records(store: &ArtifactStore, run: &RunId) -> Vec<JobRecord> {
-    let mut out = Vec::new();
-    for k in store.list(&format!("runs/{run}/jobs")).await.unwrap() {
-        let b = store.get_opt(&k).await.unwrap().unwrap();
-        out.push(serde_json::from_slice(&b).unwrap());
-    }
-    out
-}
-
 /// Waits until some worker has a job in flight, per its heartbeat.
 async fn wait_in_flight(bus: &dagfleet_runtime::Bus) {
     let t0 = Instant::now();
@@ -126,7 +116,7 @@ async fn a_worker_killed_mid_job_is_replaced_and_the_job_completes_once() {
 
     let st = wait_run(&stack.bus, &run, Duration::from_secs(60)).await;
     assert_eq!(st.status, RunStatus::Done, "{:?}", st.error);
-    let recs = records(&store, &run).await;
+    let recs = job_records(&store, &run).await;
     assert_eq!(recs.len(), 1);
     assert_eq!(recs[0].worker, "b-noop");
     assert_eq!(recs[0].attempt, 2, "redelivered once after the kill");
@@ -158,7 +148,7 @@ async fn sigterm_finishes_in_flight_jobs_or_hands_them_back() {
     assert!(status.success(), "{status:?}");
     let st = wait_run(&stack.bus, &run, Duration::from_secs(30)).await;
     assert_eq!(st.status, RunStatus::Done);
-    let recs = records(&store, &run).await;
+    let recs = job_records(&store, &run).await;
     assert_eq!((recs[0].worker.as_str(), recs[0].attempt), ("a-noop", 1));
 
     // Past the grace period the job is handed back and another worker takes it.
@@ -189,7 +179,7 @@ async fn sigterm_finishes_in_flight_jobs_or_hands_them_back() {
     );
     let st = wait_run(&stack.bus, &run, Duration::from_secs(30)).await;
     assert_eq!(st.status, RunStatus::Done);
-    let recs = records(&store, &run).await;
+    let recs = job_records(&store, &run).await;
     assert_eq!((recs[0].worker.as_str(), recs[0].attempt), ("d-noop", 2));
     stack.stop().await;
 }
@@ -326,7 +316,7 @@ async fn chaos_a_thousand_jobs_with_random_worker_kills() {
         .map(|k| k.rsplit_once('/').unwrap().0.to_string())
         .collect();
     assert_eq!(dirs.len(), 1000);
-    assert_eq!(records(&store, &run).await.len(), 1000);
+    assert_eq!(job_records(&store, &run).await.len(), 1000);
     let mut dlq = stack
         .bus
         .jetstream()
@@ -407,7 +397,10 @@ async fn dagfleet_cancel_drops_queued_jobs_stops_running_ones_and_records_cancel
         .unwrap();
     assert_eq!(st.status, RunStatus::Cancelled);
     assert_eq!(st.error.as_deref(), Some("cancelled: test"));
-    assert!(records(&store, &run).await.is_empty(), "no job finished");
+    assert!(
+        job_records(&store, &run).await.is_empty(),
+        "no job finished"
+    );
     let m: serde_json::Value = serde_json::from_slice(
         &store
             .get_opt(&format!("runs/{run}/manifest.json"))
