@@ -164,6 +164,20 @@ fn figures(samples: &[(f64, usize)]) -> (f64, f64, f64) {
     (before, recover, in5)
 }
 
+/// A stream's configuration, state and cluster placement.
+async fn stream_info(
+    js: &async_nats::jetstream::Context,
+    name: &str,
+) -> async_nats::jetstream::stream::Info {
+    js.get_stream(name)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .clone()
+}
+
 async fn exactly_once(stack: &Stack, store: &ArtifactStore, run: &RunId) {
     let st = wait_run(&stack.bus, run, Duration::from_secs(30)).await;
     assert_eq!(st.status, RunStatus::Done, "{:?}", st.error);
@@ -236,14 +250,7 @@ async fn a_three_node_cluster_loses_a_node_and_then_its_stream_leader_without_lo
         subjects::EVENTS_STREAM,
         "KV_dagfleet_runs",
     ] {
-        let info = js
-            .get_stream(s)
-            .await
-            .unwrap()
-            .info()
-            .await
-            .unwrap()
-            .clone();
+        let info = stream_info(&js, s).await;
         assert_eq!(info.config.num_replicas, 3, "{s}");
         let replicas = info.cluster.as_ref().map(|c| c.replicas.len()).unwrap_or(0);
         assert_eq!(replicas, 2, "{s}: a leader and two followers");
@@ -276,15 +283,8 @@ async fn a_three_node_cluster_loses_a_node_and_then_its_stream_leader_without_lo
     cluster.wait_ready(Duration::from_secs(30)).await;
 
     // 2. The jobs stream's leader killed -9 mid-run (and kept down until the run ends).
-    let info = js
-        .get_stream(subjects::JOBS_STREAM)
+    let leader = stream_info(&js, subjects::JOBS_STREAM)
         .await
-        .unwrap()
-        .info()
-        .await
-        .unwrap()
-        .clone();
-    let leader = info
         .cluster
         .and_then(|c| c.leader)
         .expect("a stream leader");
@@ -302,18 +302,10 @@ async fn a_three_node_cluster_loses_a_node_and_then_its_stream_leader_without_lo
     );
     // What the work queue still holds once every job is acked (reported, not asserted:
     // redelivered leftovers are found done and acked without running).
-    let left = js
-        .get_stream(subjects::JOBS_STREAM)
-        .await
-        .unwrap()
-        .info()
-        .await
-        .unwrap()
-        .state
-        .messages;
+    let left = stream_info(&js, subjects::JOBS_STREAM).await.state.messages;
     println!("jobs stream after both runs: {left} messages left (every job acked)");
-    let mut dlq = js.get_stream(subjects::DLQ_STREAM).await.unwrap();
-    assert_eq!(dlq.info().await.unwrap().state.messages, 0);
+    let dlq = stream_info(&js, subjects::DLQ_STREAM).await;
+    assert_eq!(dlq.state.messages, 0);
     drop(killed);
     stack.stop().await;
 }

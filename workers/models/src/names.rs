@@ -3,59 +3,54 @@
 
 use candle_core::Tensor;
 
-/// The Hugging Face name of a GGUF tensor of the Llama/Qwen2 families, e.g.
-/// `blk.3.attn_q.weight` → `model.layers.3.self_attn.q_proj.weight`.
-pub fn gguf_to_hf(name: &str) -> Option<String> {
-    match name {
-        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
-        "output_norm.weight" => return Some("model.norm.weight".into()),
-        "output.weight" => return Some("lm_head.weight".into()),
-        _ => {}
+/// Whole-model tensors: (GGUF, Hugging Face).
+const TOP: [(&str, &str); 3] = [
+    ("token_embd.weight", "model.embed_tokens.weight"),
+    ("output_norm.weight", "model.norm.weight"),
+    ("output.weight", "lm_head.weight"),
+];
+
+/// Per-layer modules: (GGUF, Hugging Face), under `blk.N.` and `model.layers.N.`.
+const LAYER: [(&str, &str); 9] = [
+    ("attn_norm", "input_layernorm"),
+    ("attn_q", "self_attn.q_proj"),
+    ("attn_k", "self_attn.k_proj"),
+    ("attn_v", "self_attn.v_proj"),
+    ("attn_output", "self_attn.o_proj"),
+    ("ffn_norm", "post_attention_layernorm"),
+    ("ffn_gate", "mlp.gate_proj"),
+    ("ffn_up", "mlp.up_proj"),
+    ("ffn_down", "mlp.down_proj"),
+];
+
+/// `name` mapped through the tables from side `from` (0: GGUF, 1: HF) to the other.
+fn map(name: &str, from: usize) -> Option<String> {
+    let pick = |p: &(&'static str, &'static str), i: usize| if i == 0 { p.0 } else { p.1 };
+    if let Some(p) = TOP.iter().find(|p| pick(p, from) == name) {
+        return Some(pick(p, 1 - from).to_string());
     }
-    let rest = name.strip_prefix("blk.")?;
+    let prefixes = ["blk.", "model.layers."];
+    let rest = name.strip_prefix(prefixes[from])?;
     let (layer, rest) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
     let (module, suffix) = rest.rsplit_once('.')?;
-    let hf = match module {
-        "attn_norm" => "input_layernorm",
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "ffn_norm" => "post_attention_layernorm",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        _ => return None,
-    };
-    Some(format!("model.layers.{layer}.{hf}.{suffix}"))
+    let p = LAYER.iter().find(|p| pick(p, from) == module)?;
+    Some(format!(
+        "{}{layer}.{}.{suffix}",
+        prefixes[1 - from],
+        pick(p, 1 - from)
+    ))
+}
+
+/// The Hugging Face name of a GGUF tensor of the Llama/Qwen2 families, e.g.
+/// `blk.3.attn_q.weight` → `model.layers.3.self_attn.q_proj.weight`.
+pub fn gguf_to_hf(name: &str) -> Option<String> {
+    map(name, 0)
 }
 
 /// The GGUF name of a Hugging Face tensor; the inverse of [`gguf_to_hf`].
 pub fn hf_to_gguf(name: &str) -> Option<String> {
-    match name {
-        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
-        "model.norm.weight" => return Some("output_norm.weight".into()),
-        "lm_head.weight" => return Some("output.weight".into()),
-        _ => {}
-    }
-    let rest = name.strip_prefix("model.layers.")?;
-    let (layer, rest) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let (module, suffix) = rest.rsplit_once('.')?;
-    let g = match module {
-        "input_layernorm" => "attn_norm",
-        "self_attn.q_proj" => "attn_q",
-        "self_attn.k_proj" => "attn_k",
-        "self_attn.v_proj" => "attn_v",
-        "self_attn.o_proj" => "attn_output",
-        "post_attention_layernorm" => "ffn_norm",
-        "mlp.gate_proj" => "ffn_gate",
-        "mlp.up_proj" => "ffn_up",
-        "mlp.down_proj" => "ffn_down",
-        _ => return None,
-    };
-    Some(format!("blk.{layer}.{g}.{suffix}"))
+    map(name, 1)
 }
 
 /// llama.cpp's converter reorders the rows of Llama q/k weights (and biases) so that RoPE
