@@ -65,6 +65,10 @@ pub enum BenchCmd {
         #[arg(long)]
         out: std::path::PathBuf,
     },
+    /// The decode attention over the paged KV cache against the reference path (gather and
+    /// masked softmax) on the same sequences: logits, greedy tokens and step time.
+    #[cfg(feature = "inference")]
+    Paged(crate::bench_infer::PagedArgs),
 }
 
 /// Settings of `dagfleet bench queue`.
@@ -171,6 +175,8 @@ pub async fn run(cmd: BenchCmd, cfg: &Config) -> Result<()> {
         BenchCmd::Logits { model, tokens, out } => {
             return crate::bench_infer::logits(&model, &tokens, &out, cfg)
         }
+        #[cfg(feature = "inference")]
+        BenchCmd::Paged(a) => return crate::bench_infer::paged(a, cfg),
     };
     let QueueArgs {
         jobs,

@@ -131,6 +131,10 @@ pub struct CoordinatorSettings {
     /// again from the job records in the store.
     #[serde(with = "humantime_serde")]
     pub resync_after: Duration,
+    /// How often the jobs stream is swept of acknowledged messages it kept (a clustered
+    /// nats-server may keep some after a leader change); 0s turns it off.
+    #[serde(with = "humantime_serde")]
+    pub sweep_every: Duration,
 }
 
 impl Default for CoordinatorSettings {
@@ -140,6 +144,7 @@ impl Default for CoordinatorSettings {
             dispatch_lease: Duration::from_secs(30),
             lane_wait: Duration::from_secs(30),
             resync_after: Duration::from_secs(30),
+            sweep_every: Duration::from_secs(60),
         }
     }
 }

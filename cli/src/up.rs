@@ -17,6 +17,7 @@ pub fn coordinator_config(cfg: &Config) -> CoordinatorConfig {
         dispatch_lease: cfg.coordinator.dispatch_lease,
         lane_wait: cfg.coordinator.lane_wait,
         resync_after: cfg.coordinator.resync_after,
+        sweep_every: cfg.coordinator.sweep_every,
         caps: cfg.caps.clone(),
         ..Default::default()
     }

@@ -51,6 +51,9 @@ pub struct CoordinatorConfig {
     /// writes a job's record before it announces the job), in case a completion event was
     /// lost on the way into the run state.
     pub resync_after: Duration,
+    /// How often the jobs stream is swept of messages their consumer has acknowledged but
+    /// the stream kept ([`dagfleet_runtime::Bus::sweep_acked_jobs`]); zero turns it off.
+    pub sweep_every: Duration,
 }
 
 impl Default for CoordinatorConfig {
@@ -66,6 +69,7 @@ impl Default for CoordinatorConfig {
             max_run_panics: 3,
             lane_wait: Duration::from_secs(30),
             resync_after: Duration::from_secs(30),
+            sweep_every: Duration::from_secs(60),
         }
     }
 }
@@ -172,6 +176,14 @@ impl Coordinator {
         info!(id = %self.cfg.id, "coordinator started");
         let mut tick = tokio::time::interval(self.cfg.reconcile_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let sweep_every = if self.cfg.sweep_every.is_zero() {
+            Duration::from_secs(365 * 24 * 3600)
+        } else {
+            self.cfg.sweep_every
+        };
+        let mut sweep =
+            tokio::time::interval_at(tokio::time::Instant::now() + sweep_every, sweep_every);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut failures = 0u32;
         'outer: while !shutdown.is_cancelled() {
             let mut events = match consumer
@@ -201,6 +213,13 @@ impl Coordinator {
                     _ = tick.tick() => {
                         if let Err(e) = self.reconcile_all().await {
                             warn!(error = %e, "reconcile failed");
+                        }
+                    }
+                    _ = sweep.tick(), if !self.cfg.sweep_every.is_zero() => {
+                        match self.bus.sweep_acked_jobs().await {
+                            Ok(0) => {}
+                            Ok(n) => info!(deleted = n, "swept acknowledged job messages the stream had kept"),
+                            Err(e) => warn!(error = %e, "sweeping the jobs stream failed"),
                         }
                     }
                     first = events.next() => {

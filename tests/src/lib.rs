@@ -372,6 +372,7 @@ pub fn fast_coordinator(id: &str) -> CoordinatorConfig {
         dispatch_lease: Duration::from_secs(3),
         event_batch: 1000,
         resync_after: Duration::from_secs(5),
+        sweep_every: Duration::from_secs(2),
         ..Default::default()
     }
 }
@@ -470,6 +471,31 @@ pub async fn job_records(store: &ArtifactStore, run: &RunId) -> Vec<dagfleet_pro
         }
     }
     out
+}
+
+/// Waits until the jobs stream holds no message (every job acked and gone: the work queue
+/// removes a message on its ack, and the coordinators' sweep deletes acked ones a server
+/// kept); panics after `limit`. Returns how many it held at first.
+pub async fn wait_jobs_stream_empty(bus: &Bus, limit: Duration) -> u64 {
+    let t0 = Instant::now();
+    let mut first = None;
+    loop {
+        let mut s = bus
+            .jetstream()
+            .get_stream(dagfleet_protocol::subjects::JOBS_STREAM)
+            .await
+            .expect("jobs stream");
+        let n = s.info().await.expect("jobs stream info").state.messages;
+        let first = *first.get_or_insert(n);
+        if n == 0 {
+            return first;
+        }
+        assert!(
+            t0.elapsed() < limit,
+            "{n} job messages still in the jobs stream after {limit:?} (first {first})"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 }
 
 /// Waits until `run` is done or failed; panics after `limit`.

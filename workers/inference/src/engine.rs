@@ -10,7 +10,7 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
-use crate::model::{BatchKv, Model};
+use crate::model::{Model, PagedKv};
 use crate::InferError;
 use dagfleet_models::{ChatMessage, TextCodec};
 
@@ -113,6 +113,10 @@ pub struct EngineStats {
     pub prefill_chunks: AtomicU64,
     /// Requests ended by the deadline.
     pub expired: AtomicU64,
+    /// Sequences preempted for room in the KV cache (recomputed when they come back).
+    pub preempted: AtomicU64,
+    /// Prompt tokens found in the prefix cache instead of computed.
+    pub prefix_hit_tokens: AtomicU64,
     /// When the scheduler last finished a step (prefill chunk or decode), milliseconds
     /// since the engine started; `/health` compares it with the clock.
     pub last_step_ms: AtomicU64,
@@ -151,16 +155,21 @@ struct Job {
 
 struct Seq {
     job: Job,
-    slot: usize,
-    /// Prompt tokens prefilled so far; the sequence decodes once all are.
+    /// Its sequence in the KV cache.
+    kv: usize,
+    /// What must be in the KV cache before it decodes: the prompt, and after a preemption
+    /// also the tokens generated before it (all but the newest, which is `next`).
+    ctx: Vec<u32>,
+    /// Tokens of `ctx` in the cache so far (computed or found cached).
     pos: usize,
+    /// When it was admitted (the latest admitted is preempted first).
+    admitted: u64,
     sampler: LogitsProcessor,
     out: Vec<u32>,
     next: u32,
     emitted: usize,
     first_at: Option<Instant>,
     last_at: Instant,
-    reserve: usize,
     max_new: usize,
     text: String,
     prefix_offset: usize,
@@ -364,34 +373,26 @@ fn schedule(
             cfg.deadline
         )
     };
-    let mut kv: BatchKv = match model.new_kv(cfg.max_batch.min(8), 256) {
+    let mut kv: PagedKv = match model.new_kv(cfg.kv_budget_tokens) {
         Ok(kv) => kv,
         Err(e) => {
             warn!(error = %e, "cannot allocate the KV cache; the engine stops");
             return;
         }
     };
-    // The KV store is padded: every slot holds as many tokens as the longest reservation,
-    // so the budget bounds (sequences x longest reservation).
-    let padded = |running: &[Seq], extra: usize| {
-        let longest = running
-            .iter()
-            .map(|s| s.reserve)
-            .max()
-            .unwrap_or(0)
-            .max(extra);
-        (running.len() + 1) * longest
-    };
+    // Sequences preempted for room in the KV cache; they come back before new requests.
+    let mut preempted: VecDeque<Seq> = VecDeque::new();
+    let mut admissions = 0u64;
+    // Blocks kept free at admission, so running sequences can grow a while before the
+    // cache forces a preemption.
+    let watermark = kv.total_blocks() / 100;
     let gauges = |running: &[Seq]| {
-        let pre = running
-            .iter()
-            .filter(|s| s.pos < s.job.prompt.len())
-            .count();
+        let pre = running.iter().filter(|s| s.pos < s.ctx.len()).count();
         stats.prefilling.store(pre, Ordering::Relaxed);
         stats.running.store(running.len() - pre, Ordering::Relaxed);
     };
     loop {
-        if running.is_empty() && waiting.is_empty() {
+        if running.is_empty() && waiting.is_empty() && preempted.is_empty() {
             stats.stepped();
             match rx.recv() {
                 Ok(j) => waiting.push_back(j),
@@ -402,7 +403,7 @@ fn schedule(
             waiting.push_back(j);
         }
         // Requests that left or expired while they waited.
-        waiting.retain(|j| {
+        let gone_or_late = |j: &Job| {
             let gone = j.events.is_closed();
             let late = !gone && expired(j.submitted);
             if gone || late {
@@ -414,41 +415,59 @@ fn schedule(
                     let _ = j.events.send(GenEvent::Deadline(expire_msg()));
                 }
             }
-            !(gone || late)
-        });
-        // Admit at this token boundary; the prompt is prefilled in the steps that follow.
+            gone || late
+        };
+        waiting.retain(|j| !gone_or_late(j));
+        preempted.retain(|s| !gone_or_late(&s.job));
+        // Admit at this token boundary, by free blocks; the prompt is prefilled in the
+        // steps that follow. A prompt whose first blocks are cached starts after them.
         while running.len() < cfg.max_batch {
-            let Some(front) = waiting.front() else { break };
-            let need = (front.prompt.len() + front.params.max_tokens as usize).min(context);
-            if padded(&running, need) > cfg.kv_budget_tokens && !running.is_empty() {
+            let resumed = !preempted.is_empty();
+            let ctx: &[u32] = match preempted.front() {
+                Some(s) => &s.ctx,
+                None => match waiting.front() {
+                    Some(j) => &j.prompt,
+                    None => break,
+                },
+            };
+            let (id, held) = kv.alloc_prefix(ctx);
+            let need = kv.blocks_needed(id, ctx.len() - held);
+            if !running.is_empty() && kv.available_blocks() < need + watermark {
+                kv.release(id);
                 break;
             }
-            let Some(job) = waiting.pop_front() else {
-                break;
-            };
             stats.waiting.fetch_sub(1, Ordering::Relaxed);
-            let slot = match kv.alloc().and_then(|s| kv.reserve(need).map(|_| s)) {
-                Ok(s) => s,
-                Err(e) => {
-                    let _ = job
-                        .events
-                        .send(GenEvent::Error(format!("KV cache allocation failed: {e}")));
-                    continue;
+            stats
+                .prefix_hit_tokens
+                .fetch_add(held as u64, Ordering::Relaxed);
+            admissions += 1;
+            if resumed {
+                if let Some(mut s) = preempted.pop_front() {
+                    s.kv = id;
+                    s.pos = held;
+                    s.admitted = admissions;
+                    running.push(s);
                 }
+                continue;
+            }
+            let Some(job) = waiting.pop_front() else {
+                kv.release(id);
+                break;
             };
             let max_new = (job.params.max_tokens as usize).min(context - job.prompt.len());
             let now = Instant::now();
             running.push(Seq {
                 sampler: sampler(&job.params),
+                ctx: job.prompt.clone(),
                 job,
-                slot,
-                pos: 0,
+                kv: id,
+                pos: held,
+                admitted: admissions,
                 out: Vec::new(),
                 next: 0,
                 emitted: 0,
                 first_at: None,
                 last_at: now,
-                reserve: need,
                 max_new,
                 text: String::new(),
                 prefix_offset: 0,
@@ -468,7 +487,7 @@ fn schedule(
                 late_clients.push(s.job.events.clone());
             }
             if gone || late {
-                kv.release(s.slot);
+                kv.release(s.kv);
             }
             !(gone || late)
         });
@@ -485,19 +504,36 @@ fn schedule(
         // so a short request is not held behind a long one and decoding goes on between
         // a long prompt's chunks.
         let mut order: Vec<usize> = (0..running.len())
-            .filter(|&i| running[i].pos < running[i].job.prompt.len())
+            .filter(|&i| running[i].pos < running[i].ctx.len())
             .collect();
-        order.sort_by_key(|&i| running[i].job.prompt.len() - running[i].pos);
+        order.sort_by_key(|&i| running[i].ctx.len() - running[i].pos);
         let mut budget = chunk;
         let mut finished = Vec::new();
+        let mut evicted: Vec<usize> = Vec::new();
         for i in order {
             if budget == 0 {
                 break;
             }
+            if evicted.contains(&i) {
+                continue;
+            }
+            let n = (running[i].ctx.len() - running[i].pos).min(budget);
+            // Room for the chunk: preempt the latest admitted others until it fits.
+            while kv.available_blocks() < kv.blocks_needed(running[i].kv, n) {
+                let taken = [&evicted[..], &finished[..]].concat();
+                match victim(&running, &taken, Some(i)) {
+                    Some(v) => {
+                        kv.release(running[v].kv);
+                        evicted.push(v);
+                    }
+                    None => break,
+                }
+            }
             let s = &mut running[i];
-            let n = (s.job.prompt.len() - s.pos).min(budget);
-            let last = s.pos + n == s.job.prompt.len();
-            let r = model.prefill_chunk(&mut kv, s.slot, &s.job.prompt[s.pos..s.pos + n], last);
+            let last = s.pos + n == s.ctx.len();
+            // A preempted sequence that comes back already has its next token.
+            let want_logits = last && s.out.is_empty();
+            let r = model.prefill_chunk(&mut kv, s.kv, &s.ctx[s.pos..s.pos + n], want_logits);
             stats.prefill_chunks.fetch_add(1, Ordering::Relaxed);
             stats.stepped();
             budget -= n;
@@ -530,22 +566,53 @@ fn schedule(
                 finished.push(i);
             }
         }
-        finished.sort_unstable();
+        preempt(
+            &mut running,
+            &mut preempted,
+            &mut evicted,
+            &mut finished,
+            &stats,
+        );
         for i in finished.into_iter().rev() {
             let s = running.swap_remove(i);
-            kv.release(s.slot);
+            kv.release(s.kv);
         }
+        // One decode step for every sequence whose prompt is in, with room for its token:
+        // the latest admitted are preempted until every other one has a block.
+        let mut evicted = Vec::new();
+        loop {
+            let need: usize = (0..running.len())
+                .filter(|&i| running[i].pos == running[i].ctx.len() && !evicted.contains(&i))
+                .map(|i| kv.blocks_needed(running[i].kv, 1))
+                .sum();
+            if need <= kv.available_blocks() {
+                break;
+            }
+            match victim(&running, &evicted, None) {
+                Some(v) => {
+                    kv.release(running[v].kv);
+                    evicted.push(v);
+                }
+                None => break,
+            }
+        }
+        preempt(
+            &mut running,
+            &mut preempted,
+            &mut evicted,
+            &mut Vec::new(),
+            &stats,
+        );
         gauges(&running);
-        // One decode step for every sequence whose prompt is in.
         let ready: Vec<usize> = (0..running.len())
-            .filter(|&i| running[i].pos == running[i].job.prompt.len())
+            .filter(|&i| running[i].pos == running[i].ctx.len())
             .collect();
         if ready.is_empty() {
             continue;
         }
         let tokens: Vec<u32> = ready.iter().map(|&i| running[i].next).collect();
-        let slots: Vec<usize> = ready.iter().map(|&i| running[i].slot).collect();
-        let result = model.decode(&mut kv, &slots, &tokens);
+        let seqs: Vec<usize> = ready.iter().map(|&i| running[i].kv).collect();
+        let result = model.decode(&mut kv, &seqs, &tokens);
         stats.steps.fetch_add(1, Ordering::Relaxed);
         stats.stepped();
         let logits = match result {
@@ -554,7 +621,7 @@ fn schedule(
                 warn!(error = %e, "decode step failed; failing its sequences");
                 for &i in ready.iter().rev() {
                     let s = running.swap_remove(i);
-                    kv.release(s.slot);
+                    kv.release(s.kv);
                     let _ = s
                         .job
                         .events
@@ -611,10 +678,49 @@ fn schedule(
         }
         for i in finished.into_iter().rev() {
             let s = running.swap_remove(i);
-            kv.release(s.slot);
+            kv.release(s.kv);
         }
         gauges(&running);
     }
+}
+
+/// The running sequence to preempt next: the latest admitted one not already chosen and
+/// not `keep`.
+fn victim(running: &[Seq], chosen: &[usize], keep: Option<usize>) -> Option<usize> {
+    (0..running.len())
+        .filter(|i| Some(*i) != keep && !chosen.contains(i))
+        .max_by_key(|&i| running[i].admitted)
+}
+
+/// Moves the `evicted` sequences (their KV already released) from `running` to the front
+/// of `preempted`, to be recomputed from their prompt and output when there is room; the
+/// indices in `finished` are kept valid.
+fn preempt(
+    running: &mut Vec<Seq>,
+    preempted: &mut VecDeque<Seq>,
+    evicted: &mut Vec<usize>,
+    finished: &mut Vec<usize>,
+    stats: &EngineStats,
+) {
+    finished.retain(|i| !evicted.contains(i));
+    finished.sort_unstable();
+    evicted.sort_unstable();
+    for &i in evicted.iter().rev() {
+        let mut s = running.remove(i);
+        for f in finished.iter_mut() {
+            if *f > i {
+                *f -= 1;
+            }
+        }
+        // The cache held the prompt and every output token but the newest.
+        let fed = s.out.len().saturating_sub(1);
+        s.ctx = s.job.prompt.iter().chain(&s.out[..fed]).copied().collect();
+        s.pos = 0;
+        stats.preempted.fetch_add(1, Ordering::Relaxed);
+        stats.waiting.fetch_add(1, Ordering::Relaxed);
+        preempted.push_front(s);
+    }
+    evicted.clear();
 }
 
 /// Takes `s.next` as the sequence's newest token; streams new text; returns whether the

@@ -471,6 +471,8 @@ async fn metrics(State(engine): State<Engine>) -> Response {
 # HELP dagfleet_infer_prefilling Sequences whose prompt is being prefilled.\n# TYPE dagfleet_infer_prefilling gauge\ndagfleet_infer_prefilling {}\n\
 # HELP dagfleet_infer_prefill_chunks_total Prefill chunks run.\n# TYPE dagfleet_infer_prefill_chunks_total counter\ndagfleet_infer_prefill_chunks_total {}\n\
 # HELP dagfleet_infer_expired_total Requests ended by the deadline.\n# TYPE dagfleet_infer_expired_total counter\ndagfleet_infer_expired_total {}\n\
+# HELP dagfleet_infer_preempted_total Sequences preempted for KV cache room (recomputed later).\n# TYPE dagfleet_infer_preempted_total counter\ndagfleet_infer_preempted_total {}\n\
+# HELP dagfleet_infer_prefix_hit_tokens_total Prompt tokens found in the prefix cache.\n# TYPE dagfleet_infer_prefix_hit_tokens_total counter\ndagfleet_infer_prefix_hit_tokens_total {}\n\
 # HELP dagfleet_infer_max_batch Most sequences per step.\n# TYPE dagfleet_infer_max_batch gauge\ndagfleet_infer_max_batch {}\n\
 # HELP dagfleet_infer_kv_budget_tokens KV cache budget.\n# TYPE dagfleet_infer_kv_budget_tokens gauge\ndagfleet_infer_kv_budget_tokens {}\n",
         s.requests.load(Ordering::Relaxed),
@@ -484,6 +486,8 @@ async fn metrics(State(engine): State<Engine>) -> Response {
         s.prefilling.load(Ordering::Relaxed),
         s.prefill_chunks.load(Ordering::Relaxed),
         s.expired.load(Ordering::Relaxed),
+        s.preempted.load(Ordering::Relaxed),
+        s.prefix_hit_tokens.load(Ordering::Relaxed),
         c.max_batch,
         c.kv_budget_tokens,
     );

@@ -65,7 +65,7 @@ fn logits_equal_candle_transformers_reference_llama() {
     )
     .unwrap();
     // Prefill, then three decode steps, against the reference at the same positions.
-    let mut kv = model.new_kv(2, 64).unwrap();
+    let mut kv = model.new_kv(128).unwrap();
     let slot = kv.alloc().unwrap();
     let mine = model.prefill(&mut kv, slot, &ids).unwrap();
     let input = Tensor::new(ids.as_slice(), &Device::Cpu)
@@ -285,8 +285,9 @@ fn a_peft_adapter_is_merged_on_load() {
     let cpu = Device::Cpu;
     let base = Model::load(&model_path(), &cpu).unwrap();
     let logits = |m: &Model| {
-        let mut kv = m.new_kv(1, 16).unwrap();
-        m.prefill(&mut kv, 0, &[1, 9690, 198, 2683, 359]).unwrap()
+        let mut kv = m.new_kv(4096).unwrap();
+        let seq = kv.alloc().unwrap();
+        m.prefill(&mut kv, seq, &[1, 9690, 198, 2683, 359]).unwrap()
     };
     let want = logits(&base);
     let write = |dir: &std::path::Path, b_scale: f64, module: &str| {
@@ -362,8 +363,9 @@ fn qwen2_logits_equal_candle_transformers_reference() {
         &Device::Cpu,
     )
     .unwrap();
-    let mut kv = model.new_kv(1, 64).unwrap();
-    let mine = model.prefill(&mut kv, 0, &ids).unwrap();
+    let mut kv = model.new_kv(4096).unwrap();
+    let seq = kv.alloc().unwrap();
+    let mine = model.prefill(&mut kv, seq, &ids).unwrap();
     let input = Tensor::new(ids.as_slice(), &Device::Cpu)
         .unwrap()
         .unsqueeze(0)
@@ -378,7 +380,7 @@ fn qwen2_logits_equal_candle_transformers_reference() {
     assert!(d < 1e-2, "max logit difference {d}");
     let next = mine.argmax(0).unwrap().to_scalar::<u32>().unwrap();
     let step = model
-        .decode(&mut kv, &[0], &[next])
+        .decode(&mut kv, &[seq], &[next])
         .unwrap()
         .squeeze(0)
         .unwrap();
@@ -399,8 +401,9 @@ fn qwen2_logits_equal_candle_transformers_reference() {
     let d = max_diff(&step, &theirs);
     let mut all = ids.clone();
     all.push(next);
-    let mut kv2 = model.new_kv(1, 64).unwrap();
-    let again = model.prefill(&mut kv2, 0, &all).unwrap();
+    let mut kv2 = model.new_kv(4096).unwrap();
+    let seq2 = kv2.alloc().unwrap();
+    let again = model.prefill(&mut kv2, seq2, &all).unwrap();
     // The decode step equals recomputing the whole sequence by prefill, exactly, and a fresh
     // reference prefill of the longer sequence agrees with it; only the reference's own
     // incremental step differs (~0.3 in the largest logit: its KV-cached path, not ours), so

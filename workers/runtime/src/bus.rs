@@ -216,6 +216,65 @@ impl Bus {
             .map_err(|e| topo(&format!("consumer {name}"), e))
     }
 
+    /// Deletes the messages the jobs stream still holds although the consumer they belong to
+    /// has acknowledged them: every message at or below a consumer's ack floor on its filter
+    /// subject. Work-queue retention should have removed them on the ack; a clustered
+    /// nats-server 2.9 keeps some after a leader change or a restart (the acks reach the
+    /// consumer's state but not the stream). They hold storage only (a redelivery would be
+    /// found done), so this is clean-up. Returns how many were deleted.
+    pub async fn sweep_acked_jobs(&self) -> Result<u64, BusError> {
+        use futures::TryStreamExt;
+        let stream = self
+            .js
+            .get_stream(subj::JOBS_STREAM)
+            .await
+            .map_err(|e| topo("jobs stream", e))?;
+        let infos: Vec<consumer::Info> = stream
+            .consumers()
+            .try_collect()
+            .await
+            .map_err(|e| topo("jobs stream consumers", e))?;
+        let mut deleted = 0;
+        for info in infos {
+            let floor = info.ack_floor.stream_sequence;
+            let filters = if !info.config.filter_subjects.is_empty() {
+                info.config.filter_subjects.clone()
+            } else if !info.config.filter_subject.is_empty() {
+                vec![info.config.filter_subject.clone()]
+            } else {
+                vec![subj::JOBS_SUBJECTS.to_string()]
+            };
+            for filter in filters {
+                let mut seq = 1;
+                while seq <= floor {
+                    let next = stream
+                        .raw_message_builder()
+                        .sequence(seq)
+                        .next_by_subject(filter.clone())
+                        .send()
+                        .await;
+                    let m = match next {
+                        Ok(m) => m,
+                        Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => break,
+                        Err(e) => return Err(topo(&format!("reading {filter} at {seq}"), e)),
+                    };
+                    if m.sequence > floor {
+                        break;
+                    }
+                    match stream.delete_message(m.sequence).await {
+                        Ok(_) => deleted += 1,
+                        // Gone meanwhile (another coordinator's sweep, or the server's own).
+                        Err(e) => {
+                            tracing::debug!(seq = m.sequence, error = %e, "acked job message not deleted")
+                        }
+                    }
+                    seq = m.sequence + 1;
+                }
+            }
+        }
+        Ok(deleted)
+    }
+
     /// The durable pull consumer on the events stream shared by all coordinators.
     pub async fn coordinator_consumer(&self) -> Result<consumer::PullConsumer, BusError> {
         let stream = self

@@ -329,7 +329,10 @@ mod tests {
 pub struct EngineConfig {
     /// Most sequences decoding together.
     pub max_batch: usize,
-    /// KV cache budget in tokens: the sum of (prompt + max_tokens) over running sequences.
+    /// KV cache size in tokens, all running sequences together (16-token blocks; allocated
+    /// at once on CUDA, grown up to it elsewhere). A request needing more than this
+    /// (prompt + max_tokens) is refused; others wait for free blocks, and running ones are
+    /// preempted and recomputed when the cache runs out.
     pub kv_budget_tokens: usize,
     /// Most requests waiting; more are refused as overload.
     pub max_queue: usize,

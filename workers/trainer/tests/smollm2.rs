@@ -294,7 +294,7 @@ fn a_small_dataset_is_overfit_and_the_exports_round_trip() {
         mcodec.encode("with DAG(").unwrap(),
         codec.encode("with DAG(").unwrap()
     );
-    let mut kv = m.new_kv(1, ids.len() + 8).unwrap();
+    let mut kv = m.new_kv(ids.len() + 8).unwrap();
     let slot = kv.alloc().unwrap();
     let got = m.prefill(&mut kv, slot, &ids).unwrap();
     let last = want.get(ids.len() - 1).unwrap();
@@ -308,7 +308,7 @@ fn a_small_dataset_is_overfit_and_the_exports_round_trip() {
         let p = dir.path().join(format!("m-{}.gguf", kind.suffix()));
         std::fs::write(&p, bytes).unwrap();
         let (gm, gcodec) = dagfleet_inference::load(&p, &Device::Cpu).unwrap();
-        let mut kv = gm.new_kv(1, ids.len() + 40).unwrap();
+        let mut kv = gm.new_kv(ids.len() + 40).unwrap();
         let slot = kv.alloc().unwrap();
         let logits = gm.prefill(&mut kv, slot, &ids).unwrap();
         let top = |t: &Tensor| t.argmax(0).unwrap().to_scalar::<u32>().unwrap();
@@ -339,7 +339,7 @@ fn a_small_dataset_is_overfit_and_the_exports_round_trip() {
         // The fine-tune travels: the exported model's teacher-forced loss on a training
         // answer is the trainer's, not the base model's.
         let ce = row_ce(&row, |prefix, next| {
-            let mut kv = gm.new_kv(1, row.ids.len() + 8).unwrap();
+            let mut kv = gm.new_kv(row.ids.len() + 8).unwrap();
             let slot = kv.alloc().unwrap();
             let mut out = vec![gm.prefill(&mut kv, slot, prefix).unwrap()];
             for t in next {
@@ -368,7 +368,7 @@ fn a_small_dataset_is_overfit_and_the_exports_round_trip() {
     let (am, _) =
         dagfleet_inference::load_with(&dagfleet_tests::smollm2(), &Device::Cpu, &opts).unwrap();
     let ce = row_ce(&row, |prefix, next| {
-        let mut kv = am.new_kv(1, row.ids.len() + 8).unwrap();
+        let mut kv = am.new_kv(row.ids.len() + 8).unwrap();
         let slot = kv.alloc().unwrap();
         let mut out = vec![am.prefill(&mut kv, slot, prefix).unwrap()];
         for t in next {

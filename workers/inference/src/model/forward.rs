@@ -2,24 +2,19 @@
 
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
 
-use super::{BatchKv, Layer, Model};
+use super::{Layer, Model, PagedKv};
 
 impl Model {
-    /// An empty KV store with room for `slots` sequences of `cap` tokens (both grow).
-    pub fn new_kv(&self, slots: usize, cap: usize) -> candle_core::Result<BatchKv> {
+    /// An empty paged KV cache of at most `budget_tokens` tokens (every sequence together).
+    pub fn new_kv(&self, budget_tokens: usize) -> candle_core::Result<PagedKv> {
         let width = self.cfg.kv_heads * self.cfg.head_dim;
-        let (k, v) = BatchKv::zeros(self.cfg.layers, slots, cap, width, self.dtype, &self.device)?;
-        Ok(BatchKv {
-            k,
-            v,
-            slots,
-            cap,
+        PagedKv::new(
+            self.cfg.layers,
             width,
-            lens: vec![0; slots],
-            free: (0..slots).rev().collect(),
-            dtype: self.dtype,
-            device: self.device.clone(),
-        })
+            budget_tokens,
+            self.dtype,
+            &self.device,
+        )
     }
 
     /// The device the model runs on.
@@ -52,48 +47,56 @@ impl Model {
         att.matmul(v)
     }
 
-    /// Runs the prompt of a fresh sequence in `slot` and returns the logits of its last
+    /// Runs the prompt of a fresh sequence `seq` and returns the logits of its last
     /// position, `[vocab]` in f32.
     pub fn prefill(
         &self,
-        kv: &mut BatchKv,
-        slot: usize,
+        kv: &mut PagedKv,
+        seq: usize,
         tokens: &[u32],
     ) -> candle_core::Result<Tensor> {
-        if kv.len(slot) != 0 {
-            candle_core::bail!("slot {slot} is not empty");
+        if kv.len(seq) != 0 {
+            candle_core::bail!("KV sequence {seq} is not empty");
         }
-        match self.prefill_chunk(kv, slot, tokens, true)? {
+        match self.prefill_chunk(kv, seq, tokens, true)? {
             Some(l) => Ok(l),
-            None => candle_core::bail!("prefill of slot {slot} returned no logits"),
+            None => candle_core::bail!("prefill of KV sequence {seq} returned no logits"),
         }
     }
 
-    /// Appends `tokens` to what `slot` already holds (positions `kv.len(slot)..`), attending
-    /// over the slot's cached prefix and causally within the chunk, so a long prompt can be
-    /// prefilled a chunk at a time: the attention scores are `[heads, chunk, prefix + chunk]`,
-    /// never `[heads, prompt, prompt]`. With `logits`, returns those of the chunk's last
-    /// position, `[vocab]` in f32.
+    /// Appends `tokens` to what sequence `seq` already holds (positions `kv.len(seq)..`),
+    /// attending over its cached prefix and causally within the chunk, so a long prompt can
+    /// be prefilled a chunk at a time: the attention scores are `[heads, chunk, prefix +
+    /// chunk]`, never `[heads, prompt, prompt]`. With `logits`, returns those of the chunk's
+    /// last position, `[vocab]` in f32.
     pub fn prefill_chunk(
         &self,
-        kv: &mut BatchKv,
-        slot: usize,
+        kv: &mut PagedKv,
+        seq: usize,
         tokens: &[u32],
         logits: bool,
     ) -> candle_core::Result<Option<Tensor>> {
         let t = tokens.len();
         if t == 0 {
-            candle_core::bail!("an empty prefill chunk for slot {slot}");
+            candle_core::bail!("an empty prefill chunk for KV sequence {seq}");
         }
-        let start = kv.len(slot);
+        let start = kv.len(seq);
         let total = start + t;
         if total > self.cos.dim(0)? {
             candle_core::bail!(
-                "slot {slot} would hold {total} tokens; the model's positions end at {}",
+                "KV sequence {seq} would hold {total} tokens; the model's positions end at {}",
                 self.cos.dim(0)?
             );
         }
-        kv.reserve(total)?;
+        let rows = kv.prepare(seq, t)?;
+        let width = kv.width;
+        let write = scatter_rows(&rows, width, &self.device)?;
+        // A continued sequence attends over its cached rows and the chunk's.
+        let past = if start == 0 {
+            None
+        } else {
+            Some(Tensor::new(kv.rows(seq, total).as_slice(), &self.device)?)
+        };
         let ids = Tensor::new(tokens, &self.device)?;
         let mut x = self.embed.lookup(&ids, self.dtype)?.unsqueeze(0)?; // [1, t, hidden]
         let cos = self.cos.narrow(0, start, t)?;
@@ -137,22 +140,22 @@ impl Model {
             let q = self.rope(&q, &cos, &sin)?; // [1, h, t, d]
             let k = self.rope(&k, &cos, &sin)?; // [1, kvh, t, d]
             let v = v.contiguous()?;
-            // Into the slot's rows: [t, kvh * d] at row slot * cap + start.
-            let rows = |x: &Tensor| x.transpose(1, 2)?.contiguous()?.reshape((t, kvh * d));
-            let flat = |c: &Tensor| c.reshape((kv.slots * kv.cap, kv.width));
-            flat(&kv.k[l])?.slice_set(&rows(&k)?, 0, slot * kv.cap + start)?;
-            flat(&kv.v[l])?.slice_set(&rows(&v)?, 0, slot * kv.cap + start)?;
-            // A fresh slot attends over the chunk itself; a continued one over its cache.
-            let (kk, vv) = if start == 0 {
-                (k, v)
-            } else {
-                let past = |c: &Tensor| -> candle_core::Result<Tensor> {
-                    c.i((slot, 0..total, ..))?
-                        .reshape((1, total, kvh, d))?
-                        .transpose(1, 2)?
-                        .contiguous()
-                };
-                (past(&kv.k[l])?, past(&kv.v[l])?)
+            // Into the sequence's pool rows, [t, kvh * d].
+            let as_rows = |x: &Tensor| x.transpose(1, 2)?.contiguous()?.reshape((t, width));
+            let (pk, pv) = (flat(&kv.k[l], width)?, flat(&kv.v[l], width)?);
+            pk.scatter_set(&write, &as_rows(&k)?, 0)?;
+            pv.scatter_set(&write, &as_rows(&v)?, 0)?;
+            let (kk, vv) = match &past {
+                None => (k, v),
+                Some(rows) => {
+                    let gather = |pool: &Tensor| -> candle_core::Result<Tensor> {
+                        pool.index_select(rows, 0)?
+                            .reshape((1, total, kvh, d))?
+                            .transpose(1, 2)?
+                            .contiguous()
+                    };
+                    (gather(&pk)?, gather(&pv)?)
+                }
             };
             let q = q.reshape((1, kvh, rep * t, d))?;
             let att = self.sdpa(&q, &kk, &vv, &mask)?;
@@ -163,7 +166,7 @@ impl Model {
             x = (layer.o.forward(&y)? + r)?;
             x = (self.mlp(layer, &x)? + x)?;
         }
-        kv.lens[slot] = total;
+        kv.commit(seq, tokens);
         if !logits {
             return Ok(None);
         }
@@ -183,21 +186,28 @@ impl Model {
         layer.down.forward(&(g * layer.up.forward(&xn)?)?)
     }
 
-    /// One decode step for several sequences at once: `tokens[i]` is the next input of the
-    /// sequence in `slots[i]`. Returns logits `[n, vocab]` in f32.
+    /// One decode step for several sequences at once: `tokens[i]` is the next input of
+    /// sequence `seqs[i]`. Returns logits `[n, vocab]` in f32.
     pub fn decode(
         &self,
-        kv: &mut BatchKv,
-        slots: &[usize],
+        kv: &mut PagedKv,
+        seqs: &[usize],
         tokens: &[u32],
     ) -> candle_core::Result<Tensor> {
         let n = tokens.len();
+        if seqs.len() != n {
+            candle_core::bail!("decode of {} sequences with {n} tokens", seqs.len());
+        }
         let (h, kvh, d) = (self.cfg.heads, self.cfg.kv_heads, self.cfg.head_dim);
         let rep = h / kvh;
-        let lens: Vec<usize> = slots.iter().map(|s| kv.len(*s)).collect();
-        let max_len = lens.iter().copied().max().unwrap_or(0) + 1;
-        kv.reserve(max_len)?;
-        let (cap, width) = (kv.cap, kv.width);
+        let width = kv.width;
+        let lens: Vec<usize> = seqs.iter().map(|s| kv.len(*s)).collect();
+        let mut rows = Vec::with_capacity(n);
+        for s in seqs {
+            rows.extend(kv.prepare(*s, 1)?);
+        }
+        let write = scatter_rows(&rows, width, &self.device)?;
+        let attend = Attend::new(kv, seqs, &lens, (d, self.dtype), &self.device)?;
         let ids = Tensor::new(tokens, &self.device)?;
         // 2-D activations: a dense matmul over [n, hidden] is one GEMM that reads the weight
         // once; a 3-D [n, 1, hidden] input would broadcast the weight into n GEMVs.
@@ -214,20 +224,6 @@ impl Model {
             .index_select(&pos_t, 0)?
             .unsqueeze(1)?
             .contiguous()?;
-        // Rows the new K/V go to, the slots to gather, and the padding mask.
-        let rows: Vec<u32> = slots
-            .iter()
-            .zip(&lens)
-            .flat_map(|(s, l)| std::iter::repeat_n((s * cap + l) as u32, width))
-            .collect();
-        let rows = Tensor::from_vec(rows, (n, width), &self.device)?;
-        let slot_ids: Vec<u32> = slots.iter().map(|s| *s as u32).collect();
-        let slot_ids = Tensor::new(slot_ids.as_slice(), &self.device)?;
-        let mask: Vec<f32> = lens
-            .iter()
-            .flat_map(|l| (0..max_len).map(move |j| if j > *l { f32::NEG_INFINITY } else { 0.0 }))
-            .collect();
-        let mask = Tensor::from_vec(mask, (n, 1, 1, max_len), &self.device)?;
         for (l, layer) in self.layers.iter().enumerate() {
             let r = x.clone();
             let xn = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.cfg.eps as f32)?;
@@ -241,29 +237,40 @@ impl Model {
                 .forward(&xn)?
                 .reshape((n, 1, kvh, d))?
                 .transpose(1, 2)?;
-            let v = layer.v.forward(&xn)?.reshape((n, 1, kvh, d))?;
+            let v = layer.v.forward(&xn)?.reshape((n, width))?;
             let q = self.rope(&q, &cos, &sin)?; // [n, h, 1, d]
             let k = self.rope(&k, &cos, &sin)?; // [n, kvh, 1, d]
-            let flat_k = kv.k[l].reshape((kv.slots * cap, width))?;
-            let flat_v = kv.v[l].reshape((kv.slots * cap, width))?;
-            flat_k.scatter_set(&rows, &k.reshape((n, width))?.contiguous()?, 0)?;
-            flat_v.scatter_set(&rows, &v.reshape((n, width))?.contiguous()?, 0)?;
-            let gather = |c: &Tensor| -> candle_core::Result<Tensor> {
-                c.index_select(&slot_ids, 0)? // [n, cap, w]
-                    .narrow(1, 0, max_len)?
-                    .reshape((n, max_len, kvh, d))?
-                    .transpose(1, 2)?
-                    .contiguous()
+            let (pk, pv) = (flat(&kv.k[l], width)?, flat(&kv.v[l], width)?);
+            pk.scatter_set(&write, &k.reshape((n, width))?.contiguous()?, 0)?;
+            pv.scatter_set(&write, &v.contiguous()?, 0)?;
+            let y = match &attend {
+                #[cfg(feature = "cuda")]
+                Attend::Paged(meta) => super::paged::attention(
+                    &q.reshape((n, h, d))?,
+                    &pk,
+                    &pv,
+                    meta,
+                    kvh,
+                    (1.0 / (d as f64).sqrt()) as f32,
+                )?,
+                Attend::Gather { rows, mask, len } => {
+                    let gather = |pool: &Tensor| -> candle_core::Result<Tensor> {
+                        pool.index_select(rows, 0)? // [n * len, w]
+                            .reshape((n, *len, kvh, d))?
+                            .transpose(1, 2)?
+                            .contiguous()
+                    };
+                    let (kk, vv) = (gather(&pk)?, gather(&pv)?);
+                    let q = q.reshape((n, kvh, rep, d))?;
+                    self.sdpa(&q, &kk, &vv, mask)? // [n, kvh, rep, d]
+                }
             };
-            let (kk, vv) = (gather(&kv.k[l])?, gather(&kv.v[l])?);
-            let q = q.reshape((n, kvh, rep, d))?;
-            let y = self.sdpa(&q, &kk, &vv, &mask)?; // [n, kvh, rep, d]
             let y = y.reshape((n, h * d))?;
             x = (layer.o.forward(&y)? + r)?;
             x = (self.mlp(layer, &x)? + x)?;
         }
-        for s in slots {
-            kv.lens[*s] += 1;
+        for (s, t) in seqs.iter().zip(tokens) {
+            kv.commit(*s, std::slice::from_ref(t));
         }
         let x = candle_nn::ops::rms_norm(&x, &self.norm, self.cfg.eps as f32)?;
         self.lm_head.forward(&x)?.to_dtype(DType::F32)
@@ -272,5 +279,82 @@ impl Model {
     /// The activation dtype.
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+}
+
+/// A layer's pool `[blocks, BLOCK, width]` as rows `[blocks * BLOCK, width]` (same storage).
+fn flat(pool: &Tensor, width: usize) -> candle_core::Result<Tensor> {
+    pool.reshape(((), width))
+}
+
+/// The scatter index that writes row `i` of a `[rows.len(), width]` source into pool row
+/// `rows[i]`.
+fn scatter_rows(rows: &[u32], width: usize, device: &Device) -> candle_core::Result<Tensor> {
+    let idx: Vec<u32> = rows
+        .iter()
+        .flat_map(|r| std::iter::repeat_n(*r, width))
+        .collect();
+    Tensor::from_vec(idx, (rows.len(), width), device)
+}
+
+/// How a decode step attends over the sequences' blocks.
+enum Attend {
+    /// The CUDA kernel reads the pools through the block tables: u32 `[n, 1 + blocks]`,
+    /// each row the sequence's length (the new token included), then its block ids.
+    #[cfg(feature = "cuda")]
+    Paged(Tensor),
+    /// The reference path gathers each sequence's rows, padded to the longest (`len`),
+    /// and masks the padding.
+    Gather {
+        rows: Tensor,
+        mask: Tensor,
+        len: usize,
+    },
+}
+
+impl Attend {
+    /// `lens` are the sequences' lengths before this step's token.
+    fn new(
+        kv: &PagedKv,
+        seqs: &[usize],
+        lens: &[usize],
+        (head_dim, dtype): (usize, DType),
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        let n = seqs.len();
+        #[cfg(not(feature = "cuda"))]
+        let _ = (head_dim, dtype);
+        let longest = lens.iter().copied().max().unwrap_or(0) + 1;
+        #[cfg(feature = "cuda")]
+        if device.is_cuda() && !kv.reference && super::paged::supports(head_dim, dtype) {
+            let width = 1 + longest.div_ceil(super::kv::BLOCK);
+            let mut meta = vec![0u32; n * width];
+            for (i, (s, l)) in seqs.iter().zip(lens).enumerate() {
+                let row = &mut meta[i * width..(i + 1) * width];
+                row[0] = (*l + 1) as u32;
+                if let Some(q) = kv.seq(*s) {
+                    for (m, b) in row[1..].iter_mut().zip(&q.blocks) {
+                        *m = *b;
+                    }
+                }
+            }
+            return Ok(Attend::Paged(Tensor::from_vec(meta, (n, width), device)?));
+        }
+        let mut rows = Vec::with_capacity(n * longest);
+        let mut mask = Vec::with_capacity(n * longest);
+        for (s, l) in seqs.iter().zip(lens) {
+            let mine = kv.rows(*s, l + 1);
+            rows.extend(
+                mine.iter()
+                    .copied()
+                    .chain(std::iter::repeat_n(0, longest - mine.len())),
+            );
+            mask.extend((0..longest).map(|j| if j > *l { f32::NEG_INFINITY } else { 0.0 }));
+        }
+        Ok(Attend::Gather {
+            rows: Tensor::from_vec(rows, n * longest, device)?,
+            mask: Tensor::from_vec(mask, (n, 1, 1, longest), device)?,
+            len: longest,
+        })
     }
 }

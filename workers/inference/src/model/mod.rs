@@ -1,27 +1,30 @@
-//! Llama-family and Qwen2-family decoders over candle, with one KV cache per sequence so
-//! sequences at different positions decode together in one batch.
+//! Llama-family and Qwen2-family decoders over candle over a paged KV cache, so sequences
+//! at different positions decode together in one batch.
 //!
 //! - [`load`]: weights from GGUF (quantized matmuls stay quantized: Q4_K_M, Q4_1, Q8_0, ...)
 //!   or a Hugging Face safetensors directory, read by `dagfleet-models`;
 //! - [`adapter`]: PEFT LoRA adapters, merged into dense weights or run unmerged beside
 //!   quantized ones;
-//! - [`kv`]: the KV slot store;
+//! - [`kv`]: the paged KV cache (block pool, block tables, prefix sharing, copy-on-write);
+//! - `paged` (with `cuda`): the decode attention kernel over the block tables;
 //! - [`forward`]: prefill (whole or chunked) and batched decode.
 //!
-//! Projections and the MLP run batched over all sequences of a step; attention runs per
-//! sequence against its own cache.
+//! Projections and the MLP run batched over all sequences of a step; attention reads each
+//! sequence's blocks through its block table.
 
 mod adapter;
 mod forward;
 mod kv;
 mod load;
+#[cfg(feature = "cuda")]
+mod paged;
 
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 use std::sync::Arc;
 
 pub use dagfleet_models::{gguf_config, open_gguf, read_hf_dir, Arch, ModelConfig};
-pub use kv::BatchKv;
+pub use kv::{PagedKv, BLOCK};
 pub use load::LoadOptions;
 
 /// A weight that multiplies: quantized or dense, with an optional bias, and an unmerged
