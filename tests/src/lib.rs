@@ -490,10 +490,37 @@ pub async fn wait_jobs_stream_empty(bus: &Bus, limit: Duration) -> u64 {
         if n == 0 {
             return first;
         }
-        assert!(
-            t0.elapsed() < limit,
-            "{n} job messages still in the jobs stream after {limit:?} (first {first})"
-        );
+        if t0.elapsed() >= limit {
+            use futures::TryStreamExt;
+            let st = s.info().await.expect("jobs stream info").state.clone();
+            let m = s.get_raw_message(st.first_sequence).await;
+            let consumers: Vec<String> = s
+                .consumers()
+                .try_collect::<Vec<_>>()
+                .await
+                .unwrap_or_default()
+                .iter()
+                .map(|c| {
+                    format!(
+                        "{} filter {} ack floor {} delivered {} pending {} ack pending {} redelivered {}",
+                        c.name,
+                        c.config.filter_subject,
+                        c.ack_floor.stream_sequence,
+                        c.delivered.stream_sequence,
+                        c.num_pending,
+                        c.num_ack_pending,
+                        c.num_redelivered
+                    )
+                })
+                .collect();
+            let sweep = bus.sweep_acked_jobs().await;
+            panic!(
+                "{n} job messages still in the jobs stream after {limit:?} (first {first}); stream {}..{}, first message {:?}; consumers: {consumers:#?}; a sweep now: {sweep:?}",
+                st.first_sequence,
+                st.last_sequence,
+                m.map(|m| (m.sequence, m.subject.to_string()))
+            );
+        }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }

@@ -32,6 +32,20 @@ pub struct Bus {
     workers: kv::Store,
 }
 
+/// Whether NATS subject `subject` matches `filter` (`*` one token, `>` the rest).
+fn subject_matches(filter: &str, subject: &str) -> bool {
+    let mut s = subject.split('.');
+    for f in filter.split('.') {
+        match (f, s.next()) {
+            (">", Some(_)) => return true,
+            ("*", Some(_)) => {}
+            (f, Some(t)) if f == t => {}
+            _ => return false,
+        }
+    }
+    s.next().is_none()
+}
+
 /// The URL with any `user:password@` removed, for messages.
 pub fn redact_url(url: &str) -> String {
     url.split(',')
@@ -217,60 +231,112 @@ impl Bus {
     }
 
     /// Deletes the messages the jobs stream still holds although the consumer they belong to
-    /// has acknowledged them: every message at or below a consumer's ack floor on its filter
-    /// subject. Work-queue retention should have removed them on the ack; a clustered
-    /// nats-server 2.9 keeps some after a leader change or a restart (the acks reach the
-    /// consumer's state but not the stream). They hold storage only (a redelivery would be
-    /// found done), so this is clean-up. Returns how many were deleted.
+    /// has acknowledged them. Work-queue retention removes a message on its ack; nats-server
+    /// 2.9 keeps some after a restart or a leader change, in three ways seen in the fault and
+    /// cluster tests:
+    /// - messages at or below their consumer's ack floor (the ack reached the consumer's
+    ///   state, not the stream);
+    /// - messages below what the consumer has delivered while it has nothing awaiting an ack
+    ///   (its ack floor stayed behind after the restart): delivered, not pending, so acked
+    ///   (or out of deliveries, which the workers dead-letter on the last one);
+    /// - a message count with no message behind it (the count is reset by purging the range
+    ///   the scan found empty, which holds nothing a later publish can land in).
+    ///
+    /// They hold storage only (a redelivery would be found done), so this is clean-up; the
+    /// coordinators run it every `coordinator.sweep_every`. Returns how many it deleted.
     pub async fn sweep_acked_jobs(&self) -> Result<u64, BusError> {
         use futures::TryStreamExt;
-        let stream = self
+        let mut stream = self
             .js
             .get_stream(subj::JOBS_STREAM)
             .await
             .map_err(|e| topo("jobs stream", e))?;
+        let state = stream
+            .info()
+            .await
+            .map_err(|e| topo("jobs stream info", e))?
+            .state
+            .clone();
+        if state.messages == 0 {
+            return Ok(0);
+        }
         let infos: Vec<consumer::Info> = stream
             .consumers()
             .try_collect()
             .await
             .map_err(|e| topo("jobs stream consumers", e))?;
-        let mut deleted = 0;
+        // Each consumer's filters, and the sequence at or below which every message of
+        // theirs is acknowledged.
+        let mut floors: Vec<(String, u64)> = Vec::new();
         for info in infos {
-            let floor = info.ack_floor.stream_sequence;
+            let mut floor = info.ack_floor.stream_sequence;
+            if info.num_ack_pending == 0 {
+                floor = floor.max(info.delivered.stream_sequence);
+            }
             let filters = if !info.config.filter_subjects.is_empty() {
                 info.config.filter_subjects.clone()
             } else if !info.config.filter_subject.is_empty() {
                 vec![info.config.filter_subject.clone()]
             } else {
-                vec![subj::JOBS_SUBJECTS.to_string()]
+                vec![">".to_string()]
             };
-            for filter in filters {
-                let mut seq = 1;
-                while seq <= floor {
-                    let next = stream
-                        .raw_message_builder()
-                        .sequence(seq)
-                        .next_by_subject(filter.clone())
-                        .send()
-                        .await;
-                    let m = match next {
-                        Ok(m) => m,
-                        Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => break,
-                        Err(e) => return Err(topo(&format!("reading {filter} at {seq}"), e)),
-                    };
-                    if m.sequence > floor {
-                        break;
+            floors.extend(filters.into_iter().map(|f| (f, floor)));
+        }
+        let top = floors.iter().map(|f| f.1).max().unwrap_or(0);
+        let mut deleted = 0;
+        let mut seen = false;
+        let mut seq = 1;
+        while seq <= state.last_sequence {
+            // The next message at or after `seq`, whatever its subject: a subject filter
+            // would go through the server's per-subject index, which is what loses track of
+            // these messages (a kept message is found by sequence but not by subject).
+            let next = stream
+                .raw_message_builder()
+                .sequence(seq)
+                .next_by_subject(">")
+                .send()
+                .await;
+            let m = match next {
+                Ok(m) => m,
+                Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => break,
+                Err(e) => return Err(topo(&format!("reading the jobs stream at {seq}"), e)),
+            };
+            if m.sequence > state.last_sequence {
+                break;
+            }
+            seen = true;
+            if m.sequence > top {
+                break;
+            }
+            let acked = floors
+                .iter()
+                .find(|(f, _)| subject_matches(f, &m.subject))
+                .is_some_and(|(_, floor)| m.sequence <= *floor);
+            if acked {
+                match stream.delete_message(m.sequence).await {
+                    Ok(_) => deleted += 1,
+                    // Gone meanwhile (another coordinator's sweep, or the server's own).
+                    Err(e) => {
+                        tracing::debug!(seq = m.sequence, error = %e, "acked job message not deleted")
                     }
-                    match stream.delete_message(m.sequence).await {
-                        Ok(_) => deleted += 1,
-                        // Gone meanwhile (another coordinator's sweep, or the server's own).
-                        Err(e) => {
-                            tracing::debug!(seq = m.sequence, error = %e, "acked job message not deleted")
-                        }
-                    }
-                    seq = m.sequence + 1;
                 }
             }
+            seq = m.sequence + 1;
+        }
+        if !seen {
+            // Counted but not there: nothing lies at or below the last sequence the count
+            // was taken at, and a new job gets a higher one.
+            let r = stream
+                .purge()
+                .sequence(state.last_sequence + 1)
+                .await
+                .map_err(|e| topo("resetting the jobs stream's message count", e))?;
+            tracing::info!(
+                counted = state.messages,
+                purged = r.purged,
+                "the jobs stream counted messages it did not hold; its count was reset"
+            );
+            deleted += state.messages;
         }
         Ok(deleted)
     }
@@ -579,5 +645,28 @@ mod tests {
             "nats://<redacted>@host:4222,nats://h2:4222"
         );
         assert_eq!(redact_url("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
+    }
+
+    #[test]
+    fn subjects_match_filters_token_by_token() {
+        assert!(subject_matches(
+            "dagfleet.jobs.noop.>",
+            "dagfleet.jobs.noop.noop"
+        ));
+        assert!(subject_matches(
+            "dagfleet.jobs.*.noop",
+            "dagfleet.jobs.judge.noop"
+        ));
+        assert!(subject_matches(">", "a"));
+        assert!(!subject_matches(
+            "dagfleet.jobs.noop.>",
+            "dagfleet.jobs.noop"
+        ));
+        assert!(!subject_matches(
+            "dagfleet.jobs.noop.>",
+            "dagfleet.jobs.noopx.a"
+        ));
+        assert!(!subject_matches("a.b", "a.b.c"));
+        assert!(!subject_matches("a.*", "a"));
     }
 }
