@@ -500,16 +500,23 @@ fn schedule(
         if running.is_empty() {
             continue;
         }
-        // Prefill: up to `chunk` prompt tokens this step, shortest remaining prompt first,
-        // so a short request is not held behind a long one and decoding goes on between
-        // a long prompt's chunks.
+        // Prefill: up to `chunk` prompt tokens this step, in one forward pass over several
+        // sequences, shortest remaining prompt first, so a short request is not held behind
+        // a long one and decoding goes on between a long prompt's chunks. The keys the pass
+        // attends over (each sequence's cached rows and its chunk) are capped too, which
+        // bounds its attention scores.
         let mut order: Vec<usize> = (0..running.len())
             .filter(|&i| running[i].pos < running[i].ctx.len())
             .collect();
         order.sort_by_key(|&i| running[i].ctx.len() - running[i].pos);
         let mut budget = chunk;
+        let max_keys = (4 * chunk).max(8192);
+        let mut keys = 0;
         let mut finished = Vec::new();
         let mut evicted: Vec<usize> = Vec::new();
+        // (index in running, tokens this step)
+        let mut picked: Vec<(usize, usize)> = Vec::new();
+        let mut blocks = 0;
         for i in order {
             if budget == 0 {
                 break;
@@ -518,9 +525,15 @@ fn schedule(
                 continue;
             }
             let n = (running[i].ctx.len() - running[i].pos).min(budget);
+            let k = running[i].pos + n;
+            if !picked.is_empty() && keys + k > max_keys {
+                break;
+            }
             // Room for the chunk: preempt the latest admitted others until it fits.
-            while kv.available_blocks() < kv.blocks_needed(running[i].kv, n) {
-                let taken = [&evicted[..], &finished[..]].concat();
+            let need = kv.blocks_needed(running[i].kv, n);
+            while kv.available_blocks() < blocks + need {
+                let mut taken: Vec<usize> = picked.iter().map(|p| p.0).collect();
+                taken.extend(&evicted);
                 match victim(&running, &taken, Some(i)) {
                     Some(v) => {
                         kv.release(running[v].kv);
@@ -529,41 +542,59 @@ fn schedule(
                     None => break,
                 }
             }
-            let s = &mut running[i];
-            let last = s.pos + n == s.ctx.len();
-            // A preempted sequence that comes back already has its next token.
-            let want_logits = last && s.out.is_empty();
-            let r = model.prefill_chunk(&mut kv, s.kv, &s.ctx[s.pos..s.pos + n], want_logits);
-            stats.prefill_chunks.fetch_add(1, Ordering::Relaxed);
-            stats.stepped();
+            picked.push((i, n));
+            blocks += need;
+            keys += k;
             budget -= n;
-            let logits = match r {
-                Ok(l) => l,
+        }
+        if !picked.is_empty() {
+            let items: Vec<(usize, &[u32], bool)> = picked
+                .iter()
+                .map(|&(i, n)| {
+                    let s = &running[i];
+                    // A preempted sequence that comes back already has its next token.
+                    let want = s.pos + n == s.ctx.len() && s.out.is_empty();
+                    (s.kv, &s.ctx[s.pos..s.pos + n], want)
+                })
+                .collect();
+            let result = model.prefill_batch(&mut kv, &items);
+            drop(items);
+            stats
+                .prefill_chunks
+                .fetch_add(picked.len() as u64, Ordering::Relaxed);
+            stats.stepped();
+            match result {
                 Err(e) => {
-                    let _ = s
-                        .job
-                        .events
-                        .send(GenEvent::Error(format!("prefill failed: {e}")));
-                    finished.push(i);
-                    continue;
+                    for &(i, _) in &picked {
+                        let _ = running[i]
+                            .job
+                            .events
+                            .send(GenEvent::Error(format!("prefill failed: {e}")));
+                        finished.push(i);
+                    }
                 }
-            };
-            s.pos += n;
-            stats.prompt_tokens.fetch_add(n as u64, Ordering::Relaxed);
-            let Some(logits) = logits else { continue };
-            match s.sampler.sample(&logits) {
-                Ok(t) => s.next = t,
-                Err(e) => {
-                    let _ = s
-                        .job
-                        .events
-                        .send(GenEvent::Error(format!("sampling failed: {e}")));
-                    finished.push(i);
-                    continue;
+                Ok(logits) => {
+                    for (&(i, n), logits) in picked.iter().zip(logits) {
+                        let s = &mut running[i];
+                        s.pos += n;
+                        stats.prompt_tokens.fetch_add(n as u64, Ordering::Relaxed);
+                        let Some(logits) = logits else { continue };
+                        match s.sampler.sample(&logits) {
+                            Ok(t) => s.next = t,
+                            Err(e) => {
+                                let _ = s
+                                    .job
+                                    .events
+                                    .send(GenEvent::Error(format!("sampling failed: {e}")));
+                                finished.push(i);
+                                continue;
+                            }
+                        }
+                        if accept(&codec, s, &stats) {
+                            finished.push(i);
+                        }
+                    }
                 }
-            }
-            if accept(&codec, s, &stats) {
-                finished.push(i);
             }
         }
         preempt(

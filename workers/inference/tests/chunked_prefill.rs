@@ -1,13 +1,26 @@
-//! Chunked prefill against one prefill, over SmolLM2-135M's real weights dequantized to f32
-//! (`CANDLE_DEQUANTIZE_ALL`, which candle reads once per process: hence a test binary of its
-//! own). With the Q4_1 weights as they are, candle's quantized CPU kernels round differently
-//! for different numbers of rows (a one-token decode after a prefill differs from one longer
-//! prefill by up to ~0.7 in a logit), which would hide a real error in the chunking.
+//! Computations of different shapes that must agree, over SmolLM2-135M's real weights
+//! dequantized to f32 (`CANDLE_DEQUANTIZE_ALL`, which candle reads once per process: hence a
+//! test binary of its own): chunked prefill against one prefill, several prompts in one pass
+//! against each alone, prefix sharing and copy-on-write in the paged KV cache, preemption,
+//! and continuous batching against sequential runs. With the Q4_1 weights as they are,
+//! candle's quantized CPU kernels round differently for different numbers of rows (a
+//! one-token decode after a prefill differs from one longer prefill by up to ~0.7 in a
+//! logit), which would hide a real error in any of these.
 
 #![allow(clippy::unwrap_used)]
 
+use dagfleet_inference::engine::collect;
 use dagfleet_inference::*;
 use dagfleet_tests::smollm2 as model_path;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+fn greedy(max_tokens: u32) -> GenParams {
+    GenParams {
+        max_tokens,
+        ..Default::default()
+    }
+}
 
 /// Largest absolute difference between two logit vectors.
 fn max_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
@@ -193,7 +206,7 @@ async fn answers(engine: &Engine, prompts: &[String], max_tokens: u32) -> Vec<St
     }
     let mut out = Vec::new();
     for mut rx in rxs {
-        out.push(engine::collect(&mut rx).await.unwrap().0);
+        out.push(collect(&mut rx).await.unwrap().0);
     }
     out
 }
@@ -214,7 +227,6 @@ fn prompts() -> Vec<String> {
 
 #[tokio::test]
 async fn preemption_chunked_prefill_and_the_prefix_cache_give_the_greedy_tokens_of_a_lone_run() {
-    use std::sync::atomic::Ordering;
     let prompts = prompts();
     // Each alone, with room to spare: the reference.
     let roomy = engine(EngineConfig {
@@ -249,5 +261,92 @@ async fn preemption_chunked_prefill_and_the_prefix_cache_give_the_greedy_tokens_
     assert!(
         s.prefix_hit_tokens.load(Ordering::Relaxed) >= hits + 16,
         "the repeated prompt was computed again"
+    );
+}
+
+#[test]
+fn several_prompts_prefilled_in_one_pass_give_the_logits_of_each_alone() {
+    use candle_core::Device;
+    std::env::set_var("CANDLE_DEQUANTIZE_ALL", "1");
+    let (model, codec) = load(&model_path(), &Device::Cpu).unwrap();
+    let ids: Vec<Vec<u32>> = prompts()[..3]
+        .iter()
+        .map(|p| codec.encode(&codec.render(&user(p)).unwrap()).unwrap())
+        .collect();
+    // Each alone.
+    let alone: Vec<candle_core::Tensor> = ids
+        .iter()
+        .map(|p| {
+            let mut kv = model.new_kv(4096).unwrap();
+            let s = kv.alloc().unwrap();
+            model.prefill(&mut kv, s, p).unwrap()
+        })
+        .collect();
+    // Together: the first two fresh, the third continuing after its first 9 tokens, and a
+    // fourth (the first prompt again, fresh) that wants no logits.
+    let mut kv = model.new_kv(4096).unwrap();
+    let seqs: Vec<usize> = (0..4).map(|_| kv.alloc().unwrap()).collect();
+    model
+        .prefill_chunk(&mut kv, seqs[2], &ids[2][..9], false)
+        .unwrap();
+    let items = [
+        (seqs[0], &ids[0][..], true),
+        (seqs[1], &ids[1][..], true),
+        (seqs[2], &ids[2][9..], true),
+        (seqs[3], &ids[0][..], false),
+    ];
+    let out = model.prefill_batch(&mut kv, &items).unwrap();
+    assert!(out[3].is_none());
+    for (a, b) in alone.iter().zip(&out) {
+        let d = max_diff(a, b.as_ref().unwrap());
+        assert!(d < 1e-3, "max logit difference {d}");
+    }
+    assert_eq!(kv.len(seqs[2]), ids[2].len());
+    // And they decode on from there as they would alone.
+    let first: Vec<u32> = alone.iter().map(argmax).collect();
+    let together = decode_together(&model, &mut kv, &seqs[..3], &first, 4);
+    for (i, p) in ids.iter().enumerate() {
+        let mut kv1 = model.new_kv(4096).unwrap();
+        let s = kv1.alloc().unwrap();
+        model.prefill(&mut kv1, s, p).unwrap();
+        let one = decode_together(&model, &mut kv1, &[s], &first[i..i + 1], 4);
+        assert_eq!(one[0], together[i]);
+    }
+}
+
+#[tokio::test]
+async fn staggered_continuous_batching_matches_sequential_greedy_runs() {
+    let prompts = [
+        "Write a haiku about the sea.",
+        "List three prime numbers.",
+        "What does an Airflow DAG do?",
+        "Name a color of the rainbow.",
+        "Say hello in Spanish.",
+        "Explain what a Python list is.",
+    ];
+    let e = engine(EngineConfig::default());
+    let mut sequential = Vec::new();
+    for p in prompts {
+        sequential.push(e.generate(&user(p), greedy(40)).await.unwrap().0);
+    }
+    let steps_before = e.stats.steps.load(Ordering::Relaxed);
+    let mut rxs = Vec::new();
+    for p in prompts {
+        rxs.push(e.submit_chat(&user(p), greedy(40)).unwrap());
+        // Arrivals while others are mid-generation join at the next token boundary.
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    let mut batched = Vec::new();
+    let mut tokens = 0;
+    for mut rx in rxs {
+        let (t, st) = collect(&mut rx).await.unwrap();
+        tokens += st.generated_tokens as u64;
+        batched.push(t);
+    }
+    assert_eq!(batched, sequential, "same greedy outputs batched and alone");
+    let steps = e.stats.steps.load(Ordering::Relaxed) - steps_before;
+    assert!(
+        steps < tokens,
+        "sequences shared decode steps: {steps} steps for {tokens} tokens"
     );
 }

@@ -8,8 +8,6 @@ use dagfleet_inference::engine::collect;
 use dagfleet_inference::*;
 use dagfleet_tests::smollm2 as model_path;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 /// Largest absolute difference between two logit vectors.
 fn max_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
@@ -121,43 +119,6 @@ async fn answers_and_reports_timings() {
     assert_eq!(
         e.codec().decode(&ids).unwrap(),
         "def f(x):\n    return x + 12345\n"
-    );
-}
-
-#[tokio::test]
-async fn staggered_continuous_batching_matches_sequential_greedy_runs() {
-    let prompts = [
-        "Write a haiku about the sea.",
-        "List three prime numbers.",
-        "What does an Airflow DAG do?",
-        "Name a color of the rainbow.",
-        "Say hello in Spanish.",
-        "Explain what a Python list is.",
-    ];
-    let e = engine(EngineConfig::default());
-    let mut sequential = Vec::new();
-    for p in prompts {
-        sequential.push(e.generate(&user(p), greedy(40)).await.unwrap().0);
-    }
-    let steps_before = e.stats.steps.load(Ordering::Relaxed);
-    let mut rxs = Vec::new();
-    for p in prompts {
-        rxs.push(e.submit_chat(&user(p), greedy(40)).unwrap());
-        // Arrivals while others are mid-generation join at the next token boundary.
-        tokio::time::sleep(Duration::from_millis(40)).await;
-    }
-    let mut batched = Vec::new();
-    let mut tokens = 0;
-    for mut rx in rxs {
-        let (t, st) = collect(&mut rx).await.unwrap();
-        tokens += st.generated_tokens as u64;
-        batched.push(t);
-    }
-    assert_eq!(batched, sequential, "same greedy outputs batched and alone");
-    let steps = e.stats.steps.load(Ordering::Relaxed) - steps_before;
-    assert!(
-        steps < tokens,
-        "sequences shared decode steps: {steps} steps for {tokens} tokens"
     );
 }
 

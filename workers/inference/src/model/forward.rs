@@ -1,6 +1,6 @@
 //! The forward pass: prefill of a fresh or continued sequence, and one batched decode step.
 
-use candle_core::{DType, Device, IndexOp, Module, Tensor};
+use candle_core::{DType, Device, Module, Tensor};
 
 use super::{Layer, Model, PagedKv};
 
@@ -76,49 +76,79 @@ impl Model {
         tokens: &[u32],
         logits: bool,
     ) -> candle_core::Result<Option<Tensor>> {
-        let t = tokens.len();
-        if t == 0 {
-            candle_core::bail!("an empty prefill chunk for KV sequence {seq}");
+        let mut out = self.prefill_batch(kv, &[(seq, tokens, logits)])?;
+        Ok(out.pop().flatten())
+    }
+
+    /// Prefills chunks of several sequences in one forward pass: `items[i]` appends its
+    /// tokens to sequence `items[i].0` (as [`Self::prefill_chunk`] does) and, when its flag is
+    /// set, gets the logits of its last position (`[vocab]`, f32). The projections and the
+    /// MLP run once over every item's tokens; attention runs once over all of them, each
+    /// token seeing its own sequence's cached rows and the chunk's up to itself.
+    pub fn prefill_batch(
+        &self,
+        kv: &mut PagedKv,
+        items: &[(usize, &[u32], bool)],
+    ) -> candle_core::Result<Vec<Option<Tensor>>> {
+        let positions = self.cos.dim(0)?;
+        let mut starts = Vec::with_capacity(items.len());
+        for (seq, tokens, _) in items {
+            if tokens.is_empty() {
+                candle_core::bail!("an empty prefill chunk for KV sequence {seq}");
+            }
+            let start = kv.len(*seq);
+            if start + tokens.len() > positions {
+                candle_core::bail!(
+                    "KV sequence {seq} would hold {} tokens; the model's positions end at {positions}",
+                    start + tokens.len()
+                );
+            }
+            starts.push(start);
         }
-        let start = kv.len(seq);
-        let total = start + t;
-        if total > self.cos.dim(0)? {
-            candle_core::bail!(
-                "KV sequence {seq} would hold {total} tokens; the model's positions end at {}",
-                self.cos.dim(0)?
-            );
+        let mut write = Vec::new();
+        for (seq, tokens, _) in items {
+            write.extend(kv.prepare(*seq, tokens.len())?);
         }
-        let rows = kv.prepare(seq, t)?;
         let width = kv.width;
-        let write = scatter_rows(&rows, width, &self.device)?;
-        // A continued sequence attends over its cached rows and the chunk's.
-        let past = if start == 0 {
-            None
-        } else {
-            Some(Tensor::new(kv.rows(seq, total).as_slice(), &self.device)?)
-        };
-        let ids = Tensor::new(tokens, &self.device)?;
+        let t: usize = items.iter().map(|i| i.1.len()).sum();
+        let write = scatter_rows(&write, width, &self.device)?;
+        // Keys: every item's rows from position 0 through its chunk, item after item. When
+        // every item starts fresh they are exactly the chunk's own K/V, in order.
+        let fresh = starts.iter().all(|s| *s == 0);
+        let mut key_rows = Vec::new();
+        let mut pos = Vec::with_capacity(t);
+        let mut last = Vec::new();
+        for ((seq, tokens, want), start) in items.iter().zip(&starts) {
+            key_rows.extend(kv.rows(*seq, start + tokens.len()));
+            pos.extend((*start..start + tokens.len()).map(|p| p as u32));
+            if *want {
+                last.push((pos.len() - 1) as u32);
+            }
+        }
+        let keys = key_rows.len();
+        // Token j of item i (position start_i + j) sees the keys of item i up to
+        // start_i + j; no key of another item.
+        let mut mask = vec![f32::NEG_INFINITY; t * keys];
+        let (mut row, mut col) = (0, 0);
+        for ((_, tokens, _), start) in items.iter().zip(&starts) {
+            for j in 0..tokens.len() {
+                mask[(row + j) * keys + col..(row + j) * keys + col + start + j + 1].fill(0.0);
+            }
+            row += tokens.len();
+            col += start + tokens.len();
+        }
+        let key_rows = Tensor::new(key_rows.as_slice(), &self.device)?;
+        let pos = Tensor::new(pos.as_slice(), &self.device)?;
+        let cos = self.cos.index_select(&pos, 0)?;
+        let sin = self.sin.index_select(&pos, 0)?;
+        let all: Vec<u32> = items.iter().flat_map(|i| i.1.iter().copied()).collect();
+        let ids = Tensor::new(all.as_slice(), &self.device)?;
         let mut x = self.embed.lookup(&ids, self.dtype)?.unsqueeze(0)?; // [1, t, hidden]
-        let cos = self.cos.narrow(0, start, t)?;
-        let sin = self.sin.narrow(0, start, t)?;
         let (h, kvh, d) = (self.cfg.heads, self.cfg.kv_heads, self.cfg.head_dim);
         let rep = h / kvh;
-        // Row i of the chunk (position start + i) sees keys 0..=start + i.
-        let causal: Vec<f32> = (0..t)
-            .flat_map(|i| {
-                (0..total).map(move |j| {
-                    if j > start + i {
-                        f32::NEG_INFINITY
-                    } else {
-                        0.0
-                    }
-                })
-            })
-            .collect();
-        let mask = Tensor::from_vec(causal, (1, 1, 1, t, total), &self.device)?;
-        let mask = mask
-            .broadcast_as((1, kvh, rep, t, total))?
-            .reshape((1, kvh, rep * t, total))?;
+        let mask = Tensor::from_vec(mask, (1, 1, 1, t, keys), &self.device)?
+            .broadcast_as((1, kvh, rep, t, keys))?
+            .reshape((1, kvh, rep * t, keys))?;
         for (l, layer) in self.layers.iter().enumerate() {
             let r = x.clone();
             let xn = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.cfg.eps as f32)?;
@@ -140,22 +170,21 @@ impl Model {
             let q = self.rope(&q, &cos, &sin)?; // [1, h, t, d]
             let k = self.rope(&k, &cos, &sin)?; // [1, kvh, t, d]
             let v = v.contiguous()?;
-            // Into the sequence's pool rows, [t, kvh * d].
+            // Into the sequences' pool rows, [t, kvh * d].
             let as_rows = |x: &Tensor| x.transpose(1, 2)?.contiguous()?.reshape((t, width));
             let (pk, pv) = (flat(&kv.k[l], width)?, flat(&kv.v[l], width)?);
             pk.scatter_set(&write, &as_rows(&k)?, 0)?;
             pv.scatter_set(&write, &as_rows(&v)?, 0)?;
-            let (kk, vv) = match &past {
-                None => (k, v),
-                Some(rows) => {
-                    let gather = |pool: &Tensor| -> candle_core::Result<Tensor> {
-                        pool.index_select(rows, 0)?
-                            .reshape((1, total, kvh, d))?
-                            .transpose(1, 2)?
-                            .contiguous()
-                    };
-                    (gather(&pk)?, gather(&pv)?)
-                }
+            let (kk, vv) = if fresh {
+                (k, v)
+            } else {
+                let gather = |pool: &Tensor| -> candle_core::Result<Tensor> {
+                    pool.index_select(&key_rows, 0)?
+                        .reshape((1, keys, kvh, d))?
+                        .transpose(1, 2)?
+                        .contiguous()
+                };
+                (gather(&pk)?, gather(&pv)?)
             };
             let q = q.reshape((1, kvh, rep * t, d))?;
             let att = self.sdpa(&q, &kk, &vv, &mask)?;
@@ -166,18 +195,26 @@ impl Model {
             x = (layer.o.forward(&y)? + r)?;
             x = (self.mlp(layer, &x)? + x)?;
         }
-        kv.commit(seq, tokens);
-        if !logits {
-            return Ok(None);
+        for (seq, tokens, _) in items {
+            kv.commit(*seq, tokens);
         }
-        let last = x.i((.., t - 1..t, ..))?;
-        let last = candle_nn::ops::rms_norm(&last, &self.norm, self.cfg.eps as f32)?;
-        Ok(Some(
-            self.lm_head
-                .forward(&last)?
-                .flatten_all()?
-                .to_dtype(DType::F32)?,
-        ))
+        let mut out: Vec<Option<Tensor>> = vec![None; items.len()];
+        if last.is_empty() {
+            return Ok(out);
+        }
+        let picked = x
+            .squeeze(0)?
+            .index_select(&Tensor::new(last.as_slice(), &self.device)?, 0)?;
+        let picked = candle_nn::ops::rms_norm(&picked, &self.norm, self.cfg.eps as f32)?;
+        let logits = self.lm_head.forward(&picked)?.to_dtype(DType::F32)?;
+        let mut k = 0;
+        for (o, (_, _, want)) in out.iter_mut().zip(items) {
+            if *want {
+                *o = Some(logits.get(k)?);
+                k += 1;
+            }
+        }
+        Ok(out)
     }
 
     fn mlp(&self, layer: &Layer, x: &Tensor) -> candle_core::Result<Tensor> {
