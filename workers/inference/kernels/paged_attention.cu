@@ -99,3 +99,71 @@ PAGED(__nv_bfloat16, bf16, 64)
 PAGED(__nv_bfloat16, bf16, 128)
 PAGED(float, f32, 64)
 PAGED(float, f32, 128)
+
+// One decode step's fused QKV epilogue: from the fused projection qkv [n, (heads + 2 *
+// kv_heads) * D] (bias not yet added), adds the bias (when has_bias), applies RoPE at each
+// row's position (cos, sin: [n, D / 2]; NeoX halves or interleaved pairs), writes the query
+// to q_out [n, heads, D] and the key and value into the pools' row rows[i] in place.
+// Grid (n, heads + 2 * kv_heads), D / 2 threads: one rotation pair each.
+template <typename T>
+__device__ void qkv_rope_write(const T *__restrict__ qkv, const T *__restrict__ bias,
+                               const float *__restrict__ cos, const float *__restrict__ sin,
+                               const uint32_t *__restrict__ rows, T *__restrict__ q_out,
+                               T *__restrict__ kpool, T *__restrict__ vpool, uint32_t heads,
+                               uint32_t kv_heads, uint32_t d, uint32_t has_bias,
+                               uint32_t neox) {
+  const uint32_t i = blockIdx.x, head = blockIdx.y, p = threadIdx.x, half = d / 2;
+  if (p >= half) return;
+  const size_t w = (size_t)(heads + 2 * kv_heads) * d;
+  const T *src = qkv + i * w + (size_t)head * d;
+  const T *b = bias + (size_t)head * d;
+  const uint32_t a = neox ? p : 2 * p, c = neox ? p + half : 2 * p + 1;
+  float x1 = to_f(src[a]), x2 = to_f(src[c]);
+  if (has_bias) {
+    x1 += to_f(b[a]);
+    x2 += to_f(b[c]);
+  }
+  const size_t width = (size_t)kv_heads * d;
+  if (head >= heads + kv_heads) {  // value: no rotation
+    T *dst = vpool + (size_t)rows[i] * width + (size_t)(head - heads - kv_heads) * d;
+    dst[a] = from_f<T>(x1);
+    dst[c] = from_f<T>(x2);
+    return;
+  }
+  const float cs = cos[(size_t)i * half + p], sn = sin[(size_t)i * half + p];
+  const float y1 = x1 * cs - x2 * sn, y2 = x1 * sn + x2 * cs;
+  T *dst = head < heads ? q_out + ((size_t)i * heads + head) * d
+                        : kpool + (size_t)rows[i] * width + (size_t)(head - heads) * d;
+  dst[a] = from_f<T>(y1);
+  dst[c] = from_f<T>(y2);
+}
+
+#define QKV(T, SUF)                                                                          \
+  extern "C" __global__ void qkv_rope_write_##SUF(                                            \
+      const T *qkv, const T *bias, const float *cos, const float *sin, const uint32_t *rows,  \
+      T *q_out, T *kpool, T *vpool, uint32_t heads, uint32_t kv_heads, uint32_t d,           \
+      uint32_t has_bias, uint32_t neox) {                                                     \
+    qkv_rope_write<T>(qkv, bias, cos, sin, rows, q_out, kpool, vpool, heads, kv_heads, d,     \
+                      has_bias, neox);                                                        \
+  }
+QKV(__nv_bfloat16, bf16)
+QKV(float, f32)
+
+// silu(g) * u from the fused gate/up projection gu [n, 2 * inter] (gate first) into
+// out [n, inter].
+template <typename T>
+__device__ void swiglu(const T *__restrict__ gu, T *__restrict__ out, uint32_t inter,
+                       size_t total) {
+  for (size_t k = blockIdx.x * (size_t)blockDim.x + threadIdx.x; k < total;
+       k += (size_t)gridDim.x * blockDim.x) {
+    const size_t r = k / inter, j = k % inter;
+    const float g = to_f(gu[r * 2 * inter + j]), u = to_f(gu[r * 2 * inter + inter + j]);
+    out[k] = from_f<T>(g / (1.f + __expf(-g)) * u);
+  }
+}
+#define SWIGLU(T, SUF)                                                                       \
+  extern "C" __global__ void swiglu_##SUF(const T *gu, T *out, uint32_t inter, size_t total) { \
+    swiglu<T>(gu, out, inter, total);                                                         \
+  }
+SWIGLU(__nv_bfloat16, bf16)
+SWIGLU(float, f32)

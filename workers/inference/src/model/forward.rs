@@ -2,7 +2,7 @@
 
 use candle_core::{DType, Device, Module, Tensor};
 
-use super::{Layer, Model, PagedKv};
+use super::{GateUp, Layer, Model, PagedKv, Qkv};
 
 impl Model {
     /// An empty paged KV cache of at most `budget_tokens` tokens (every sequence together).
@@ -152,21 +152,10 @@ impl Model {
         for (l, layer) in self.layers.iter().enumerate() {
             let r = x.clone();
             let xn = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.cfg.eps as f32)?;
-            let q = layer
-                .q
-                .forward(&xn)?
-                .reshape((1, t, h, d))?
-                .transpose(1, 2)?;
-            let k = layer
-                .k
-                .forward(&xn)?
-                .reshape((1, t, kvh, d))?
-                .transpose(1, 2)?;
-            let v = layer
-                .v
-                .forward(&xn)?
-                .reshape((1, t, kvh, d))?
-                .transpose(1, 2)?;
+            let (q, k, v) = self.qkv(layer, &xn)?;
+            let q = q.reshape((1, t, h, d))?.transpose(1, 2)?;
+            let k = k.reshape((1, t, kvh, d))?.transpose(1, 2)?;
+            let v = v.reshape((1, t, kvh, d))?.transpose(1, 2)?;
             let q = self.rope(&q, &cos, &sin)?; // [1, h, t, d]
             let k = self.rope(&k, &cos, &sin)?; // [1, kvh, t, d]
             let v = v.contiguous()?;
@@ -219,8 +208,44 @@ impl Model {
 
     fn mlp(&self, layer: &Layer, x: &Tensor) -> candle_core::Result<Tensor> {
         let xn = candle_nn::ops::rms_norm(x, &layer.ffn_norm, self.cfg.eps as f32)?;
-        let g = candle_nn::ops::silu(&layer.gate.forward(&xn)?)?;
-        layer.down.forward(&(g * layer.up.forward(&xn)?)?)
+        let act = match &layer.gate_up {
+            GateUp::Split { gate, up } => {
+                (candle_nn::ops::silu(&gate.forward(&xn)?)? * up.forward(&xn)?)?
+            }
+            GateUp::Fused(w) => {
+                let gu = w.forward(&xn)?;
+                #[cfg(feature = "cuda")]
+                if self.device.is_cuda() && super::paged::supports(self.cfg.head_dim, self.dtype) {
+                    return layer.down.forward(&super::paged::swiglu(&gu)?);
+                }
+                let last = gu.rank() - 1;
+                let inter = gu.dim(last)? / 2;
+                (candle_nn::ops::silu(&gu.narrow(last, 0, inter)?)?
+                    * gu.narrow(last, inter, inter)?)?
+            }
+        };
+        layer.down.forward(&act)
+    }
+
+    /// The query, key and value projections of `xn` `[.., hidden]` (biases added), each
+    /// `[.., out]`.
+    fn qkv(&self, layer: &Layer, xn: &Tensor) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        match &layer.qkv {
+            Qkv::Split { q, k, v } => Ok((q.forward(xn)?, k.forward(xn)?, v.forward(xn)?)),
+            Qkv::Fused { w, bias } => {
+                let mut y = w.forward(xn)?;
+                if let Some(b) = bias {
+                    y = y.broadcast_add(b)?;
+                }
+                let (h, kvh, d) = (self.cfg.heads, self.cfg.kv_heads, self.cfg.head_dim);
+                let last = y.rank() - 1;
+                Ok((
+                    y.narrow(last, 0, h * d)?,
+                    y.narrow(last, h * d, kvh * d)?,
+                    y.narrow(last, (h + kvh) * d, kvh * d)?,
+                ))
+            }
+        }
     }
 
     /// One decode step for several sequences at once: `tokens[i]` is the next input of
@@ -261,29 +286,55 @@ impl Model {
             .index_select(&pos_t, 0)?
             .unsqueeze(1)?
             .contiguous()?;
+        // The CUDA step's fused RoPE + KV write takes f32 tables `[n, d/2]` and the rows.
+        #[cfg(feature = "cuda")]
+        let fused = if self.device.is_cuda() && super::paged::supports(d, self.dtype) {
+            Some((
+                cos.squeeze(1)?.to_dtype(DType::F32)?.contiguous()?,
+                sin.squeeze(1)?.to_dtype(DType::F32)?.contiguous()?,
+                Tensor::new(rows.as_slice(), &self.device)?,
+            ))
+        } else {
+            None
+        };
         for (l, layer) in self.layers.iter().enumerate() {
             let r = x.clone();
             let xn = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.cfg.eps as f32)?;
-            let q = layer
-                .q
-                .forward(&xn)?
-                .reshape((n, 1, h, d))?
-                .transpose(1, 2)?;
-            let k = layer
-                .k
-                .forward(&xn)?
-                .reshape((n, 1, kvh, d))?
-                .transpose(1, 2)?;
-            let v = layer.v.forward(&xn)?.reshape((n, width))?;
-            let q = self.rope(&q, &cos, &sin)?; // [n, h, 1, d]
-            let k = self.rope(&k, &cos, &sin)?; // [n, kvh, 1, d]
             let (pk, pv) = (flat(&kv.k[l], width)?, flat(&kv.v[l], width)?);
-            pk.scatter_set(&write, &k.reshape((n, width))?.contiguous()?, 0)?;
-            pv.scatter_set(&write, &v.contiguous()?, 0)?;
+            #[cfg(feature = "cuda")]
+            let q_fused = match (&layer.qkv, &fused) {
+                (Qkv::Fused { w, bias }, Some((c, s, rows))) => Some(super::paged::qkv_rope_write(
+                    &w.forward(&xn)?,
+                    bias.as_ref(),
+                    (c, s),
+                    rows,
+                    (&pk, &pv),
+                    (h, kvh, d),
+                    self.cfg.rope_neox,
+                )?),
+                _ => None,
+            };
+            #[cfg(not(feature = "cuda"))]
+            let q_fused: Option<Tensor> = None;
+            // [n, h, d], with this step's K/V in the pools.
+            let q = match q_fused {
+                Some(q) => q,
+                None => {
+                    let (q, k, v) = self.qkv(layer, &xn)?;
+                    let q = q.reshape((n, 1, h, d))?.transpose(1, 2)?;
+                    let k = k.reshape((n, 1, kvh, d))?.transpose(1, 2)?;
+                    let v = v.reshape((n, width))?;
+                    let q = self.rope(&q, &cos, &sin)?; // [n, h, 1, d]
+                    let k = self.rope(&k, &cos, &sin)?; // [n, kvh, 1, d]
+                    pk.scatter_set(&write, &k.reshape((n, width))?.contiguous()?, 0)?;
+                    pv.scatter_set(&write, &v.contiguous()?, 0)?;
+                    q.reshape((n, h, d))?
+                }
+            };
             let y = match &attend {
                 #[cfg(feature = "cuda")]
                 Attend::Paged(meta) => super::paged::attention(
-                    &q.reshape((n, h, d))?,
+                    &q,
                     &pk,
                     &pv,
                     meta,

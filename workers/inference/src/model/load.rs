@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::adapter::Adapter;
-use super::{Embed, Layer, Model, Proj};
+use super::{Embed, GateUp, Layer, Model, Proj, Qkv};
 
 fn bad(path: &Path, msg: impl std::fmt::Display) -> ModelError {
     ModelError::invalid(path, msg)
@@ -290,17 +290,15 @@ impl Model {
                 &h("post_attention_layernorm.weight"),
                 false,
             )?)?;
-            layers.push(Layer {
+            let layer = Layer {
                 attn_norm,
-                q,
-                k,
-                v,
+                qkv: Qkv::Split { q, k, v },
                 o,
                 ffn_norm,
-                gate,
-                up,
+                gate_up: GateUp::Split { gate, up },
                 down,
-            });
+            };
+            layers.push(layer.fuse().map_err(|e| ModelError::tensor(path, e))?);
         }
         if let Some(ad) = &adapter {
             if let Some(m) = ad.deltas.keys().next() {

@@ -194,3 +194,260 @@ impl PagedAttention {
         ))
     }
 }
+
+/// The device pointer view of a contiguous CUDA tensor of element type `T`, and a guard
+/// that keeps its storage alive and unchanged on the host side while a kernel uses it.
+fn cuda_of<'a, T: candle_core::cuda_backend::CudaDType>(
+    guard: &'a Storage,
+    l: &Layout,
+    what: &str,
+) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>> {
+    let Storage::Cuda(s) = guard else {
+        bail!("{what} is not on the GPU");
+    };
+    view::<T>(s, l, what)
+}
+
+/// One decode step's QKV epilogue in one kernel: from the fused projection `qkv`
+/// `[n, (heads + 2 kv_heads) d]` (no bias yet), adds `bias`, applies RoPE with the per-row
+/// tables (f32 `[n, d/2]`), writes each row's key and value into pool row `rows[i]` of
+/// `pools` in place and returns the queries `[n, heads, d]`.
+pub(super) fn qkv_rope_write(
+    qkv: &Tensor,
+    bias: Option<&Tensor>,
+    (cos, sin): (&Tensor, &Tensor),
+    rows: &Tensor,
+    (k, v): (&Tensor, &Tensor),
+    (heads, kv_heads, d): (usize, usize, usize),
+    neox: bool,
+) -> Result<Tensor> {
+    let (n, w) = qkv.dims2()?;
+    let width = kv_heads * d;
+    let ok = w == (heads + 2 * kv_heads) * d
+        && d % 2 == 0
+        && cos.dims() == [n, d / 2]
+        && sin.dims() == [n, d / 2]
+        && cos.dtype() == DType::F32
+        && sin.dtype() == DType::F32
+        && rows.dims() == [n]
+        && rows.dtype() == DType::U32
+        && k.dims().get(1) == Some(&width)
+        && v.dims() == k.dims()
+        && k.dtype() == qkv.dtype()
+        && bias.is_none_or(|b| b.dims() == [w] && b.dtype() == qkv.dtype());
+    if !ok {
+        bail!(
+            "qkv_rope_write: qkv {:?} {:?}, cos {:?}, rows {:?}, pools {:?}, heads {heads}/{kv_heads}, d {d}",
+            qkv.dims(),
+            qkv.dtype(),
+            cos.dims(),
+            rows.dims(),
+            k.dims()
+        );
+    }
+    let qkv = qkv.contiguous()?;
+    qkv.apply_op3_no_bwd(
+        cos,
+        sin,
+        &QkvRopeWrite {
+            bias: bias.cloned(),
+            rows: rows.clone(),
+            k: k.clone(),
+            v: v.clone(),
+            heads,
+            kv_heads,
+            d,
+            neox,
+        },
+    )
+}
+
+struct QkvRopeWrite {
+    bias: Option<Tensor>,
+    rows: Tensor,
+    k: Tensor,
+    v: Tensor,
+    heads: usize,
+    kv_heads: usize,
+    d: usize,
+    neox: bool,
+}
+
+impl CustomOp3 for QkvRopeWrite {
+    fn name(&self) -> &'static str {
+        "dagfleet-qkv-rope-write"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        bail!("qkv_rope_write runs on CUDA only; the CPU path uses candle's ops")
+    }
+
+    fn cuda_fwd(
+        &self,
+        q: &CudaStorage,
+        lq: &Layout,
+        c: &CudaStorage,
+        lc: &Layout,
+        s: &CudaStorage,
+        ls: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        match q.dtype() {
+            DType::BF16 => self.run::<half::bf16>(q, lq, c, lc, s, ls),
+            DType::F32 => self.run::<f32>(q, lq, c, lc, s, ls),
+            other => bail!("qkv_rope_write takes bf16 or f32, not {other:?}"),
+        }
+    }
+}
+
+impl QkvRopeWrite {
+    #[allow(clippy::too_many_arguments)]
+    fn run<T>(
+        &self,
+        q: &CudaStorage,
+        lq: &Layout,
+        c: &CudaStorage,
+        lc: &Layout,
+        s: &CudaStorage,
+        ls: &Layout,
+    ) -> Result<(CudaStorage, Shape)>
+    where
+        T: candle_core::cuda_backend::CudaDType
+            + candle_core::cuda_backend::cudarc::driver::DeviceRepr,
+    {
+        let (n, _) = lq.shape().dims2()?;
+        let suffix = if q.dtype() == DType::BF16 {
+            "bf16"
+        } else {
+            "f32"
+        };
+        let qkv = view::<T>(q, lq, "qkv")?;
+        let cos = view::<f32>(c, lc, "cos")?;
+        let sin = view::<f32>(s, ls, "sin")?;
+        let (rg, rl) = self.rows.storage_and_layout();
+        let rows = cuda_of::<u32>(&rg, rl, "the KV rows")?;
+        let (kg, kl) = self.k.storage_and_layout();
+        let kp = cuda_of::<T>(&kg, kl, "the K pool")?;
+        let (vg, vl) = self.v.storage_and_layout();
+        let vp = cuda_of::<T>(&vg, vl, "the V pool")?;
+        let bias_guard = self.bias.as_ref().map(|b| b.storage_and_layout());
+        let bias = match &bias_guard {
+            Some((g, l)) => Some(cuda_of::<T>(g, l, "the qkv bias")?),
+            None => None,
+        };
+        let dev = q.device().clone();
+        let (h, kvh, d) = (self.heads, self.kv_heads, self.d);
+        // SAFETY: the kernel writes every element of out: block (i, head) for head < heads
+        // writes row i's d query values.
+        let out: CudaSlice<T> = unsafe { dev.alloc::<T>(n * h * d)? };
+        let func = dev.get_or_load_custom_func(&format!("qkv_rope_write_{suffix}"), MODULE, PTX)?;
+        let (hu, kvhu, du) = (h as u32, kvh as u32, d as u32);
+        let has_bias = u32::from(bias.is_some());
+        let neox = u32::from(self.neox);
+        let mut b = func.builder();
+        b.arg(&qkv);
+        // Without a bias the kernel never reads it; qkv stands in as a valid pointer.
+        match &bias {
+            Some(x) => b.arg(x),
+            None => b.arg(&qkv),
+        };
+        b.arg(&cos);
+        b.arg(&sin);
+        b.arg(&rows);
+        b.arg(&out);
+        b.arg(&kp);
+        b.arg(&vp);
+        b.arg(&hu);
+        b.arg(&kvhu);
+        b.arg(&du);
+        b.arg(&has_bias);
+        b.arg(&neox);
+        let cfg = LaunchConfig {
+            grid_dim: (n as u32, (h + 2 * kvh) as u32, 1),
+            block_dim: ((d / 2) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: qkv holds n * (h + 2 kvh) * d elements, cos and sin n * d/2, rows n pool
+        // rows that PagedKv prepared for this step (within the pools, which hold kvh * d per
+        // row), the bias (h + 2 kvh) * d; out holds n * h * d. The pools are written in
+        // place at those rows only: the scheduler thread that owns them is the caller and
+        // does not touch them until the step's later kernels, on the same stream, are done.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, dev),
+            Shape::from((n, h, d)),
+        ))
+    }
+}
+
+/// `silu(gate) · up` from the fused gate/up projection `gu` `[.., 2 inter]` (gate first),
+/// `[.., inter]`, in one elementwise kernel.
+pub(super) fn swiglu(gu: &Tensor) -> Result<Tensor> {
+    let gu = gu.contiguous()?;
+    gu.apply_op1_no_bwd(&Swiglu)
+}
+
+struct Swiglu;
+
+impl candle_core::CustomOp1 for Swiglu {
+    fn name(&self) -> &'static str {
+        "dagfleet-swiglu"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        bail!("swiglu runs on CUDA only; the CPU path uses candle's ops")
+    }
+
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        match s.dtype() {
+            DType::BF16 => swiglu_run::<half::bf16>(s, l, "bf16"),
+            DType::F32 => swiglu_run::<f32>(s, l, "f32"),
+            other => bail!("swiglu takes bf16 or f32, not {other:?}"),
+        }
+    }
+}
+
+fn swiglu_run<T>(s: &CudaStorage, l: &Layout, suffix: &str) -> Result<(CudaStorage, Shape)>
+where
+    T: candle_core::cuda_backend::CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr,
+{
+    let dims = l.shape().dims();
+    let Some((&two, lead)) = dims.split_last() else {
+        bail!("swiglu of a scalar");
+    };
+    if two % 2 != 0 {
+        bail!("swiglu: the last dimension {two} is odd");
+    }
+    let inter = two / 2;
+    let total = l.shape().elem_count() / 2;
+    let x = view::<T>(s, l, "gate/up")?;
+    let dev = s.device().clone();
+    // SAFETY: the grid-stride loop writes every one of the `total` outputs.
+    let out: CudaSlice<T> = unsafe { dev.alloc::<T>(total)? };
+    let func = dev.get_or_load_custom_func(&format!("swiglu_{suffix}"), MODULE, PTX)?;
+    let (iu, tu) = (inter as u32, total);
+    let mut b = func.builder();
+    b.arg(&x);
+    b.arg(&out);
+    b.arg(&iu);
+    b.arg(&tu);
+    let blocks = total.div_ceil(256).min(65_535) as u32;
+    let cfg = LaunchConfig {
+        grid_dim: (blocks.max(1), 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: x holds 2 * total elements, out total; the kernel reads row r's gate and up
+    // halves and writes out[r * inter + j] only.
+    unsafe { b.launch(cfg) }.w()?;
+    let mut shape = lead.to_vec();
+    shape.push(inter);
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(shape)))
+}
