@@ -1,26 +1,8 @@
-//! With the `cuda` feature, compiles the decode attention kernel
-//! (`kernels/paged_attention.cu`) to PTX with nvcc (`NVCC` or `nvcc` on the PATH;
-//! `CUDA_COMPUTE_CAP`, default 80); the driver compiles the PTX for the GPU it runs on.
-use std::process::Command;
+//! With the `cuda` feature, compiles the paged attention and fused decode kernels
+//! (`kernels/paged_attention.cu`) to PTX (see `../models/cuda/ptx_build.rs`).
+#[path = "../models/cuda/ptx_build.rs"]
+mod ptx_build;
 
 fn main() {
-    let src = "kernels/paged_attention.cu";
-    println!("cargo:rerun-if-changed={src}");
-    println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
-    println!("cargo:rerun-if-env-changed=NVCC");
-    if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
-        return;
-    }
-    let out = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
-    let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "80".into());
-    let nvcc = std::env::var("NVCC").unwrap_or_else(|_| "nvcc".into());
-    let status = Command::new(&nvcc)
-        .args(["--ptx", "-O3", "-std=c++17"])
-        .arg(format!("-arch=compute_{cap}"))
-        .arg("-o")
-        .arg(out.join("paged_attention.ptx"))
-        .arg(src)
-        .status()
-        .unwrap_or_else(|e| panic!("running {nvcc} (needed by the `cuda` feature): {e}"));
-    assert!(status.success(), "{nvcc} failed on {src}");
+    ptx_build::compile("kernels/paged_attention.cu", "paged_attention.ptx");
 }

@@ -1,25 +1,8 @@
 //! With the `cuda` feature, compiles the fused training kernels (`src/cuda/kernels.cu`) to
-//! PTX with nvcc (`NVCC` or `nvcc` on the PATH; `CUDA_COMPUTE_CAP`, default 80); the
-//! driver compiles the PTX for the GPU it runs on.
-use std::process::Command;
+//! PTX (see `../models/cuda/ptx_build.rs`).
+#[path = "../models/cuda/ptx_build.rs"]
+mod ptx_build;
 
 fn main() {
-    println!("cargo:rerun-if-changed=src/cuda/kernels.cu");
-    println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
-    println!("cargo:rerun-if-env-changed=NVCC");
-    if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
-        return;
-    }
-    let out = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
-    let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "80".into());
-    let nvcc = std::env::var("NVCC").unwrap_or_else(|_| "nvcc".into());
-    let status = Command::new(&nvcc)
-        .args(["--ptx", "-O3", "-std=c++17"])
-        .arg(format!("-arch=compute_{cap}"))
-        .arg("-o")
-        .arg(out.join("kernels.ptx"))
-        .arg("src/cuda/kernels.cu")
-        .status()
-        .unwrap_or_else(|e| panic!("running {nvcc} (needed by the `cuda` feature): {e}"));
-    assert!(status.success(), "{nvcc} failed on src/cuda/kernels.cu");
+    ptx_build::compile("src/cuda/kernels.cu", "kernels.ptx");
 }

@@ -9,19 +9,10 @@
 //
 // Grouped-query heads: query head h reads kv head h / (heads / kv_heads). Each lane holds
 // D / 32 consecutive elements of the query and of the accumulator.
-#include <cuda_bf16.h>
-#include <stdint.h>
+#include "common.cuh"
 
 #define KV_BLOCK 16
 #define WARPS 4
-
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T> __device__ __forceinline__ T from_f(float x);
-template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
-  return __float2bfloat16(x);
-}
 
 template <typename T, int D>
 __device__ void paged_attention(const T *__restrict__ q, const T *__restrict__ k,

@@ -9,6 +9,8 @@
 //! - [`device`]: device selection.
 
 pub mod config;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod device;
 pub mod formats;
 pub mod names;

@@ -31,6 +31,8 @@ use candle_core::{
     Result, Shape, Tensor,
 };
 
+use dagfleet_models::cuda::contiguous;
+
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
 const MODULE: &str = "dagfleet_trainer_kernels";
 
@@ -40,17 +42,6 @@ fn suffix(dt: DType) -> Result<&'static str> {
         DType::F32 => "f32",
         other => bail!("dagfleet's fused kernels take bf16 or f32, not {other:?}"),
     })
-}
-
-fn contiguous<'a, T: candle_core::cuda_backend::CudaDType>(
-    s: &'a CudaStorage,
-    l: &Layout,
-    what: &str,
-) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(s.as_cuda_slice::<T>()?.slice(a..b)),
-        None => bail!("{what} must be contiguous"),
-    }
 }
 
 fn rows_cfg(rows: usize, threads: u32) -> LaunchConfig {

@@ -17,6 +17,48 @@ use candle_core::{
     bail, CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
 };
 
+/// Implements candle's `CustomOp3` for an op that runs on CUDA only: the CPU refuses with
+/// `$cpu`, and CUDA calls the op's `run::<T>` for a bf16 or f32 first input.
+macro_rules! cuda_op3 {
+    ($ty:ty, $name:literal, $cpu:literal) => {
+        impl CustomOp3 for $ty {
+            fn name(&self) -> &'static str {
+                $name
+            }
+
+            fn cpu_fwd(
+                &self,
+                _: &CpuStorage,
+                _: &Layout,
+                _: &CpuStorage,
+                _: &Layout,
+                _: &CpuStorage,
+                _: &Layout,
+            ) -> Result<(CpuStorage, Shape)> {
+                bail!($cpu)
+            }
+
+            fn cuda_fwd(
+                &self,
+                a: &CudaStorage,
+                la: &Layout,
+                b: &CudaStorage,
+                lb: &Layout,
+                c: &CudaStorage,
+                lc: &Layout,
+            ) -> Result<(CudaStorage, Shape)> {
+                match a.dtype() {
+                    DType::BF16 => self.run::<half::bf16>(a, la, b, lb, c, lc),
+                    DType::F32 => self.run::<f32>(a, la, b, lb, c, lc),
+                    other => bail!("{} takes bf16 or f32, not {other:?}", $name),
+                }
+            }
+        }
+    };
+}
+
+use dagfleet_models::cuda::contiguous as view;
+
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/paged_attention.ptx"));
 const MODULE: &str = "dagfleet_paged_attention";
 
@@ -77,50 +119,11 @@ struct PagedAttention {
     rows: usize,
 }
 
-impl CustomOp3 for PagedAttention {
-    fn name(&self) -> &'static str {
-        "dagfleet-paged-attention"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        bail!("paged attention runs on CUDA only; the CPU path gathers the rows")
-    }
-
-    fn cuda_fwd(
-        &self,
-        q: &CudaStorage,
-        lq: &Layout,
-        k: &CudaStorage,
-        lk: &Layout,
-        v: &CudaStorage,
-        lv: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        match q.dtype() {
-            DType::BF16 => self.run::<half::bf16>(q, lq, k, lk, v, lv),
-            DType::F32 => self.run::<f32>(q, lq, k, lk, v, lv),
-            other => bail!("paged attention takes bf16 or f32, not {other:?}"),
-        }
-    }
-}
-
-fn view<'a, T: candle_core::cuda_backend::CudaDType>(
-    s: &'a CudaStorage,
-    l: &Layout,
-    what: &str,
-) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(s.as_cuda_slice::<T>()?.slice(a..b)),
-        None => bail!("paged attention: {what} must be contiguous"),
-    }
-}
+cuda_op3!(
+    PagedAttention,
+    "dagfleet-paged-attention",
+    "paged attention runs on CUDA only; the CPU path gathers the rows"
+);
 
 impl PagedAttention {
     #[allow(clippy::too_many_arguments)]
@@ -273,39 +276,11 @@ struct QkvRopeWrite {
     neox: bool,
 }
 
-impl CustomOp3 for QkvRopeWrite {
-    fn name(&self) -> &'static str {
-        "dagfleet-qkv-rope-write"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        bail!("qkv_rope_write runs on CUDA only; the CPU path uses candle's ops")
-    }
-
-    fn cuda_fwd(
-        &self,
-        q: &CudaStorage,
-        lq: &Layout,
-        c: &CudaStorage,
-        lc: &Layout,
-        s: &CudaStorage,
-        ls: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        match q.dtype() {
-            DType::BF16 => self.run::<half::bf16>(q, lq, c, lc, s, ls),
-            DType::F32 => self.run::<f32>(q, lq, c, lc, s, ls),
-            other => bail!("qkv_rope_write takes bf16 or f32, not {other:?}"),
-        }
-    }
-}
+cuda_op3!(
+    QkvRopeWrite,
+    "dagfleet-qkv-rope-write",
+    "qkv_rope_write runs on CUDA only; the CPU path uses candle's ops"
+);
 
 impl QkvRopeWrite {
     #[allow(clippy::too_many_arguments)]

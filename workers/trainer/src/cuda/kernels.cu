@@ -9,18 +9,9 @@
 // - ce_grad: (softmax - onehot(target)) * scale from logits and their log-sum-exp;
 // - rms_norm_bwd: the RMSNorm input gradient in one pass over each row;
 // - swiglu_bwd: both input gradients of silu(g) * u in one elementwise pass.
-#include <cuda_bf16.h>
-#include <stdint.h>
+#include "common.cuh"
 
 #define BLOCK 256
-
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T> __device__ __forceinline__ T from_f(float x);
-template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
-  return __float2bfloat16(x);
-}
 
 __device__ __forceinline__ float warp_max(float v) {
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
